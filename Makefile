@@ -1,0 +1,58 @@
+# mmd: a memory-aware daemon for several local LLMs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv proto check-proto lint typecheck test test-gpu demo bench clean
+
+help:
+	@echo "make demo        install, start mmd, load a small real model, stream an answer"
+	@echo "make test        install and run lint, type checks, stub check and the tests"
+	@echo "make test-gpu    run the GPU-marked tests (needs an NVIDIA GPU)"
+	@echo "make proto       regenerate the gRPC stubs from proto/"
+	@echo "make bench       run the benchmarks (writes bench/results/*.json)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[llama,demo,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --python_out=src --grpc_python_out=src \
+		--mypy_out=src --mypy_grpc_out=src proto/mmd/v1/mmd.proto
+
+# Fails when the committed stubs differ from what the proto generates.
+check-proto: $(STAMP)
+	@tmp=$$(mktemp -d) && \
+	$(BIN)/python -m grpc_tools.protoc -Iproto --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --python_out=$$tmp --grpc_python_out=$$tmp \
+		--mypy_out=$$tmp --mypy_grpc_out=$$tmp proto/mmd/v1/mmd.proto && \
+	for f in mmd_pb2.py mmd_pb2_grpc.py mmd_pb2.pyi mmd_pb2_grpc.pyi; do \
+		diff -q $$tmp/mmd/v1/$$f src/mmd/v1/$$f >/dev/null || \
+		{ echo "src/mmd/v1/$$f is stale: run 'make proto' and commit" >&2; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp; echo "stubs match proto/"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) check-proto lint typecheck
+	$(BIN)/pytest -m "not gpu" -q
+
+test-gpu: $(STAMP)
+	$(BIN)/pytest -m gpu -q
+
+demo: $(STAMP)
+	$(BIN)/python bench/demo.py
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .demo .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from mmd.daemon import main
+
+main()

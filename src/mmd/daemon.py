@@ -1,0 +1,232 @@
+"""``mmd``: the daemon's entry point and lifecycle.
+
+start-up: config -> llama-server binary -> lock -> socket -> engine -> serve -> READY=1.
+shutdown (SIGTERM/SIGINT, a second one forces exit): STOPPING=1 -> stop accepting ->
+drain running requests -> stop every child -> remove the socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import stat
+import sys
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mmd import __version__, paths
+from mmd.config import Config, load_config
+from mmd.engine import Engine, footprint_for
+from mmd.errors import ConfigError, MmdError
+from mmd.memory import MemoryProbe
+from mmd.runtime import probe_binary, resolve_llama_server
+from mmd.sdnotify import Notifier, run_watchdog
+from mmd.service import ModelManager
+from mmd.v1 import mmd_pb2, mmd_pb2_grpc
+
+log = logging.getLogger("mmd")
+
+EXIT_CONFIG = 2
+EXIT_IN_USE = 3
+EXIT_RUNTIME = 4
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _prepare_socket_dir(sock: Path) -> None:
+    directory = sock.parent
+    try:
+        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    except OSError as err:
+        raise StartupError(
+            f"cannot create socket directory {directory}: {err.strerror}", EXIT_CONFIG
+        ) from None
+    info = directory.stat()
+    if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o007:
+        # Access control is the filesystem: nobody outside the owner and group.
+        directory.chmod(stat.S_IMODE(info.st_mode) & ~0o007)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StartupError(f"socket directory {directory} is not writable", EXIT_CONFIG)
+
+
+def _take_lock(sock: Path) -> IO[bytes]:
+    """An exclusive lock next to the socket: grpcio would silently take over a live path."""
+    lock_path = sock.with_name(sock.name + ".lock")
+    handle = lock_path.open("ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StartupError(
+            f"another mmd is already serving {sock} (lock {lock_path} is held)", EXIT_IN_USE
+        ) from None
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()  # stale: its daemon is gone, since we hold the lock
+    return handle
+
+
+async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
+    binary = resolve_llama_server(config.daemon.llama_server)
+    version, options = await asyncio.to_thread(probe_binary, binary)
+    log.info("llama-server: %s (%s, %s)", binary.path, binary.source, version or "version unknown")
+    footprints = {m: footprint_for(spec) for m, spec in config.models.items()}
+    _prepare_socket_dir(sock)
+    lock = _take_lock(sock)
+    runtime_dir = sock.parent
+    (runtime_dir / "children").mkdir(mode=0o700, exist_ok=True)
+    config.daemon.log_dir.mkdir(parents=True, exist_ok=True)
+    probe = MemoryProbe()
+    engine = Engine(
+        config,
+        binary,
+        probe,
+        runtime_dir,
+        supports_fit="--fit" in options,
+        footprints=footprints,
+    )
+    await engine.start()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+    )
+    mmd_pb2_grpc.add_ModelManagerServicer_to_server(ModelManager(engine), server)
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_names = (
+        mmd_pb2.DESCRIPTOR.services_by_name["ModelManager"].full_name,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(service_names, server)
+    old_umask = os.umask(0o117)  # socket rw for owner and group only
+    try:
+        server.add_insecure_port(f"unix:{sock}")
+    finally:
+        os.umask(old_umask)
+    await server.start()
+    for name in ("", service_names[0]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    forced = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal forced
+        if stop.is_set():
+            forced += 1
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)  # children get SIGKILL through their parent-death signal
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    watchdog = loop.create_task(run_watchdog(notifier, stop))
+    count = len(config.models)
+    notifier.ready(f"serving {sock} with {count} models")
+    log.info("mmd %s serving on %s (%d models)", __version__, sock, count)
+    try:
+        await stop.wait()
+    finally:
+        notifier.stopping("draining requests")
+        for name in ("", service_names[0]):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        drain = config.daemon.drain_timeout
+        # Stop taking new RPCs; running ones finish within the drain period.
+        server_stopped = loop.create_task(server.stop(drain + config.daemon.stop_grace))
+        await engine.close(drain)
+        await server_stopped
+        watchdog.cancel()
+        probe.close()
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        lock.close()
+        log.info("stopped")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmd",
+        description="Run several local LLMs (llama-server) within the machine's memory, "
+        "served over gRPC on a Unix socket. Drive it with mmctl.",
+        epilog="Exit status: 0 stopped cleanly; 2 invalid config or socket path; "
+        "3 another mmd serves the socket; 4 llama-server missing or broken.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="config file (else $MMD_CONFIG, $XDG_CONFIG_HOME/mmd/mmd.toml, /etc/mmd/mmd.toml)",
+    )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        help="socket path (else the config's daemon.socket, $MMD_SOCKET, the runtime directory)",
+    )
+    parser.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("MMD_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    parser.add_argument("--version", action="version", version=f"mmd {__version__}")
+    return parser
+
+
+def _socket_path(args: argparse.Namespace, config: Config) -> Path:
+    if args.socket:
+        return Path(args.socket).absolute()
+    if "MMD_SOCKET" in os.environ:
+        return paths.default_socket().absolute()
+    return config.daemon.socket.absolute()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    # One line per event; journald adds the timestamps.
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        config = load_config(args.config)
+        if args.check_config:
+            for spec in config.models.values():
+                footprint_for(spec)
+            where = config.source or "built-in defaults"
+            print(f"{where}: ok ({len(config.models)} models)")
+            return
+        sock = _socket_path(args, config)
+        notifier = Notifier()
+        try:
+            asyncio.run(serve(config, sock, notifier))
+        finally:
+            notifier.close()
+    except ConfigError as err:
+        print(f"mmd: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    except StartupError as err:
+        print(f"mmd: {err}", file=sys.stderr)
+        raise SystemExit(err.code) from None
+    except MmdError as err:
+        print(f"mmd: {err.message}", file=sys.stderr)
+        raise SystemExit(EXIT_RUNTIME) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,0 +1,444 @@
+"""The engine: executes the scheduler's effects with real processes and memory readings.
+
+It owns the llama-server children, the futures that requests wait on, the timers
+and the background tasks; every decision is the scheduler's (mmd.scheduler).
+All of it runs on the event-loop thread, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmd.config import Config, ModelSpec, check_model_file
+from mmd.errors import ConfigError, MmdError, RuntimeFailed, StillBusy
+from mmd.footprint import Footprint, estimate, read_shape
+from mmd.memory import DeviceBudgetView, MemoryProbe, MemorySnapshot, compute_budgets
+from mmd.planner import DeviceBudget, Placement, Plan, Refusal
+from mmd.runtime import LaunchSpec, LlamaBinary, LlamaServer, read_log_tail
+from mmd.scheduler import (
+    AbortRunning,
+    Admit,
+    ArmTimer,
+    Effect,
+    Fail,
+    Kind,
+    ModelEntry,
+    Scheduler,
+    StartLoad,
+    State,
+    Stop,
+)
+from mmd.upstream import Final, InferParams, embed, stream_infer
+
+log = logging.getLogger("mmd.engine")
+
+# How long to wait for freed memory to show as free after an eviction.
+_SETTLE_TIMEOUT_S = 5.0
+_SETTLE_POLL_S = 0.05
+
+
+def footprint_for(spec: ModelSpec) -> Footprint:
+    """The model's estimated footprint (or its ``memory`` override)."""
+    try:
+        shape = read_shape(spec.path)
+    except ValueError as err:
+        raise ConfigError(f"models.{spec.id}.path: {err}") from None
+    footprint = estimate(shape, ctx=spec.ctx, parallel=spec.parallel)
+    if spec.memory is not None:
+        footprint = footprint.scaled_to(spec.memory)
+    return footprint
+
+
+def describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"killed by {name} (exit status {status})"
+    return f"exited with status {status}"
+
+
+@dataclass(frozen=True)
+class LoadStage:
+    stage: str
+    message: str
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        binary: LlamaBinary,
+        probe: MemoryProbe,
+        runtime_dir: Path,
+        supports_fit: bool = True,
+        footprints: dict[str, Footprint] | None = None,
+    ) -> None:
+        self.config = config
+        self.binary = binary
+        self.probe = probe
+        self.runtime_dir = runtime_dir
+        self.supports_fit = supports_fit
+        footprints = footprints or {m: footprint_for(s) for m, s in config.models.items()}
+        self.core = Scheduler(
+            config.scheduler, {m: (s, footprints[m]) for m, s in config.models.items()}
+        )
+        self.loop = asyncio.get_running_loop()
+        self.waiters: dict[int, asyncio.Future[None]] = {}
+        self.servers: dict[str, LlamaServer] = {}
+        self.running: dict[int, tuple[str, asyncio.Task[Any]]] = {}
+        self.aborts: dict[int, MmdError] = {}
+        self.load_tasks: dict[str, asyncio.Task[None]] = {}
+        self.stops: dict[str, asyncio.Event] = {}
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.progress: dict[str, list[asyncio.Queue[LoadStage]]] = {}
+        self.budgets: list[DeviceBudgetView] = []
+        self.snapshot: MemorySnapshot | None = None
+        self.started = time.time()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._sampler: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.refresh_memory()
+        self._sampler = self.loop.create_task(self._sample_forever())
+
+    async def close(self, drain_timeout: float) -> None:
+        """Wait for running requests (bounded), then refuse the rest and stop every child."""
+        deadline = self.loop.time() + drain_timeout
+        while self.core.active_total and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        self._apply(self.core.shutdown())
+        for task in list(self.load_tasks.values()):
+            task.cancel()
+        pending = [t for t in self._background if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.config.daemon.stop_grace + 5)
+        for server in list(self.servers.values()):
+            await server.stop(self.config.daemon.stop_grace)
+        self.servers.clear()
+        if self._sampler:
+            self._sampler.cancel()
+        for handle in self.timers.values():
+            handle.cancel()
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = self.loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # --- effects ----------------------------------------------------------------------
+
+    def _apply(self, effects: Sequence[Effect]) -> None:
+        for effect in effects:
+            match effect:
+                case Admit(ticket):
+                    future = self.waiters.pop(ticket, None)
+                    if future and not future.done():
+                        future.set_result(None)
+                case Fail(ticket, error):
+                    future = self.waiters.pop(ticket, None)
+                    if future and not future.done():
+                        future.set_exception(error)
+                case StartLoad(model_id, placement, after):
+                    self.load_tasks[model_id] = self._spawn(
+                        self._run_load(model_id, placement, after)
+                    )
+                case Stop(model_id, reason):
+                    self.stops[model_id] = asyncio.Event()
+                    self._spawn(self._run_stop(model_id, reason))
+                case AbortRunning(model_id, error):
+                    for ticket, (owner, task) in list(self.running.items()):
+                        if owner == model_id:
+                            self.aborts[ticket] = error
+                            task.cancel()
+                case ArmTimer(model_id, at):
+                    old = self.timers.pop(model_id, None)
+                    if old:
+                        old.cancel()
+                    self.timers[model_id] = self.loop.call_at(at, self._idle_fired, model_id)
+
+    def _idle_fired(self, model_id: str) -> None:
+        self.timers.pop(model_id, None)
+        self._apply(self.core.idle_check(model_id, self.now()))
+
+    def _notify(self, model_id: str, stage: str, message: str) -> None:
+        log.info("%s: %s %s", model_id, stage, message)
+        for queue in self.progress.get(model_id, []):
+            queue.put_nowait(LoadStage(stage, message))
+
+    async def _run_load(self, model_id: str, placement: Placement, after: tuple[str, ...]) -> None:
+        entry = self.core.models[model_id]
+        try:
+            if after:
+                self._notify(model_id, "evicting", ", ".join(after))
+                for victim in after:
+                    event = self.stops.get(victim)
+                    if event:
+                        await event.wait()
+                await self._wait_memory_settled(placement)
+            try:
+                check_model_file(entry.spec.path, f"model {model_id!r}")
+            except ConfigError as err:
+                raise RuntimeFailed(str(err)) from None
+            server = LlamaServer(self.binary, self._launch_spec(entry.spec, placement))
+            self.servers[model_id] = server
+            self._notify(
+                model_id, "loading", f"{placement.kind}, {placement.gpu_layers} GPU layers"
+            )
+            await server.start(self.config.daemon.load_timeout)
+        except MmdError as err:
+            self.servers.pop(model_id, None)
+            self._notify(model_id, "failed", err.message)
+            self._apply(self.core.load_done(model_id, self.now(), err))
+            return
+        finally:
+            self.load_tasks.pop(model_id, None)
+        self._notify(model_id, "ready", f"pid {server.pid}")
+        self._spawn(self._watch(model_id, server))
+        self._apply(self.core.load_done(model_id, self.now()))
+        await self._measure(model_id, server)
+
+    def _launch_spec(self, spec: ModelSpec, placement: Placement) -> LaunchSpec:
+        gpus = sorted(d.id for d in self.core.devices if d.kind == "gpu")
+        split: tuple[float, ...] = ()
+        if len(gpus) > 1 and placement.gpu_layers:
+            split = tuple(float(placement.layers.get(g, 0)) for g in gpus)
+        return LaunchSpec(
+            model_id=spec.id,
+            model_path=spec.path,
+            socket=self.runtime_dir / "children" / f"{spec.id}.sock",
+            log_path=self.config.daemon.log_dir / f"{spec.id}.log",
+            ctx=spec.ctx,
+            parallel=spec.parallel,
+            gpu_layers=placement.gpu_layers,
+            tensor_split=split,
+            embedding=spec.embedding,
+            extra_args=spec.args,
+            supports_fit=self.supports_fit,
+        )
+
+    async def _wait_memory_settled(self, placement: Placement) -> None:
+        """Drivers report frees late: wait (bounded) until the planned bytes show as free."""
+        deadline = self.now() + _SETTLE_TIMEOUT_S
+        while self.now() < deadline:
+            snapshot = await self.probe.read_async()
+            free = {d.id: d.free for d in snapshot.devices}
+            if all(free.get(dev, 0) >= need for dev, need in placement.usage.items()):
+                return
+            await asyncio.sleep(_SETTLE_POLL_S)
+        log.warning("freed memory did not show as free within %.0fs", _SETTLE_TIMEOUT_S)
+
+    async def _run_stop(self, model_id: str, reason: str) -> None:
+        event = self.stops[model_id]
+        try:
+            load = self.load_tasks.pop(model_id, None)
+            if load and not load.done():
+                load.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await load
+            server = self.servers.pop(model_id, None)
+            self._notify(model_id, "unloading", reason)
+            if server:
+                await server.stop(self.config.daemon.stop_grace)
+            self._notify(model_id, "unloaded", reason)
+            self._apply(self.core.stopped(model_id, self.now()))
+        finally:
+            event.set()
+
+    async def _watch(self, model_id: str, server: LlamaServer) -> None:
+        status = await server.wait()
+        if self.servers.get(model_id) is not server:
+            return  # a stop mmd asked for
+        self.servers.pop(model_id, None)
+        description = describe_exit(status)
+        log.error("model %s: llama-server %s", model_id, description)
+        await server.stop(0.1)
+        self._apply(self.core.crashed(model_id, self.now(), description))
+
+    async def _measure(self, model_id: str, server: LlamaServer) -> None:
+        usage = await asyncio.to_thread(self.probe.process_usage, server.pid)
+        if usage and self.servers.get(model_id) is server:
+            self.core.set_measured(model_id, usage)
+
+    # --- memory ---------------------------------------------------------------------
+
+    async def refresh_memory(self) -> None:
+        """Read the devices and the children's use; update the scheduler's budgets."""
+        snapshot = await self.probe.read_async()
+        children = {m: s.pid for m, s in self.servers.items() if s.pid}
+        usages = await asyncio.to_thread(
+            lambda: {m: self.probe.process_usage(pid) for m, pid in children.items()}
+        )
+        mmd_usage: dict[str, int] = {}
+        for model_id, usage in usages.items():
+            if self.servers.get(model_id) and model_id in self.core.models:
+                entry = self.core.models[model_id]
+                if entry.state == State.READY:
+                    self.core.set_measured(model_id, usage)
+            for device, used in usage.items():
+                mmd_usage[device] = mmd_usage.get(device, 0) + used
+        self.snapshot = snapshot
+        self.budgets = compute_budgets(snapshot, self.config.budget, mmd_usage)
+        headroom = self.config.scheduler.min_headroom
+        low = frozenset(d.id for d in snapshot.devices if d.free < headroom)
+        self.core.update_devices(
+            [
+                DeviceBudget(v.id, "gpu" if v.kind == "gpu" else "ram", v.budget)
+                for v in self.budgets
+            ],
+            low,
+        )
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.refresh_memory()
+            except Exception:  # a failed reading must not stop sampling
+                log.exception("memory sampling failed")
+                continue
+            self._apply(self.core.pump(self.now()))
+
+    # --- requests ---------------------------------------------------------------------
+
+    async def _admit(
+        self, model_id: str, kind: Kind, keep_alive: float | None, gpu_layers: int | None = None
+    ) -> int:
+        entry = self.core.entry(model_id)
+        if entry.state != State.READY:
+            await self.refresh_memory()
+        ticket, effects = self.core.submit(
+            model_id, kind, self.now(), keep_alive=keep_alive, gpu_layers=gpu_layers
+        )
+        future: asyncio.Future[None] = self.loop.create_future()
+        self.waiters[ticket] = future
+        self._apply(effects)
+        try:
+            await future
+        except asyncio.CancelledError:
+            self.waiters.pop(ticket, None)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # Admitted in the same tick the client went away: give the slot back.
+                self._apply(self.core.request_done(ticket, self.now()))
+            else:
+                self._apply(self.core.cancel(ticket, self.now()))
+            raise
+        return ticket
+
+    @contextlib.asynccontextmanager
+    async def _slot(
+        self, model_id: str, kind: Kind, keep_alive: float | None
+    ) -> AsyncIterator[tuple[int, LlamaServer]]:
+        ticket = await self._admit(model_id, kind, keep_alive)
+        task = asyncio.current_task()
+        assert task is not None
+        self.running[ticket] = (model_id, task)
+        try:
+            server = self.servers[model_id]
+            try:
+                yield ticket, server
+            except asyncio.CancelledError:
+                error = self.aborts.pop(ticket, None)
+                if error is None:
+                    raise
+                task.uncancel()
+                raise error from None
+            except RuntimeFailed:
+                error = self.aborts.pop(ticket, None) or await self._crash_error(model_id, server)
+                if error is None:
+                    raise
+                raise error from None
+        finally:
+            self.running.pop(ticket, None)
+            self.aborts.pop(ticket, None)
+            self._apply(self.core.request_done(ticket, self.now()))
+
+    async def _crash_error(self, model_id: str, server: LlamaServer) -> MmdError | None:
+        """When a stream broke because the child died, an error that says how it died."""
+        try:
+            status = await asyncio.wait_for(asyncio.shield(server.wait()), 1.0)
+        except TimeoutError:
+            return None
+        return RuntimeFailed(f"model {model_id!r} crashed: {describe_exit(status)}")
+
+    async def infer(
+        self, model_id: str, params: InferParams, keep_alive: float | None = None
+    ) -> AsyncIterator[str | Final]:
+        async with self._slot(model_id, Kind.INFER, keep_alive) as (_, server):
+            async for item in stream_infer(server.client, model_id, params):
+                yield item
+
+    async def embed(
+        self, model_id: str, inputs: Sequence[str], keep_alive: float | None = None
+    ) -> tuple[list[list[float]], int]:
+        async with self._slot(model_id, Kind.EMBED, keep_alive) as (_, server):
+            return await embed(server.client, model_id, inputs)
+
+    async def load(
+        self, model_id: str, gpu_layers: int | None, report: Callable[[LoadStage], None]
+    ) -> None:
+        """Load (if needed) and wait until ready, reporting stages as they happen."""
+        queue: asyncio.Queue[LoadStage] = asyncio.Queue()
+        self.progress.setdefault(model_id, []).append(queue)
+        admitted = self.loop.create_task(self._admit(model_id, Kind.LOAD, None, gpu_layers))
+        try:
+            while not admitted.done():
+                getter = self.loop.create_task(queue.get())
+                await asyncio.wait({admitted, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    report(getter.result())
+                else:
+                    getter.cancel()
+            admitted.result()
+        finally:
+            admitted.cancel()
+            self.progress[model_id].remove(queue)
+
+    async def unload(self, model_id: str, force: bool, timeout: float) -> int:
+        """Unload; returns how many running requests were aborted."""
+        entry = self.core.entry(model_id)
+        aborted = entry.active if force else 0
+        self._apply(self.core.unload(model_id, self.now(), force=force))
+        deadline = self.now() + timeout
+        while entry.state not in (State.UNLOADED, State.FAILED):
+            event = self.stops.get(model_id)
+            if entry.state == State.UNLOADING and event:
+                await event.wait()
+                continue
+            if self.now() >= deadline:
+                self._apply(self.core.cancel_unload(model_id, self.now()))
+                raise StillBusy(
+                    f"model {model_id!r} still has {entry.active} running requests after "
+                    f"{timeout:g}s; it keeps serving (use --force to abort them)"
+                )
+            await asyncio.sleep(0.02)
+        return aborted
+
+    async def plan(self, model_id: str, gpu_layers: int | None) -> Plan | Refusal:
+        await self.refresh_memory()
+        return self.core.plan(model_id, gpu_layers)
+
+    def model_entries(self) -> list[ModelEntry]:
+        return list(self.core.models.values())
+
+    def pid_of(self, model_id: str) -> int:
+        server = self.servers.get(model_id)
+        return server.pid if server else 0
+
+    def log_tail(self, model_id: str, lines: int = 10) -> list[str]:
+        return read_log_tail(self.config.daemon.log_dir / f"{model_id}.log", lines)

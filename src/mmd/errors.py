@@ -1,0 +1,80 @@
+"""Domain errors. Each carries the gRPC status it maps to and a stable kind.
+
+The service layer turns these into statuses in one place; mmctl turns statuses
+(and the kind, sent as trailing metadata) into exit codes.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+# Trailing-metadata key that names the error kind, so clients can tell a
+# crashed runtime (UNAVAILABLE from mmd) from an unreachable daemon.
+ERROR_KIND_KEY = "mmd-error-kind"
+
+
+class MmdError(Exception):
+    """Base of every error mmd reports to a client."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    kind: str = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnknownModel(MmdError):
+    code = grpc.StatusCode.NOT_FOUND
+    kind = "unknown_model"
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(f"unknown model {model_id!r} (see 'mmctl models')")
+        self.model_id = model_id
+
+
+class InvalidRequest(MmdError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    kind = "invalid_request"
+
+
+class InsufficientMemory(MmdError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = "insufficient_memory"
+
+
+class QueueFull(MmdError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = "queue_full"
+
+
+class FailedPrecondition(MmdError):
+    """The request is valid but the model is not in a state to serve it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    kind = "failed_precondition"
+
+
+class RuntimeFailed(MmdError):
+    """The model's llama-server failed to start, crashed, or answered with an error."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    kind = "runtime_failed"
+
+
+class RequestAborted(MmdError):
+    """The request was aborted by an operator (forced unload) or a shutdown."""
+
+    code = grpc.StatusCode.ABORTED
+    kind = "aborted"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. The message names the file, the key and the problem."""
+
+
+class StillBusy(MmdError):
+    """An unload waited for running requests and they did not finish in time."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    kind = "busy"

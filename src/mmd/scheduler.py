@@ -1,0 +1,588 @@
+"""The scheduler core: the one owner of all scheduling state.
+
+Synchronous and free of I/O: the engine (mmd.engine) feeds it events — a
+request arrived, a load finished, a request finished, a child crashed, an idle
+timer fired — and executes the effects it returns (admit a request, fail one,
+start a load, stop a runtime, abort running requests, arm a timer). That keeps
+every policy decision in one place that unit tests drive without processes.
+
+Policy, in short (the README's "Scheduling" section says it for users):
+
+* Admission: a request runs when its model is ready, the model has a free
+  server slot (``parallel``), fewer than ``max_concurrent`` requests run in
+  all, and the model's devices have ``min_headroom`` free (measured) — except
+  that a model with nothing running may always start one request, so a
+  pressured machine slows down instead of deadlocking. Among admissible
+  requests the oldest goes first.
+* At most ``max_queue`` requests wait; one more is refused (queue full).
+* A request for an unloaded model starts its load (one load however many
+  requests wait). The planner picks the placement and the idle models to evict.
+  If the model would fit once busy models drain, the load waits; those models
+  then admit at most ``swap_batch`` more of their queued requests (and stay at
+  least ``min_residency`` after becoming ready) before they are swapped out.
+  If it cannot fit even then, its requests are refused at once.
+* Keep-alive: when a model's last request ends its idle timer starts. The
+  timeout is the finished request's own keep-alive if it gave one, otherwise
+  the model's ``keep_alive``, otherwise ``[scheduler] default_keep_alive``; a
+  request's keep-alive never changes the model's setting. 0 unloads at once,
+  negative never. Pinned models (priority 0) are never unloaded for idleness.
+* A crash fails the requests running on the model; queued ones get a reload,
+  unless the model keeps crashing: after the 1st crash it reloads at once, then
+  waits 2, 4, 8 ... s (at most 60 s), refusing requests during the wait.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from mmd.config import ModelSpec, SchedulerSettings
+from mmd.errors import (
+    FailedPrecondition,
+    InsufficientMemory,
+    MmdError,
+    QueueFull,
+    RequestAborted,
+    RuntimeFailed,
+    UnknownModel,
+)
+from mmd.footprint import Footprint
+from mmd.planner import DeviceBudget, Placement, Plan, Refusal, Resident, plan_load
+
+
+class State(enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+class Kind(enum.Enum):
+    INFER = "infer"
+    EMBED = "embed"
+    LOAD = "load"  # an explicit load: done when the model is ready, takes no slot
+
+
+@dataclass
+class Ticket:
+    id: int
+    model_id: str
+    kind: Kind
+    arrived: float
+    keep_alive: float | None = None
+
+
+# --- effects ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Admit:
+    ticket: int
+
+
+@dataclass(frozen=True)
+class Fail:
+    ticket: int
+    error: MmdError
+
+
+@dataclass(frozen=True)
+class StartLoad:
+    model_id: str
+    placement: Placement
+    after: tuple[str, ...]  # evicted models whose stop must complete first
+
+
+@dataclass(frozen=True)
+class Stop:
+    model_id: str
+    reason: str  # "evicted for X", "idle", "unload", "forced unload", "shutdown"
+
+
+@dataclass(frozen=True)
+class AbortRunning:
+    model_id: str
+    error: MmdError
+
+
+@dataclass(frozen=True)
+class ArmTimer:
+    model_id: str
+    at: float
+
+
+Effect = Admit | Fail | StartLoad | Stop | AbortRunning | ArmTimer
+
+MAX_BACKOFF_S = 60.0
+
+
+@dataclass
+class ModelEntry:
+    spec: ModelSpec
+    footprint: Footprint
+    state: State = State.UNLOADED
+    queue: deque[Ticket] = field(default_factory=deque)
+    load_waiters: list[int] = field(default_factory=list)
+    active: int = 0
+    last_used: float = 0.0
+    ready_since: float = 0.0
+    placement: Placement | None = None
+    measured: dict[str, int] = field(default_factory=dict)
+    gpu_layers_override: int | None = None
+    idle_keep_alive: float | None = None  # the finished request's own keep-alive
+    idle_deadline: float | None = None
+    unload_requested: bool = False
+    drain_for: str | None = None  # a waiting model this one makes room for
+    admitted_while_draining: int = 0
+    crashes: int = 0
+    retry_after: float = 0.0
+    last_error: str = ""
+    stop_reason: str = ""
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """Bytes accounted per device: the measurement where it is known and larger."""
+        planned = dict(self.placement.usage) if self.placement else {}
+        for device, measured in self.measured.items():
+            planned[device] = max(planned.get(device, 0), measured)
+        return planned
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.state in (State.LOADING, State.READY, State.UNLOADING)
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+
+class Scheduler:
+    """All models, queues and counters. Every method is a state transition."""
+
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        models: Mapping[str, tuple[ModelSpec, Footprint]],
+    ) -> None:
+        self.settings = settings
+        self.models: dict[str, ModelEntry] = {
+            model_id: ModelEntry(spec, footprint) for model_id, (spec, footprint) in models.items()
+        }
+        self.tickets: dict[int, Ticket] = {}
+        self.devices: tuple[DeviceBudget, ...] = ()
+        self.low_memory: frozenset[str] = frozenset()
+        self.active_total = 0
+        self._ids = itertools.count(1)
+
+    # --- queries ----------------------------------------------------------------------
+
+    @property
+    def queued_total(self) -> int:
+        return sum(m.queued for m in self.models.values())
+
+    def entry(self, model_id: str) -> ModelEntry:
+        try:
+            return self.models[model_id]
+        except KeyError:
+            raise UnknownModel(model_id) from None
+
+    def residents(self, *, treat_busy_as_idle: bool = False) -> list[Resident]:
+        return [
+            Resident(
+                id=m.spec.id,
+                usage=m.usage,
+                last_used=max(m.last_used, m.ready_since),
+                priority=m.spec.priority,
+                busy=not self._evictable(m, treat_busy_as_idle=treat_busy_as_idle),
+            )
+            for m in self.models.values()
+            if m.holds_memory
+        ]
+
+    def plan(self, model_id: str, gpu_layers: int | None = None) -> Plan | Refusal:
+        """What loading ``model_id`` would do now (pure; changes nothing)."""
+        entry = self.entry(model_id)
+        layers = gpu_layers if gpu_layers is not None else entry.spec.gpu_layers
+        return plan_load(
+            model_id, entry.footprint, self.devices, self.residents(), gpu_layers=layers
+        )
+
+    def _evictable(self, m: ModelEntry, *, treat_busy_as_idle: bool) -> bool:
+        if m.state != State.READY or m.spec.pinned:
+            return False
+        if treat_busy_as_idle:
+            return True
+        if m.active:
+            return False
+        if not m.queue:
+            return True
+        # Queued work: swapped out only after serving its batch and its minimum residency.
+        return m.drain_for is not None and m.admitted_while_draining >= self.settings.swap_batch
+
+    # --- inputs from the engine -----------------------------------------------------------
+
+    def update_devices(self, devices: Sequence[DeviceBudget], low_memory: frozenset[str]) -> None:
+        self.devices = tuple(devices)
+        self.low_memory = low_memory
+
+    def submit(
+        self,
+        model_id: str,
+        kind: Kind,
+        now: float,
+        keep_alive: float | None = None,
+        gpu_layers: int | None = None,
+    ) -> tuple[int, list[Effect]]:
+        """A new request. Returns its ticket id and the effects; raises when refused at once."""
+        entry = self.entry(model_id)
+        if entry.unload_requested:
+            raise FailedPrecondition(f"model {model_id!r} is being unloaded")
+        if kind is Kind.LOAD:
+            return self._submit_load(entry, now, gpu_layers)
+        if kind is Kind.EMBED and not entry.spec.embedding:
+            raise FailedPrecondition(
+                f"model {model_id!r} is not an embedding model (set embedding = true)"
+            )
+        if self.queued_total >= self.settings.max_queue and not self._can_run_now(entry):
+            raise QueueFull(
+                f"queue full ({self.settings.max_queue} requests waiting); try again later"
+            )
+        if entry.state in (State.UNLOADED, State.FAILED):
+            self._check_may_load(entry, now)
+        ticket = Ticket(next(self._ids), model_id, kind, now, keep_alive)
+        self.tickets[ticket.id] = ticket
+        entry.queue.append(ticket)
+        entry.idle_deadline = None
+        effects: list[Effect] = []
+        if entry.state in (State.UNLOADED, State.FAILED):
+            effects += self._start_load(entry, now)
+        effects += self.pump(now)
+        return ticket.id, effects
+
+    def _can_run_now(self, entry: ModelEntry) -> bool:
+        return (
+            entry.state == State.READY
+            and entry.active < entry.spec.parallel
+            and self.active_total < self.settings.max_concurrent
+            and not entry.queue
+        )
+
+    def _check_may_load(self, entry: ModelEntry, now: float) -> None:
+        if not self.settings.autoload:
+            raise FailedPrecondition(
+                f"model {entry.spec.id!r} is not loaded and autoload is off "
+                f"(run 'mmctl load {entry.spec.id}')"
+            )
+        if entry.state == State.FAILED and now < entry.retry_after:
+            raise RuntimeFailed(
+                f"model {entry.spec.id!r} failed {entry.crashes} times in a row "
+                f"({entry.last_error}); next retry in {entry.retry_after - now:.0f}s"
+            )
+
+    def _submit_load(
+        self, entry: ModelEntry, now: float, gpu_layers: int | None
+    ) -> tuple[int, list[Effect]]:
+        ticket = Ticket(next(self._ids), entry.spec.id, Kind.LOAD, now)
+        effects: list[Effect] = []
+        if entry.state in (State.LOADING, State.READY, State.UNLOADING):
+            current = entry.placement.gpu_layers if entry.placement else 0
+            if gpu_layers is not None and gpu_layers != current:
+                raise FailedPrecondition(
+                    f"model {entry.spec.id!r} is already loaded with {current} GPU layers; "
+                    "unload it first to load it with a different number"
+                )
+        if entry.state == State.READY:
+            return ticket.id, [Admit(ticket.id)]
+        if entry.state == State.FAILED:
+            entry.retry_after = 0.0  # an explicit load retries at once
+        self.tickets[ticket.id] = ticket
+        entry.load_waiters.append(ticket.id)
+        if entry.state in (State.UNLOADED, State.FAILED):
+            entry.gpu_layers_override = gpu_layers
+            effects += self._start_load(entry, now)
+        return ticket.id, effects
+
+    def _start_load(self, entry: ModelEntry, now: float) -> list[Effect]:
+        """Plan and start a load; or wait for busy models to drain; or refuse."""
+        layers = (
+            entry.gpu_layers_override
+            if entry.gpu_layers_override is not None
+            else entry.spec.gpu_layers
+        )
+        plan = plan_load(
+            entry.spec.id, entry.footprint, self.devices, self.residents(), gpu_layers=layers
+        )
+        if isinstance(plan, Plan):
+            effects: list[Effect] = []
+            for victim_id in plan.evict:
+                victim = self.models[victim_id]
+                effects += self._begin_stop(victim, f"evicted for {entry.spec.id}")
+            entry.state = State.LOADING
+            entry.placement = plan.placement
+            entry.measured = {}
+            entry.last_error = ""
+            entry.stop_reason = ""
+            effects.append(StartLoad(entry.spec.id, plan.placement, plan.evict))
+            return effects
+        eventual = plan_load(
+            entry.spec.id,
+            entry.footprint,
+            self.devices,
+            self.residents(treat_busy_as_idle=True),
+            gpu_layers=layers,
+        )
+        if isinstance(eventual, Plan) and not plan.impossible:
+            # Fits once these busy models drain: wait, and bound their remaining batch.
+            for victim_id in eventual.evict:
+                victim = self.models[victim_id]
+                if victim.drain_for is None:
+                    victim.drain_for = entry.spec.id
+                    victim.admitted_while_draining = 0
+            return []
+        return self._refuse(entry, InsufficientMemory(plan.reason))
+
+    def _refuse(self, entry: ModelEntry, error: MmdError) -> list[Effect]:
+        effects: list[Effect] = [Fail(t.id, error) for t in entry.queue]
+        effects += [Fail(t, error) for t in entry.load_waiters]
+        for ticket in entry.queue:
+            self.tickets.pop(ticket.id, None)
+        for ticket_id in entry.load_waiters:
+            self.tickets.pop(ticket_id, None)
+        entry.queue.clear()
+        entry.load_waiters.clear()
+        entry.gpu_layers_override = None
+        return effects
+
+    def _begin_stop(self, entry: ModelEntry, reason: str) -> list[Effect]:
+        entry.state = State.UNLOADING
+        entry.stop_reason = reason
+        entry.idle_deadline = None
+        entry.drain_for = None
+        return [Stop(entry.spec.id, reason)]
+
+    def load_done(self, model_id: str, now: float, error: MmdError | None = None) -> list[Effect]:
+        entry = self.entry(model_id)
+        if entry.state != State.LOADING:
+            return []
+        effects: list[Effect] = []
+        entry.gpu_layers_override = None
+        if error is None:
+            entry.state = State.READY
+            entry.ready_since = now
+            entry.crashes = 0
+            effects += [Admit(t) for t in entry.load_waiters]
+            for ticket_id in entry.load_waiters:
+                self.tickets.pop(ticket_id, None)
+            entry.load_waiters.clear()
+            if not entry.queue:
+                effects += self._arm_idle(entry, now, None)
+        else:
+            entry.state = State.FAILED
+            entry.placement = None
+            entry.measured = {}
+            entry.last_error = error.message
+            self._note_failure(entry, now)
+            effects += self._refuse(entry, error)
+        return effects + self.pump(now)
+
+    def _note_failure(self, entry: ModelEntry, now: float) -> None:
+        entry.crashes += 1
+        delay = 0.0 if entry.crashes <= 1 else min(MAX_BACKOFF_S, 2.0 ** (entry.crashes - 1))
+        entry.retry_after = now + delay
+
+    def set_measured(self, model_id: str, usage: Mapping[str, int]) -> None:
+        entry = self.entry(model_id)
+        if entry.state in (State.LOADING, State.READY):
+            entry.measured = dict(usage)
+
+    def request_done(self, ticket_id: int, now: float) -> list[Effect]:
+        ticket = self.tickets.pop(ticket_id, None)
+        if ticket is None:
+            return []
+        entry = self.models[ticket.model_id]
+        entry.active -= 1
+        self.active_total -= 1
+        entry.last_used = now
+        effects: list[Effect] = []
+        if entry.active == 0 and not entry.queue:
+            if entry.unload_requested:
+                entry.unload_requested = False
+                effects += self._begin_stop(entry, "unload")
+            elif entry.state == State.READY:
+                effects += self._arm_idle(entry, now, ticket.keep_alive)
+        return effects + self.pump(now)
+
+    def cancel(self, ticket_id: int, now: float) -> list[Effect]:
+        """A queued request whose client went away (a running one ends with request_done)."""
+        ticket = self.tickets.pop(ticket_id, None)
+        if ticket is None:
+            return []
+        entry = self.models[ticket.model_id]
+        if ticket.kind is Kind.LOAD:
+            if ticket_id in entry.load_waiters:
+                entry.load_waiters.remove(ticket_id)
+            return []
+        if ticket in entry.queue:
+            entry.queue.remove(ticket)
+        effects: list[Effect] = []
+        if entry.state == State.READY and entry.active == 0 and not entry.queue:
+            effects += self._arm_idle(entry, now, None)
+        return effects + self.pump(now)
+
+    def _arm_idle(self, entry: ModelEntry, now: float, keep_alive: float | None) -> list[Effect]:
+        entry.idle_keep_alive = keep_alive
+        timeout = self.keep_alive_of(entry)
+        if entry.spec.pinned or timeout < 0:
+            entry.idle_deadline = None
+            return []
+        entry.idle_deadline = now + timeout
+        if timeout == 0:
+            return self._begin_stop(entry, "idle")
+        return [ArmTimer(entry.spec.id, entry.idle_deadline)]
+
+    def keep_alive_of(self, entry: ModelEntry) -> float:
+        if entry.idle_keep_alive is not None:
+            return entry.idle_keep_alive
+        if entry.spec.keep_alive is not None:
+            return entry.spec.keep_alive
+        return self.settings.default_keep_alive
+
+    def idle_check(self, model_id: str, now: float) -> list[Effect]:
+        entry = self.entry(model_id)
+        if (
+            entry.state == State.READY
+            and entry.active == 0
+            and not entry.queue
+            and entry.idle_deadline is not None
+            and entry.idle_deadline <= now
+        ):
+            return self._begin_stop(entry, "idle")
+        return []
+
+    def stopped(self, model_id: str, now: float) -> list[Effect]:
+        """A stop the scheduler asked for has completed (the child is reaped)."""
+        entry = self.entry(model_id)
+        if entry.state != State.UNLOADING:
+            return []
+        entry.state = State.UNLOADED
+        entry.placement = None
+        entry.measured = {}
+        effects: list[Effect] = []
+        if entry.queue or entry.load_waiters:
+            effects += self._start_load(entry, now)
+        return effects + self.pump(now)
+
+    def crashed(self, model_id: str, now: float, description: str) -> list[Effect]:
+        """The child exited on its own. ``description`` names the exit status."""
+        entry = self.entry(model_id)
+        if entry.state not in (State.READY, State.LOADING):
+            return []
+        error = RuntimeFailed(f"model {model_id!r} crashed: {description}")
+        effects: list[Effect] = []
+        if entry.active:
+            effects.append(AbortRunning(model_id, error))
+        entry.state = State.FAILED
+        entry.placement = None
+        entry.measured = {}
+        entry.last_error = error.message
+        entry.idle_deadline = None
+        entry.drain_for = None
+        self._note_failure(entry, now)
+        if entry.queue or entry.load_waiters:
+            if now >= entry.retry_after and self.settings.autoload:
+                effects += self._start_load(entry, now)
+            else:
+                effects += self._refuse(entry, error)
+        return effects + self.pump(now)
+
+    def unload(self, model_id: str, now: float, *, force: bool) -> list[Effect]:
+        """An operator's unload. Without force, waits for running requests (the engine bounds
+        the wait); queued requests are refused either way."""
+        entry = self.entry(model_id)
+        if entry.state in (State.UNLOADED, State.UNLOADING):
+            return []
+        if entry.state == State.FAILED:
+            entry.state = State.UNLOADED
+            entry.last_error = ""
+            entry.crashes = 0
+            return []
+        aborted = RequestAborted(f"model {model_id!r} was unloaded by an operator")
+        effects: list[Effect] = [Fail(t.id, aborted) for t in entry.queue]
+        for ticket in entry.queue:
+            self.tickets.pop(ticket.id, None)
+        entry.queue.clear()
+        if entry.state == State.LOADING:
+            effects += self._refuse(entry, aborted)
+            return effects + self._begin_stop(entry, "unload")
+        if entry.active and not force:
+            entry.unload_requested = True
+            return effects
+        if entry.active:
+            effects.append(AbortRunning(model_id, aborted))
+        entry.unload_requested = False
+        return effects + self._begin_stop(entry, "forced unload" if force else "unload")
+
+    def cancel_unload(self, model_id: str, now: float) -> list[Effect]:
+        """An unload that timed out waiting: the model keeps serving."""
+        entry = self.entry(model_id)
+        entry.unload_requested = False
+        return self.pump(now)
+
+    def shutdown(self) -> list[Effect]:
+        """Refuse everything queued and stop every runtime (running requests were drained)."""
+        error = RequestAborted("mmd is shutting down")
+        effects: list[Effect] = []
+        for entry in self.models.values():
+            effects += self._refuse(entry, error)
+            if entry.active:
+                effects.append(AbortRunning(entry.spec.id, error))
+            if entry.state in (State.LOADING, State.READY):
+                effects += self._begin_stop(entry, "shutdown")
+        return effects
+
+    # --- admission --------------------------------------------------------------------
+
+    def pump(self, now: float) -> list[Effect]:
+        """Admit what can run, oldest first; restart loads that wait for room."""
+        effects: list[Effect] = []
+        while self.active_total < self.settings.max_concurrent:
+            ready = [m for m in self.models.values() if m.queue and self._may_admit(m)]
+            if not ready:
+                break
+            entry = min(ready, key=lambda m: m.queue[0].arrived)
+            ticket = entry.queue.popleft()
+            entry.active += 1
+            self.active_total += 1
+            entry.idle_deadline = None
+            if entry.drain_for is not None:
+                entry.admitted_while_draining += 1
+            effects.append(Admit(ticket.id))
+        for entry in self.models.values():
+            waiting = entry.queue or entry.load_waiters
+            if entry.state == State.UNLOADED and waiting:
+                effects += self._start_load(entry, now)
+        for entry in self.models.values():
+            if entry.drain_for is not None and self._evictable(entry, treat_busy_as_idle=False):
+                waiter = self.models.get(entry.drain_for)
+                if waiter is None or waiter.state != State.UNLOADED:
+                    entry.drain_for = None
+        return effects
+
+    def _may_admit(self, entry: ModelEntry) -> bool:
+        if entry.state != State.READY or entry.unload_requested:
+            return False
+        if entry.active >= entry.spec.parallel:
+            return False
+        if (
+            entry.drain_for is not None
+            and entry.admitted_while_draining >= self.settings.swap_batch
+            and not entry.spec.pinned
+        ):
+            return False
+        return not (
+            entry.active and entry.placement and self.low_memory & set(entry.placement.usage)
+        )

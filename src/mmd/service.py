@@ -1,0 +1,298 @@
+"""The gRPC servicer: proto in, engine call, proto out; domain errors mapped in one place."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from mmd import __version__
+from mmd.engine import Engine, LoadStage
+from mmd.errors import ERROR_KIND_KEY, InvalidRequest, MmdError
+from mmd.footprint import Footprint
+from mmd.planner import Placement, Plan
+from mmd.scheduler import ModelEntry, State
+from mmd.upstream import Final, InferParams
+from mmd.v1 import mmd_pb2 as pb
+from mmd.v1 import mmd_pb2_grpc
+
+log = logging.getLogger("mmd.service")
+
+_STATES = {
+    State.UNLOADED: pb.MODEL_STATE_UNLOADED,
+    State.LOADING: pb.MODEL_STATE_LOADING,
+    State.READY: pb.MODEL_STATE_READY,
+    State.UNLOADING: pb.MODEL_STATE_UNLOADING,
+    State.FAILED: pb.MODEL_STATE_FAILED,
+}
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def _abort(context: Context, error: Exception) -> None:
+    if isinstance(error, MmdError):
+        await context.abort(error.code, error.message, ((ERROR_KIND_KEY, error.kind),))
+    log.exception("internal error", exc_info=error)
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error: {error}", ((ERROR_KIND_KEY, "internal"),)
+    )
+
+
+def unary(
+    method: Callable[[Any, Any, Context], Awaitable[T]],
+) -> Callable[[Any, Any, Context], Awaitable[T]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Context) -> T:
+        try:
+            return await method(self, request, context)
+        except Exception as error:
+            await _abort(context, error)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def streaming(
+    method: Callable[[Any, Any, Context], AsyncIterator[T]],
+) -> Callable[[Any, Any, Context], AsyncIterator[T]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[T]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except Exception as error:
+            await _abort(context, error)
+
+    return wrapper
+
+
+def _placement(placement: Placement | None, total_layers: int) -> pb.Placement:
+    if placement is None:
+        return pb.Placement(total_layers=total_layers)
+    return pb.Placement(
+        gpu_layers=placement.gpu_layers,
+        total_layers=total_layers,
+        shares=[
+            pb.DeviceShare(device=device, bytes=size, layers=placement.layers.get(device, 0))
+            for device, size in sorted(placement.usage.items())
+        ],
+    )
+
+
+def _footprint(fp: Footprint) -> pb.Footprint:
+    return pb.Footprint(
+        weights_bytes=fp.weights_bytes,
+        kv_cache_bytes=fp.kv_cache_bytes,
+        compute_bytes=fp.compute_bytes,
+        overhead_bytes=fp.overhead_bytes,
+        total_bytes=fp.total,
+        overridden=fp.overridden,
+    )
+
+
+def _wall(engine: Engine, loop_time: float) -> float:
+    """A loop-clock instant as Unix time (0 stays 0)."""
+    return time.time() - (engine.now() - loop_time) if loop_time else 0.0
+
+
+def model_proto(engine: Engine, entry: ModelEntry) -> pb.Model:
+    spec = entry.spec
+    keep_alive = engine.core.keep_alive_of(entry)
+    model = pb.Model(
+        id=spec.id,
+        role=spec.role,
+        path=str(spec.path),
+        state=_STATES[entry.state],
+        pid=engine.pid_of(spec.id),
+        ctx=spec.ctx,
+        parallel=spec.parallel,
+        priority=spec.priority,
+        pinned=spec.pinned,
+        embedding=spec.embedding,
+        estimated_bytes=entry.footprint.total,
+        measured_bytes=sum(entry.measured.values()),
+        placement=_placement(entry.placement, len(entry.footprint.layer_bytes)),
+        active_requests=entry.active,
+        queued_requests=entry.queued,
+        last_used_unix=_wall(engine, entry.last_used),
+        ready_since_unix=_wall(engine, entry.ready_since) if entry.state == State.READY else 0,
+        keep_alive_seconds=-1.0 if spec.pinned else keep_alive,
+        unloads_at_unix=_wall(engine, entry.idle_deadline or 0.0),
+        last_error=entry.last_error,
+        footprint=_footprint(entry.footprint),
+    )
+    if entry.state == State.FAILED:
+        model.log_tail.extend(engine.log_tail(spec.id))
+    return model
+
+
+def _require_id(model_id: str) -> str:
+    if not model_id:
+        raise InvalidRequest("model_id is empty")
+    return model_id
+
+
+class ModelManager(mmd_pb2_grpc.ModelManagerServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @unary
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> Any:
+        entries = self.engine.model_entries()
+        return pb.ListModelsResponse(models=[model_proto(self.engine, e) for e in entries])
+
+    @streaming
+    async def LoadModel(self, request: pb.LoadModelRequest, context: Context) -> Any:
+        model_id = _require_id(request.model_id)
+        gpu_layers = request.gpu_layers if request.HasField("gpu_layers") else None
+        if gpu_layers is not None and gpu_layers < 0:
+            raise InvalidRequest(f"gpu_layers must be >= 0, got {gpu_layers}")
+        stages: list[LoadStage] = []
+        plan = await self.engine.plan(model_id, gpu_layers)
+        if isinstance(plan, Plan):
+            evict = f"; evicting {', '.join(plan.evict)}" if plan.evict else ""
+            yield pb.LoadProgress(stage="planning", message=f"{plan.placement.kind}{evict}")
+        await self.engine.load(model_id, gpu_layers, stages.append)
+        for stage in stages:
+            yield pb.LoadProgress(stage=stage.stage, message=stage.message)
+        entry = self.engine.core.entry(model_id)
+        yield pb.LoadProgress(stage="ready", message="ready", model=model_proto(self.engine, entry))
+
+    @unary
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: Context) -> Any:
+        model_id = _require_id(request.model_id)
+        if request.timeout_seconds < 0:
+            raise InvalidRequest("timeout_seconds must not be negative")
+        timeout = request.timeout_seconds or self.engine.config.daemon.unload_timeout
+        aborted = await self.engine.unload(model_id, request.force, timeout)
+        entry = self.engine.core.entry(model_id)
+        return pb.UnloadModelResponse(
+            model=model_proto(self.engine, entry), aborted_requests=aborted
+        )
+
+    @streaming
+    async def Infer(self, request: pb.InferRequest, context: Context) -> Any:
+        model_id = _require_id(request.model_id)
+        params = self._infer_params(request)
+        keep_alive = request.keep_alive_seconds if request.HasField("keep_alive_seconds") else None
+        arrived = time.monotonic()
+        first: float | None = None
+        async for item in self.engine.infer(model_id, params, keep_alive):
+            if isinstance(item, Final):
+                end = time.monotonic()
+                yield pb.InferChunk(
+                    done=pb.InferDone(
+                        finish_reason=item.finish_reason,
+                        prompt_tokens=item.prompt_tokens,
+                        completion_tokens=item.completion_tokens,
+                        timings=pb.Timings(
+                            first_token_ms=((first or end) - arrived) * 1000,
+                            total_ms=(end - arrived) * 1000,
+                            prompt_tokens_per_second=item.prompt_per_second,
+                            generation_tokens_per_second=item.generation_per_second,
+                        ),
+                    )
+                )
+            else:
+                if first is None:
+                    first = time.monotonic()
+                yield pb.InferChunk(text=item)
+
+    def _infer_params(self, request: pb.InferRequest) -> InferParams:
+        limit = self.engine.config.daemon.max_prompt_bytes
+        messages = tuple((m.role or "user", m.content) for m in request.messages)
+        size = len(request.prompt.encode()) + sum(len(c.encode()) for _, c in messages)
+        size += len(request.system.encode())
+        if not request.prompt.strip() and not any(c.strip() for _, c in messages):
+            raise InvalidRequest("empty prompt")
+        if size > limit:
+            raise InvalidRequest(f"prompt is {size} bytes; the limit is {limit} (max_prompt_bytes)")
+        for role, _ in messages:
+            if role not in ("system", "user", "assistant"):
+                raise InvalidRequest(f"unknown message role {role!r}")
+        max_tokens = request.max_tokens if request.HasField("max_tokens") else None
+        if max_tokens is not None and max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be >= 1, got {max_tokens}")
+        temperature = request.temperature if request.HasField("temperature") else None
+        if temperature is not None and not 0.0 <= temperature <= 5.0:
+            raise InvalidRequest(f"temperature must be between 0 and 5, got {temperature}")
+        return InferParams(
+            prompt=request.prompt,
+            messages=messages,
+            system=request.system,
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
+
+    @unary
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> Any:
+        model_id = _require_id(request.model_id)
+        inputs = list(request.input)
+        if not inputs or not all(text.strip() for text in inputs):
+            raise InvalidRequest("empty input")
+        limit = self.engine.config.daemon.max_prompt_bytes
+        size = sum(len(text.encode()) for text in inputs)
+        if size > limit:
+            raise InvalidRequest(f"input is {size} bytes; the limit is {limit} (max_prompt_bytes)")
+        keep_alive = request.keep_alive_seconds if request.HasField("keep_alive_seconds") else None
+        vectors, tokens = await self.engine.embed(model_id, inputs, keep_alive)
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=v) for v in vectors], prompt_tokens=tokens
+        )
+
+    @unary
+    async def GetHealth(self, request: pb.GetHealthRequest, context: Context) -> Any:
+        engine = self.engine
+        notes = list(engine.snapshot.notes) if engine.snapshot else []
+        return pb.Health(
+            version=__version__,
+            uptime_seconds=time.time() - engine.started,
+            devices=[
+                pb.Device(
+                    id=v.id,
+                    kind=v.kind,
+                    name=v.name,
+                    total_bytes=v.total,
+                    budget_bytes=v.budget,
+                    mmd_bytes=v.mmd_bytes,
+                    other_bytes=v.other_bytes,
+                    free_bytes=v.free,
+                )
+                for v in engine.budgets
+            ],
+            models=[
+                model_proto(engine, e) for e in engine.model_entries() if e.state != State.UNLOADED
+            ],
+            active_inferences=engine.core.active_total,
+            queued_requests=engine.core.queued_total,
+            notes=notes,
+            llama_server=f"{engine.binary.path} ({engine.binary.source})",
+            max_concurrent=engine.config.scheduler.max_concurrent,
+            max_queue=engine.config.scheduler.max_queue,
+        )
+
+    @unary
+    async def PlanLoad(self, request: pb.PlanLoadRequest, context: Context) -> Any:
+        model_id = _require_id(request.model_id)
+        gpu_layers = request.gpu_layers if request.HasField("gpu_layers") else None
+        entry = self.engine.core.entry(model_id)
+        total_layers = len(entry.footprint.layer_bytes)
+        result = pb.LoadPlan(model_id=model_id, footprint=_footprint(entry.footprint))
+        if entry.state in (State.READY, State.LOADING):
+            result.already_loaded = True
+            result.feasible = True
+            result.placement.CopyFrom(_placement(entry.placement, total_layers))
+            return result
+        plan = await self.engine.plan(model_id, gpu_layers)
+        if isinstance(plan, Plan):
+            result.feasible = True
+            result.placement.CopyFrom(_placement(plan.placement, total_layers))
+            result.evict.extend(plan.evict)
+        else:
+            result.reason = plan.reason
+        return result

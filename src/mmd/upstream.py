@@ -1,0 +1,160 @@
+"""Requests to a llama-server child: streamed completions and chats, embeddings.
+
+Each call streams from the child's HTTP API over its Unix socket. Leaving the
+``async for`` early (a cancelled client) closes the HTTP stream, which makes
+llama-server abort the generation and free its slot.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from mmd.errors import InvalidRequest, RuntimeFailed
+
+
+@dataclass(frozen=True)
+class InferParams:
+    prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content)
+    system: str = ""
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(self.messages or self.system)
+
+
+@dataclass
+class Final:
+    """The totals that end a generation."""
+
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_per_second: float = 0.0
+    generation_per_second: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _completion_body(params: InferParams) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": params.prompt, "stream": True, "cache_prompt": True}
+    if params.max_tokens is not None:
+        body["n_predict"] = params.max_tokens
+    if params.temperature is not None:
+        body["temperature"] = params.temperature
+    return body
+
+
+def _chat_body(params: InferParams) -> dict[str, Any]:
+    messages = []
+    if params.system:
+        messages.append({"role": "system", "content": params.system})
+    messages += [{"role": role, "content": content} for role, content in params.messages]
+    if params.prompt:
+        messages.append({"role": "user", "content": params.prompt})
+    body: dict[str, Any] = {
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if params.max_tokens is not None:
+        body["max_tokens"] = params.max_tokens
+    if params.temperature is not None:
+        body["temperature"] = params.temperature
+    return body
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    async for line in response.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            return
+        event = json.loads(data)
+        if isinstance(event, dict):
+            yield event
+
+
+async def _raise_for_status(model_id: str, response: httpx.Response) -> None:
+    if response.status_code == 200:
+        return
+    body = (await response.aread()).decode("utf-8", errors="replace")
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body[:300]
+    if response.status_code == 400:
+        raise InvalidRequest(f"model {model_id!r} rejected the request: {message}")
+    raise RuntimeFailed(f"model {model_id!r} answered {response.status_code}: {message}")
+
+
+def _timings(event: dict[str, Any], final: Final) -> None:
+    timings = event.get("timings") or {}
+    final.prompt_per_second = float(timings.get("prompt_per_second") or 0.0)
+    final.generation_per_second = float(timings.get("predicted_per_second") or 0.0)
+
+
+async def stream_infer(
+    client: httpx.AsyncClient, model_id: str, params: InferParams
+) -> AsyncIterator[str | Final]:
+    """Yield text pieces as they arrive, then one Final."""
+    path, body = (
+        ("/v1/chat/completions", _chat_body(params))
+        if params.is_chat
+        else ("/completion", _completion_body(params))
+    )
+    final = Final()
+    try:
+        async with client.stream("POST", path, json=body) as response:
+            await _raise_for_status(model_id, response)
+            async for event in _sse_events(response):
+                if params.is_chat:
+                    for choice in event.get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content")
+                        if piece:
+                            yield piece
+                        if choice.get("finish_reason"):
+                            final.finish_reason = choice["finish_reason"]
+                    usage = event.get("usage")
+                    if usage:
+                        final.prompt_tokens = int(usage.get("prompt_tokens", 0))
+                        final.completion_tokens = int(usage.get("completion_tokens", 0))
+                    if event.get("timings"):
+                        _timings(event, final)
+                else:
+                    piece = event.get("content")
+                    if piece:
+                        yield piece
+                    if event.get("stop"):
+                        final.finish_reason = (
+                            "length" if event.get("stop_type") == "limit" else "stop"
+                        )
+                        final.prompt_tokens = int(event.get("tokens_evaluated", 0))
+                        final.completion_tokens = int(event.get("tokens_predicted", 0))
+                        _timings(event, final)
+    except httpx.TransportError as err:
+        raise RuntimeFailed(f"model {model_id!r}: connection to llama-server lost: {err}") from None
+    yield final
+
+
+async def embed(
+    client: httpx.AsyncClient, model_id: str, inputs: Sequence[str]
+) -> tuple[list[list[float]], int]:
+    """Vectors for ``inputs`` (in order) and the prompt token count."""
+    try:
+        response = await client.post("/v1/embeddings", json={"input": list(inputs)})
+    except httpx.TransportError as err:
+        raise RuntimeFailed(f"model {model_id!r}: connection to llama-server lost: {err}") from None
+    await _raise_for_status(model_id, response)
+    payload = response.json()
+    data = sorted(payload.get("data", []), key=lambda item: item.get("index", 0))
+    vectors = [[float(x) for x in item["embedding"]] for item in data]
+    tokens = int((payload.get("usage") or {}).get("prompt_tokens", 0))
+    return vectors, tokens
