@@ -36,8 +36,8 @@ check-proto: $(STAMP)
 	done; rm -rf $$tmp; echo "stubs match proto/"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -49,7 +49,7 @@ test-gpu: $(STAMP)
 	$(BIN)/pytest -m gpu -q
 
 demo: $(STAMP)
-	$(BIN)/python bench/demo.py
+	BIN=$(BIN) bash scripts/demo.sh
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -9,8 +9,8 @@ from typing import Any
 
 import grpc
 import pytest
-
 from conftest import Daemon, wait_until
+
 from mmd.v1 import mmd_pb2 as pb
 
 

@@ -218,6 +218,9 @@ class Engine:
         split: tuple[float, ...] = ()
         if len(gpus) > 1 and placement.gpu_layers:
             split = tuple(float(placement.layers.get(g, 0)) for g in gpus)
+        layers = placement.gpu_layers
+        if layers and layers >= len(self.core.models[spec.id].footprint.layer_bytes):
+            layers += 1  # llama.cpp counts the output layer as one more to offload
         return LaunchSpec(
             model_id=spec.id,
             model_path=spec.path,
@@ -225,7 +228,7 @@ class Engine:
             log_path=self.config.daemon.log_dir / f"{spec.id}.log",
             ctx=spec.ctx,
             parallel=spec.parallel,
-            gpu_layers=placement.gpu_layers,
+            gpu_layers=layers,
             tensor_split=split,
             embedding=spec.embedding,
             extra_args=spec.args,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -152,14 +153,20 @@ class ModelManager(mmd_pb2_grpc.ModelManagerServicer):
         gpu_layers = request.gpu_layers if request.HasField("gpu_layers") else None
         if gpu_layers is not None and gpu_layers < 0:
             raise InvalidRequest(f"gpu_layers must be >= 0, got {gpu_layers}")
-        stages: list[LoadStage] = []
         plan = await self.engine.plan(model_id, gpu_layers)
         if isinstance(plan, Plan):
             evict = f"; evicting {', '.join(plan.evict)}" if plan.evict else ""
             yield pb.LoadProgress(stage="planning", message=f"{plan.placement.kind}{evict}")
-        await self.engine.load(model_id, gpu_layers, stages.append)
-        for stage in stages:
-            yield pb.LoadProgress(stage=stage.stage, message=stage.message)
+        stages: asyncio.Queue[LoadStage | None] = asyncio.Queue()
+        load = asyncio.create_task(self.engine.load(model_id, gpu_layers, stages.put_nowait))
+        load.add_done_callback(lambda _: stages.put_nowait(None))
+        try:
+            while (stage := await stages.get()) is not None:
+                if stage.stage != "ready":  # the final message below says it, with the model
+                    yield pb.LoadProgress(stage=stage.stage, message=stage.message)
+            await load
+        finally:
+            load.cancel()
         entry = self.engine.core.entry(model_id)
         yield pb.LoadProgress(stage="ready", message="ready", model=model_proto(self.engine, entry))
 

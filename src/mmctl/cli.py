@@ -1,0 +1,469 @@
+"""mmctl: the command line for the mmd daemon."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+from typer.core import TyperGroup
+
+from mmctl import render
+from mmctl.client import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_NO_ROOM,
+    EXIT_USAGE,
+    CliError,
+    MmdClient,
+    exit_code_for,
+)
+from mmd import paths
+from mmd.units import parse_duration
+from mmd.v1 import mmd_pb2
+
+EXIT_CODES_HELP = """\
+Exit codes:
+
+* 0: success
+
+* 1: any other error (including an aborted request or a timeout)
+
+* 2: invalid usage or argument (also when mmd rejects the request as invalid)
+
+* 3: the daemon is unreachable (no socket, nothing listening, no permission)
+
+* 4: unknown model
+
+* 5: not enough memory for the model, or the request queue is full
+(`plan` also exits 5 when the load would be refused)
+
+* 6: the model's runtime (llama-server) failed
+
+* 130: interrupted (Ctrl-C)
+"""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _report(message: str) -> None:
+    sys.stdout.flush()
+    sys.stderr.write(f"mmctl: {_one_line(message)}\n")
+    sys.stderr.flush()
+
+
+def run_guarded(call: Callable[[], Any]) -> int:
+    """Run the command line, turning every expected failure into one stderr line and a code."""
+    try:
+        result = call()
+    except CliError as err:
+        _report(err.message)
+        return err.exit_code
+    except typer.TyperException as err:  # usage errors, bad parameters
+        if type(err).__name__ == "NoArgsIsHelpError":  # help was already printed
+            return EXIT_USAGE
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _report(err.format_message() + hint)
+        return int(getattr(err, "exit_code", EXIT_USAGE))
+    except typer.Abort:
+        _report("aborted")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except grpc.RpcError as err:  # the client maps these; this is a safety net
+        _report(err.details() or "request failed")
+        return exit_code_for(err)
+    return result if isinstance(result, int) else 0
+
+
+class MmctlGroup(TyperGroup):
+    """The root command group: applies run_guarded around everything Typer does."""
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        code = run_guarded(
+            lambda: super(MmctlGroup, self).main(
+                args,
+                prog_name,
+                complete_var,
+                standalone_mode=False,
+                windows_expand_args=windows_expand_args,
+                **extra,
+            )
+        )
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(
+    name="mmctl",
+    cls=MmctlGroup,
+    help="Control mmd, the daemon that runs local LLMs (llama-server) within the machine's memory.",
+    epilog=EXIT_CODES_HELP,
+    rich_markup_mode="markdown",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ModelId = Annotated[str, typer.Argument(metavar="ID", help="Model id from the registry.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+GpuLayers = Annotated[
+    int | None,
+    typer.Option(
+        "--gpu-layers",
+        metavar="N",
+        help="Layers to offload to GPUs, overriding the registry for this load.",
+    ),
+]
+KeepAlive = Annotated[
+    str | None,
+    typer.Option(
+        "--keep-alive",
+        metavar="DUR",
+        help="Keep the model loaded this long after the request ('30s', '5m', '1h'; -1: forever).",
+    ),
+]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"mmctl {version('mmd')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    socket: Annotated[
+        Path | None,
+        typer.Option(
+            "--socket",
+            envvar=paths.SOCKET_ENV,
+            metavar="PATH",
+            help="The daemon's Unix socket [default: the one mmd uses, "
+            "$XDG_RUNTIME_DIR/mmd/mmd.sock or /run/mmd/mmd.sock as root].",
+            show_default=False,
+        ),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    ctx.obj = socket if socket is not None else paths.default_socket()
+
+
+def _client(ctx: typer.Context) -> MmdClient:
+    socket = ctx.find_root().obj
+    return MmdClient(socket if isinstance(socket, Path) else paths.default_socket())
+
+
+def _read_input(value: str | None, what: str) -> str:
+    """The argument, or stdin when it is omitted or '-'; strict UTF-8; never empty."""
+    if value is None or value == "-":
+        if sys.stdin.isatty():
+            sys.stderr.write(f"mmctl: reading the {what} from stdin (end with Ctrl-D)\n")
+            sys.stderr.flush()
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise CliError(
+                f"the {what} on stdin is not valid UTF-8 "
+                f"(byte 0x{data[err.start]:02x} at offset {err.start})",
+                EXIT_USAGE,
+            ) from None
+    else:
+        text = value
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CliError(f"the {what} argument is not valid UTF-8", EXIT_USAGE) from None
+    if not text.strip():
+        raise CliError(f"empty {what}", EXIT_USAGE)
+    return text
+
+
+def _keep_alive_seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="'--keep-alive'") from None
+
+
+def _is_listed(model: mmd_pb2.Model) -> bool:
+    return model.state not in (mmd_pb2.MODEL_STATE_UNLOADED, mmd_pb2.MODEL_STATE_UNSPECIFIED)
+
+
+@app.command()
+def models(ctx: typer.Context, json_out: JsonFlag = False) -> None:
+    """List the registry's models with their state."""
+    with _client(ctx) as client:
+        found = client.list_models()
+    if json_out:
+        render.print_json([render.model_to_dict(model) for model in found])
+    else:
+        render.print_models(found)
+
+
+@app.command()
+def ps(ctx: typer.Context, json_out: JsonFlag = False) -> None:
+    """List the models that are loaded, loading, unloading or failed."""
+    with _client(ctx) as client:
+        loaded = [model for model in client.list_models() if _is_listed(model)]
+    if json_out:
+        render.print_json([render.model_to_dict(model) for model in loaded])
+    else:
+        render.print_ps(loaded)
+
+
+def _follow_load(progress: Iterator[mmd_pb2.LoadProgress]) -> mmd_pb2.Model | None:
+    """Show load progress on stderr: a spinner on a terminal, else "stage: message" lines."""
+    final: mmd_pb2.Model | None = None
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        with Console(stderr=True).status("waiting for mmd") as status:
+            for step in progress:
+                status.update(f"{step.stage}: {step.message}" if step.message else step.stage)
+                if step.HasField("model"):
+                    final = step.model
+    else:
+        for step in progress:
+            line = f"{step.stage}: {step.message}" if step.message else step.stage
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+            if step.HasField("model"):
+                final = step.model
+    return final
+
+
+@app.command()
+def load(
+    ctx: typer.Context,
+    model_id: ModelId,
+    gpu_layers: GpuLayers = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Load a model (evicting idle ones if needed) and wait until it is ready."""
+    with _client(ctx) as client:
+        model = _follow_load(client.load_model(model_id, gpu_layers=gpu_layers))
+    if model is None:
+        raise CliError(f"mmd ended the load of {model_id!r} without reporting the model")
+    if json_out:
+        render.print_json(render.model_to_dict(model))
+    else:
+        typer.echo(render.model_summary(model))
+
+
+@app.command()
+def unload(
+    ctx: typer.Context,
+    model_id: ModelId,
+    force: Annotated[
+        bool, typer.Option("--force", help="Abort in-flight requests instead of waiting.")
+    ] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            metavar="SECONDS",
+            min=0.0,
+            help="How long to wait for in-flight requests [default: the daemon's].",
+        ),
+    ] = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Unload a model, waiting for its in-flight requests unless --force."""
+    with _client(ctx) as client:
+        response = client.unload_model(model_id, force=force, timeout_seconds=timeout or 0.0)
+    if json_out:
+        out = render.model_to_dict(response.model)
+        out["aborted_requests"] = response.aborted_requests
+        render.print_json(out)
+        return
+    line = render.model_summary(response.model)
+    if response.aborted_requests:
+        line += f" (aborted {response.aborted_requests} requests)"
+    typer.echo(line)
+
+
+@app.command()
+def infer(
+    ctx: typer.Context,
+    model_id: ModelId,
+    prompt: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="PROMPT",
+            help="The prompt; read from stdin when omitted or '-'.",
+            show_default=False,
+        ),
+    ] = None,
+    system: Annotated[
+        str | None,
+        typer.Option(
+            "--system", metavar="S", help="A system prompt; the model's chat template is used."
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option("--max-tokens", metavar="N", min=1, help="Generate at most N tokens."),
+    ] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option("--temperature", metavar="T", min=0.0, max=5.0, help="Sampling temperature."),
+    ] = None,
+    keep_alive: KeepAlive = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with the text and totals.")
+    ] = False,
+) -> None:
+    """Generate text; it streams to stdout as it arrives.
+
+    Example: `cat notes.txt | mmctl infer summarizer --max-tokens 200`
+    """
+    keep_alive_seconds = _keep_alive_seconds(keep_alive)
+    text = _read_input(prompt, "prompt")
+    request = mmd_pb2.InferRequest(model_id=model_id)
+    if system is not None:
+        request.messages.append(mmd_pb2.ChatMessage(role="user", content=text))
+        request.system = system
+    else:
+        request.prompt = text
+    if max_tokens is not None:
+        request.max_tokens = max_tokens
+    if temperature is not None:
+        request.temperature = temperature
+    if keep_alive_seconds is not None:
+        request.keep_alive_seconds = keep_alive_seconds
+
+    pieces: list[str] = []
+    done: mmd_pb2.InferDone | None = None
+    with _client(ctx) as client:
+        try:
+            for chunk in client.infer(request):
+                kind = chunk.WhichOneof("kind")
+                if kind == "text":
+                    pieces.append(chunk.text)
+                    if not json_out:
+                        sys.stdout.write(chunk.text)
+                        sys.stdout.flush()
+                elif kind == "done":
+                    done = chunk.done
+        finally:
+            # Keep the shell prompt (or an error line) off the end of the text.
+            wrote = "".join(pieces)
+            if not json_out and (done is not None or wrote) and not wrote.endswith("\n"):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+    if done is None:
+        raise CliError(f"mmd ended the answer from {model_id!r} without its final totals")
+    if json_out:
+        render.print_json(
+            {
+                "model": model_id,
+                "text": "".join(pieces),
+                "finish_reason": done.finish_reason,
+                "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": done.completion_tokens,
+                "timings": render.message_to_dict(done.timings),
+            }
+        )
+
+
+@app.command()
+def embed(
+    ctx: typer.Context,
+    model_id: ModelId,
+    texts: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="TEXT",
+            help="Text(s) to embed; read from stdin when omitted or '-'.",
+            show_default=False,
+        ),
+    ] = None,
+    keep_alive: KeepAlive = None,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json", help='Print {"model", "embeddings", "prompt_tokens"} instead of vectors.'
+        ),
+    ] = False,
+) -> None:
+    """Print embedding vectors as JSON: a list of floats for one text, a list of lists for more."""
+    keep_alive_seconds = _keep_alive_seconds(keep_alive)
+    if not texts or texts == ["-"]:
+        inputs = [_read_input(None, "text")]
+    else:
+        inputs = [_read_input(text, "text") for text in texts]
+    with _client(ctx) as client:
+        response = client.embed(model_id, inputs, keep_alive_seconds=keep_alive_seconds)
+    vectors = [render.message_to_dict(embedding)["values"] for embedding in response.embeddings]
+    if json_out:
+        render.print_json(
+            {"model": model_id, "embeddings": vectors, "prompt_tokens": response.prompt_tokens}
+        )
+    else:
+        import json
+
+        typer.echo(json.dumps(vectors[0] if len(inputs) == 1 and vectors else vectors))
+
+
+@app.command()
+def health(ctx: typer.Context, json_out: JsonFlag = False) -> None:
+    """Show memory per device, loaded models, active and queued requests, and notes."""
+    with _client(ctx) as client:
+        report = client.get_health()
+    if json_out:
+        render.print_json(render.message_to_dict(report))
+    else:
+        render.print_health(report)
+
+
+@app.command()
+def plan(
+    ctx: typer.Context,
+    model_id: ModelId,
+    gpu_layers: GpuLayers = None,
+    json_out: JsonFlag = False,
+) -> None:
+    """Show what loading a model would do now, without doing it.
+
+    Exits 5 when the load would be refused.
+    """
+    with _client(ctx) as client:
+        result = client.plan_load(model_id, gpu_layers=gpu_layers)
+    if json_out:
+        render.print_json(render.message_to_dict(result))
+    else:
+        typer.echo("\n".join(render.plan_lines(result)))
+    if not result.feasible and not result.already_loaded:
+        raise typer.Exit(EXIT_NO_ROOM)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,258 @@
+"""A synchronous gRPC client for mmd, and the one mapping from gRPC errors to exit codes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from mmd.errors import ERROR_KIND_KEY
+from mmd.v1 import mmd_pb2, mmd_pb2_grpc
+
+# Exit codes, documented in `mmctl --help`.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_UNKNOWN_MODEL = 4
+EXIT_NO_ROOM = 5
+EXIT_RUNTIME_FAILED = 6
+EXIT_INTERRUPTED = 130
+
+# Short queries get a deadline so a wedged daemon cannot hang a script forever;
+# loads, unloads and inference may legitimately take minutes and get none.
+QUERY_TIMEOUT_S = 30.0
+
+# Many long embeddings can exceed grpc's 4 MiB default.
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_RUNTIME_FAILED_KIND = "runtime_failed"
+
+Request = TypeVar("Request", bound=Message)
+Response = TypeVar("Response", bound=Message)
+
+
+class CliError(Exception):
+    """An error mmctl reports as one line on stderr and an exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+def error_kind(err: grpc.RpcError) -> str | None:
+    """The mmd error kind sent as trailing metadata, or None when there is none."""
+    try:
+        # Typed as objects in grpc-stubs; at run time they are (key, value) pairs.
+        metadata: Any = err.trailing_metadata()
+    except Exception:  # not every RpcError carries call details
+        return None
+    for key, value in metadata or ():
+        if key == ERROR_KIND_KEY:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+def _status_code(err: grpc.RpcError) -> grpc.StatusCode | None:
+    try:
+        return err.code()
+    except Exception:
+        return None
+
+
+def exit_code_for(err: grpc.RpcError) -> int:
+    """The exit code for a failed call.
+
+    UNAVAILABLE means two different things: mmd says a model's runtime failed
+    (it then names the kind in trailing metadata), or grpc could not reach the
+    daemon at all (no metadata).
+    """
+    code = _status_code(err)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return EXIT_USAGE
+    if code == grpc.StatusCode.NOT_FOUND:
+        return EXIT_UNKNOWN_MODEL
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return EXIT_NO_ROOM
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if error_kind(err) == _RUNTIME_FAILED_KIND:
+            return EXIT_RUNTIME_FAILED
+        if error_kind(err) is None:
+            return EXIT_UNREACHABLE
+    return EXIT_ERROR
+
+
+def unreachable_message(socket_path: Path) -> str:
+    return (
+        f"no mmd daemon at {socket_path} "
+        "(start it with 'mmd' or 'systemctl start mmd', or pass --socket)"
+    )
+
+
+def cli_error_for(err: grpc.RpcError, socket_path: Path) -> CliError:
+    """Turn a failed call into the CliError mmctl reports."""
+    exit_code = exit_code_for(err)
+    if exit_code == EXIT_UNREACHABLE:
+        return CliError(unreachable_message(socket_path), exit_code)
+    code = _status_code(err)
+    details = (_safe_details(err) or "").strip()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CliError(f"mmd did not answer in time ({details or 'deadline exceeded'})", exit_code)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return CliError(f"this mmd does not support the call ({details})", exit_code)
+    if not details:
+        details = f"request failed ({code.name if code else 'unknown status'})"
+    return CliError(" ".join(details.split()), exit_code)
+
+
+def _safe_details(err: grpc.RpcError) -> str | None:
+    try:
+        return err.details()
+    except Exception:
+        return None
+
+
+class MmdClient:
+    """A connection to the daemon's socket; use as a context manager."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = Path(os.path.abspath(socket_path))
+        self._channel: grpc.Channel | None = None
+        self._stub: mmd_pb2_grpc.ModelManagerStub | None = None
+
+    def __enter__(self) -> MmdClient:
+        self._check_socket()
+        self._channel = grpc.insecure_channel(
+            f"unix:{self.socket_path}",
+            options=[
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = mmd_pb2_grpc.ModelManagerStub(self._channel)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = None
+        self._stub = None
+
+    def _check_socket(self) -> None:
+        # grpc's own message for a missing socket is long and says nothing about mmd.
+        if not self.socket_path.exists():
+            raise CliError(unreachable_message(self.socket_path), EXIT_UNREACHABLE)
+        if not os.access(self.socket_path, os.R_OK | os.W_OK):
+            raise CliError(
+                f"permission denied on {self.socket_path} "
+                "(mmctl needs read and write access: join the daemon's group or use sudo)",
+                EXIT_UNREACHABLE,
+            )
+
+    @property
+    def stub(self) -> mmd_pb2_grpc.ModelManagerStub:
+        if self._stub is None:
+            raise RuntimeError("MmdClient used outside its 'with' block")
+        return self._stub
+
+    # Unary calls ----------------------------------------------------------
+
+    def list_models(self) -> list[mmd_pb2.Model]:
+        request = mmd_pb2.ListModelsRequest()
+        try:
+            response: mmd_pb2.ListModelsResponse = self.stub.ListModels(
+                request, timeout=QUERY_TIMEOUT_S
+            )
+        except grpc.RpcError as err:
+            raise cli_error_for(err, self.socket_path) from None
+        return list(response.models)
+
+    def unload_model(
+        self, model_id: str, *, force: bool, timeout_seconds: float
+    ) -> mmd_pb2.UnloadModelResponse:
+        request = mmd_pb2.UnloadModelRequest(
+            model_id=model_id, force=force, timeout_seconds=timeout_seconds
+        )
+        try:
+            response: mmd_pb2.UnloadModelResponse = self.stub.UnloadModel(request)
+        except grpc.RpcError as err:
+            raise cli_error_for(err, self.socket_path) from None
+        return response
+
+    def embed(
+        self, model_id: str, inputs: list[str], *, keep_alive_seconds: float | None = None
+    ) -> mmd_pb2.EmbedResponse:
+        request = mmd_pb2.EmbedRequest(model_id=model_id, input=inputs)
+        if keep_alive_seconds is not None:
+            request.keep_alive_seconds = keep_alive_seconds
+        try:
+            response: mmd_pb2.EmbedResponse = self.stub.Embed(request)
+        except grpc.RpcError as err:
+            raise cli_error_for(err, self.socket_path) from None
+        return response
+
+    def get_health(self) -> mmd_pb2.Health:
+        try:
+            response: mmd_pb2.Health = self.stub.GetHealth(
+                mmd_pb2.GetHealthRequest(), timeout=QUERY_TIMEOUT_S
+            )
+        except grpc.RpcError as err:
+            raise cli_error_for(err, self.socket_path) from None
+        return response
+
+    def plan_load(self, model_id: str, *, gpu_layers: int | None = None) -> mmd_pb2.LoadPlan:
+        request = mmd_pb2.PlanLoadRequest(model_id=model_id)
+        if gpu_layers is not None:
+            request.gpu_layers = gpu_layers
+        try:
+            response: mmd_pb2.LoadPlan = self.stub.PlanLoad(request, timeout=QUERY_TIMEOUT_S)
+        except grpc.RpcError as err:
+            raise cli_error_for(err, self.socket_path) from None
+        return response
+
+    # Streaming calls ------------------------------------------------------
+
+    def load_model(
+        self, model_id: str, *, gpu_layers: int | None = None
+    ) -> Iterator[mmd_pb2.LoadProgress]:
+        request = mmd_pb2.LoadModelRequest(model_id=model_id)
+        if gpu_layers is not None:
+            request.gpu_layers = gpu_layers
+        return self._stream(self.stub.LoadModel, request)
+
+    def infer(self, request: mmd_pb2.InferRequest) -> Iterator[mmd_pb2.InferChunk]:
+        return self._stream(self.stub.Infer, request)
+
+    def _stream(
+        self, method: grpc.UnaryStreamMultiCallable[Request, Response], request: Request
+    ) -> Iterator[Response]:
+        """Yield a server stream's messages; cancel the call if the caller stops early.
+
+        Cancelling matters: an interrupted `mmctl infer` must stop generation in
+        the daemon rather than leave it running for nobody.
+        """
+        try:
+            call: grpc.CallIterator[Response] = method(request)
+        except grpc.RpcError as err:
+            raise cli_error_for(err, self.socket_path) from None
+        finished = False
+        try:
+            yield from call
+            finished = True
+        except grpc.RpcError as err:
+            finished = True
+            raise cli_error_for(err, self.socket_path) from None
+        finally:
+            if not finished:
+                call.cancel()  # type: ignore[no-untyped-call]

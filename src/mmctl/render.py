@@ -1,0 +1,366 @@
+"""Output: protos as JSON-ready dicts with stable snake_case keys, and human-readable views.
+
+rich is imported only by the functions that draw tables, so commands that print
+JSON or plain lines start without it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from mmd.units import format_size
+from mmd.v1 import mmd_pb2
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+_INTEGER_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED32,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED32,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+_STATE_STYLES = {
+    "ready": "green",
+    "loading": "yellow",
+    "unloading": "yellow",
+    "failed": "bold red",
+    "unloaded": "dim",
+}
+
+
+# ---------------------------------------------------------------------------
+# JSON
+
+
+def _enum_prefix(enum: EnumDescriptor) -> str:
+    # ModelState -> "MODEL_STATE_", the prefix protobuf style puts on every value.
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+
+
+def enum_short_name(enum: EnumDescriptor, number: int) -> str:
+    """MODEL_STATE_READY -> "ready"; an unknown number (a newer daemon) -> its number."""
+    value = enum.values_by_number.get(number)
+    if value is None:
+        return str(number)
+    return value.name.removeprefix(_enum_prefix(enum)).lower()
+
+
+def state_name(state: int) -> str:
+    """A ModelState as the short lowercase name used in JSON and tables."""
+    return enum_short_name(mmd_pb2.ModelState.DESCRIPTOR, state)
+
+
+def _scalar(field: FieldDescriptor, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_to_dict(value)
+    if field.type == FieldDescriptor.TYPE_ENUM and field.enum_type is not None:
+        return enum_short_name(field.enum_type, value)
+    if field.type in _INTEGER_TYPES:
+        return int(value)
+    if field.type == FieldDescriptor.TYPE_FLOAT:
+        # Nine significant digits round-trip a float32 without printing its binary noise.
+        return float(format(value, ".9g"))
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return value.hex()
+    return value
+
+
+def message_to_dict(message: Message) -> dict[str, Any]:
+    """Every field under its proto name; enums as short lowercase names, 64-bit ints as ints.
+
+    Fields with explicit presence (proto3 `optional`, oneof members) that are
+    unset become None; all others are always present.
+    """
+    out: dict[str, Any] = {}
+    for field in cast("Sequence[FieldDescriptor]", message.DESCRIPTOR.fields):
+        value = getattr(message, field.name)
+        if field.is_repeated:
+            out[field.name] = [_scalar(field, item) for item in value]
+        elif field.has_presence and field.type != FieldDescriptor.TYPE_MESSAGE:
+            out[field.name] = _scalar(field, value) if message.HasField(field.name) else None
+        else:
+            out[field.name] = _scalar(field, value)
+    return out
+
+
+def model_to_dict(model: mmd_pb2.Model) -> dict[str, Any]:
+    """A model as JSON: always has "id", "state" (short name) and "pid"."""
+    return message_to_dict(model)
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------
+# Plain text pieces
+
+
+def relative_time(unix_seconds: float, now: float | None = None) -> str:
+    """0 -> "never"; otherwise "3s ago", "5m ago", "2h ago", "4d ago"."""
+    if unix_seconds <= 0:
+        return "never"
+    elapsed = max(0.0, (time.time() if now is None else now) - unix_seconds)
+    return f"{format_duration(elapsed)} ago"
+
+
+def format_duration(seconds: float) -> str:
+    """The largest unit that fits, and the next one where it matters: "45s", "5m", "3h 12m"."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        hours, rest = divmod(seconds, 3600)
+        return f"{hours}h {rest // 60}m" if rest >= 60 else f"{hours}h"
+    days, rest = divmod(seconds, 86400)
+    return f"{days}d {rest // 3600}h" if rest >= 3600 else f"{days}d"
+
+
+def placement_text(placement: mmd_pb2.Placement) -> str:
+    """ "gpu 32/32", "cpu" or "split 20/32 gpu", from the layer counts."""
+    total = placement.total_layers
+    gpu = placement.gpu_layers
+    if total == 0 and gpu == 0:
+        return "-"  # not placed (yet)
+    if gpu == 0:
+        return "cpu"
+    if total == 0 or gpu >= total:
+        return f"gpu {gpu}/{total}" if total else f"gpu {gpu}"
+    return f"split {gpu}/{total} gpu"
+
+
+def shares_text(placement: mmd_pb2.Placement) -> str:
+    return ", ".join(
+        f"{share.device} {format_size(share.bytes)} ({share.layers} layers)"
+        for share in placement.shares
+    )
+
+
+def size_or_dash(num_bytes: int) -> str:
+    return format_size(num_bytes) if num_bytes else "-"
+
+
+def model_summary(model: mmd_pb2.Model) -> str:
+    """One line about a model, as printed after load and unload."""
+    state = state_name(model.state)
+    parts = [f"{model.id}: {state}"]
+    if model.pid:
+        parts.append(f"pid {model.pid}")
+    if state in ("ready", "loading"):
+        if model.placement.total_layers or model.placement.gpu_layers:
+            parts.append(placement_text(model.placement))
+        if model.estimated_bytes:
+            parts.append(f"est {format_size(model.estimated_bytes)}")
+        if model.measured_bytes:
+            parts.append(f"measured {format_size(model.measured_bytes)}")
+    if model.last_error:
+        parts.append(f"error: {model.last_error}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Tables
+
+
+def _stdout_console() -> Console:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # Piped output is read by people with wide terminals and by scripts: do not wrap at 80.
+        console.width = max(console.width, 200)
+    return console
+
+
+def _table(headers: Sequence[str]) -> Table:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for header in headers:
+        table.add_column(header, no_wrap=header != "PATH")
+    return table
+
+
+def _add_row(table: Table, cells: Iterable[str], state_column: int | None = None) -> None:
+    # Text cells: a model id or path containing "[...]" must not be read as rich markup.
+    from rich.text import Text
+
+    row = [Text(cell) for cell in cells]
+    if state_column is not None:
+        row[state_column].stylize(_STATE_STYLES.get(row[state_column].plain, ""))
+    table.add_row(*row)
+
+
+def print_models(models: Sequence[mmd_pb2.Model]) -> None:
+    """`mmctl models`: the registry."""
+    console = _stdout_console()
+    if not models:
+        console.print("no models in the registry")
+        return
+    table = _table(["ID", "ROLE", "STATE", "MEMORY EST", "PATH"])
+    for model in models:
+        state = state_name(model.state)
+        flags = [name for name in ("pinned", "embedding") if getattr(model, name)]
+        role = (model.role or "-") + (f" ({', '.join(flags)})" if flags else "")
+        _add_row(
+            table,
+            [model.id, role, state, size_or_dash(model.estimated_bytes), model.path],
+            state_column=2,
+        )
+    console.print(table)
+
+
+def _ps_table(models: Sequence[mmd_pb2.Model], now: float) -> Table:
+    table = _table(
+        [
+            "ID",
+            "STATE",
+            "PID",
+            "PLACEMENT",
+            "MEM EST",
+            "MEM MEASURED",
+            "CTX",
+            "SLOTS",
+            "QUEUED",
+            "LAST USED",
+        ]
+    )
+    for model in models:
+        state = state_name(model.state)
+        _add_row(
+            table,
+            [
+                model.id,
+                state,
+                str(model.pid) if model.pid else "-",
+                placement_text(model.placement),
+                size_or_dash(model.estimated_bytes),
+                size_or_dash(model.measured_bytes),
+                str(model.ctx) if model.ctx else "-",
+                f"{model.active_requests}/{model.parallel}" if model.parallel else "-",
+                str(model.queued_requests),
+                relative_time(model.last_used_unix, now),
+            ],
+            state_column=1,
+        )
+    return table
+
+
+def _print_failures(console: Console, models: Sequence[mmd_pb2.Model]) -> None:
+    from rich.text import Text
+
+    for model in models:
+        if state_name(model.state) == "failed" and model.last_error:
+            console.print(Text(f"{model.id} failed: {model.last_error}", style="red"))
+
+
+def print_ps(models: Sequence[mmd_pb2.Model], now: float | None = None) -> None:
+    """`mmctl ps`: models that are not unloaded."""
+    console = _stdout_console()
+    if not models:
+        console.print("no models loaded")
+        return
+    console.print(_ps_table(models, time.time() if now is None else now))
+    _print_failures(console, models)
+
+
+def print_health(health: mmd_pb2.Health, now: float | None = None) -> None:
+    """`mmctl health`: devices, loaded models, requests, notes."""
+    from rich.text import Text
+
+    console = _stdout_console()
+    header = f"mmd {health.version or '?'}, up {format_duration(health.uptime_seconds)}"
+    if health.llama_server:
+        header += f", llama-server {health.llama_server}"
+    console.print(Text(header, style="bold"))
+    console.print()
+
+    devices = _table(["DEVICE", "KIND", "NAME", "TOTAL", "BUDGET", "MMD", "OTHER", "FREE"])
+    for device in health.devices:
+        _add_row(
+            devices,
+            [
+                device.id,
+                device.kind,
+                device.name or "-",
+                format_size(device.total_bytes),
+                format_size(device.budget_bytes),
+                format_size(device.mmd_bytes),
+                format_size(device.other_bytes),
+                format_size(device.free_bytes),
+            ],
+        )
+    console.print(devices)
+    console.print()
+
+    if health.models:
+        console.print(_ps_table(health.models, time.time() if now is None else now))
+        _print_failures(console, health.models)
+    else:
+        console.print("no models loaded")
+    console.print()
+    limit = f" (max {health.max_concurrent})" if health.max_concurrent else ""
+    queue_limit = f" (max {health.max_queue})" if health.max_queue else ""
+    console.print(
+        Text(
+            f"inferences: {health.active_inferences} active{limit}, "
+            f"{health.queued_requests} queued{queue_limit}"
+        )
+    )
+    for note in health.notes:
+        console.print(Text(f"note: {note}", style="yellow"))
+
+
+def plan_lines(plan: mmd_pb2.LoadPlan) -> list[str]:
+    """`mmctl plan` as plain lines."""
+    if plan.already_loaded:
+        verdict = "already loaded"
+    elif plan.feasible:
+        verdict = "can load"
+    else:
+        verdict = "refused"
+    lines = [f"{plan.model_id}: {verdict}"]
+    if not plan.feasible and plan.reason:
+        lines.append(f"  reason:     {plan.reason}")
+    if plan.HasField("placement"):
+        lines.append(f"  placement:  {placement_text(plan.placement)}")
+        if plan.placement.shares:
+            lines.append(f"  devices:    {shares_text(plan.placement)}")
+    if plan.HasField("footprint"):
+        fp = plan.footprint
+        lines.append(
+            f"  footprint:  {format_size(fp.total_bytes)} total"
+            f" = weights {format_size(fp.weights_bytes)}"
+            f" + kv cache {format_size(fp.kv_cache_bytes)}"
+            f" + compute {format_size(fp.compute_bytes)}"
+            f" + overhead {format_size(fp.overhead_bytes)}"
+        )
+        if fp.overridden:
+            lines.append("              (the registry's `memory` setting replaces the estimate)")
+    if plan.evict:
+        lines.append(f"  would evict: {', '.join(plan.evict)}")
+    elif plan.feasible and not plan.already_loaded:
+        lines.append("  would evict: nothing")
+    return lines

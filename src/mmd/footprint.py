@@ -1,0 +1,423 @@
+"""How many bytes a model holds once llama-server has loaded it, and where.
+
+The estimate comes from the GGUF header alone (read with ``gguf.GGUFReader``): the
+real byte size of every tensor, split into repeating layers (``blk.N.*``) and the
+rest, plus the KV cache for the requested context, a compute buffer and the
+llama-server process itself. The planner uses it to place a model (all layers on a
+GPU, a GPU/CPU split by layers, or CPU only) before loading it.
+
+The compute-buffer and overhead terms were fitted against the resident memory of a
+real llama-server on CPU (see ``bench/estimate_accuracy.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+
+from mmd.units import MIB
+
+GGUF_MAGIC = b"GGUF"
+
+# llama-server defaults that size the KV cache and the compute graph.
+_UBATCH = 512  # -ub: tokens per micro-batch, the compute graph is reserved for it
+_KV_PAD = 256  # the sliding-window cache is padded to this many cells
+
+# The llama-server process beyond its buffers: binary and ggml libraries, heap, threads,
+# server state, plus the tokenizer's tables, which grow with the vocabulary. Fitted on
+# CPU as RSS minus the logged model, KV, compute and output buffers: 22-28 MiB with a
+# 227-token vocabulary, 66-69 MiB with 262144 tokens.
+BASE_OVERHEAD_BYTES = 28 * MIB
+OVERHEAD_BYTES_PER_TOKEN = 165  # BPE merges are charged the same (not measured)
+
+# Architectures whose GGUF does not say which layers use the sliding window:
+# llama.cpp uses it on every layer except each n-th one.
+_SWA_PERIOD = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "gpt-oss": 2}
+
+_BLOCK_NAME = re.compile(r"^blk\.(\d+)\.")
+_BUFFER_LINE = re.compile(
+    r"(?P<device>[\w.-]+)\s+(?P<kind>model|KV|RS|compute|output)\s+buffer size\s*=\s*"
+    r"(?P<mib>[\d.]+)\s*MiB"
+)
+
+
+class GGUFError(ValueError):
+    """A file that is not a readable GGUF model; the message names the path."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the GGUF header says about a model's size and attention geometry."""
+
+    architecture: str
+    n_layers: int
+    layer_weight_bytes: tuple[int, ...]  # per repeating block
+    other_weight_bytes: int  # everything outside blk.N
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    context_train: int
+    file_bytes: int
+    n_ff: int = 0
+    n_vocab: int = 0
+    n_merges: int = 0
+    token_embd_bytes: int = 0  # part of other_weight_bytes that llama.cpp keeps on the host
+    tied_embeddings: bool = False  # no output.weight: the token embedding is the output layer
+    sliding_window: int = 0  # tokens a sliding-window layer attends to (0: none)
+    swa_layers: tuple[bool, ...] = ()  # which layers use the sliding window
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes a loaded model holds, split so that a planner can place layers."""
+
+    layer_bytes: tuple[int, ...]  # weights + KV cache of each repeating layer (moves with it)
+    fixed_bytes: int  # non-layer weights + compute buffer: where the model's "main" device is
+    overhead_bytes: int  # process overhead, always in host RAM
+    weights_bytes: int  # for reporting
+    kv_cache_bytes: int  # for reporting
+    compute_bytes: int  # for reporting
+    overridden: bool = False
+    host_fixed_bytes: int = 0  # part of fixed_bytes that stays in RAM even when fully offloaded
+
+    @property
+    def total(self) -> int:
+        return sum(self.layer_bytes) + self.fixed_bytes + self.overhead_bytes
+
+    def split(self, gpu_layers: int) -> tuple[int, int]:
+        """(bytes on GPU, bytes in RAM) when the last ``gpu_layers`` layers are offloaded.
+
+        ``gpu_layers == 0`` -> ``(0, total)``. Any offload puts the compute buffer on the
+        GPU (llama.cpp reserves its main compute buffer there even for a partial split).
+        When all layers are offloaded the rest of the fixed part (output layer, norms)
+        follows; RAM keeps the overhead and the token embedding (always on the host).
+        """
+        n_layers = len(self.layer_bytes)
+        if not 0 <= gpu_layers <= n_layers:
+            raise ValueError(f"gpu_layers must be in 0..{n_layers}, not {gpu_layers}")
+        if gpu_layers == 0:
+            return 0, self.total
+        gpu = sum(self.layer_bytes[n_layers - gpu_layers :]) + self.compute_bytes
+        if gpu_layers == n_layers:
+            gpu = sum(self.layer_bytes) + self.fixed_bytes - self.host_fixed_bytes
+        gpu = min(gpu, self.total - self.overhead_bytes)
+        return gpu, self.total - gpu
+
+    def scaled_to(self, total: int) -> Footprint:
+        """The same shape scaled so that ``.total == total``, with ``overridden=True``."""
+        if total <= 0:
+            raise ValueError(f"a memory override must be positive, not {total}")
+        factor = total / self.total if self.total else 0.0
+
+        def scale(value: int) -> int:
+            return math.floor(value * factor)
+
+        layers = tuple(scale(b) for b in self.layer_bytes)
+        overhead = scale(self.overhead_bytes)
+        # Rounding leftovers go to the fixed part so that the total is exact.
+        fixed = total - sum(layers) - overhead
+        return replace(
+            self,
+            layer_bytes=layers,
+            fixed_bytes=fixed,
+            overhead_bytes=overhead,
+            weights_bytes=scale(self.weights_bytes),
+            kv_cache_bytes=scale(self.kv_cache_bytes),
+            compute_bytes=min(scale(self.compute_bytes), fixed),
+            host_fixed_bytes=min(scale(self.host_fixed_bytes), fixed),
+            overridden=True,
+        )
+
+
+class _HeaderReader(GGUFReader):
+    """``GGUFReader`` that takes each array in one piece.
+
+    The stock reader builds one numpy view per array element, which takes seconds for
+    a vocabulary of 256k tokens; mmd reads only scalars, tensor infos and array
+    lengths. Arrays of numbers become one view; arrays of strings are stepped over.
+    """
+
+    def _get_field_parts(
+        self, orig_offs: int, raw_type: int
+    ) -> tuple[int, list[npt.NDArray[Any]], list[int], list[GGUFValueType]]:
+        if raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type = self._get(orig_offs, np.uint32)
+        length = self._get(orig_offs + 4, np.uint64)
+        start = orig_offs + 12
+        gtype = GGUFValueType(int(item_type[0]))
+        np_type = self.gguf_scalar_to_np.get(gtype)
+        if np_type is not None:
+            values = self._get(start, np_type, int(length[0]))
+            if len(values) != int(length[0]):
+                raise ValueError("array runs past the end of the file")
+            size = 12 + int(values.nbytes)
+            return size, [item_type, length, values], [2], [GGUFValueType.ARRAY, gtype]
+        if gtype == GGUFValueType.STRING:
+            end = self._skip_strings(start, int(length[0]))
+            return end - orig_offs, [item_type, length], [], [GGUFValueType.ARRAY, gtype]
+        return super()._get_field_parts(orig_offs, raw_type)
+
+    def _skip_strings(self, offset: int, count: int) -> int:
+        swapped = self.byte_order == "S"
+        little = (sys.byteorder == "little") != swapped
+        length_format = "<Q" if little else ">Q"
+        data = self.data.data  # a memoryview over the mapped bytes
+        for _ in range(count):
+            (length,) = struct.unpack_from(length_format, data, offset)
+            offset += 8 + length
+        if offset > len(data):
+            raise ValueError("string array runs past the end of the file")
+        return offset
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether ``path`` is a file that starts with the GGUF magic."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def read_shape(path: Path) -> ModelShape:
+    """Read a model's shape from its GGUF header (memory-mapped, tensor data untouched)."""
+    if path.is_dir():
+        raise GGUFError(f"{path}: is a directory, not a GGUF file")
+    if not path.exists():
+        raise GGUFError(f"{path}: no such file")
+    if not is_gguf(path):
+        raise GGUFError(f"{path}: not a GGUF file")
+    try:
+        reader = _HeaderReader(path)
+        return _shape_from(reader, path)
+    except GGUFError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, struct.error) as exc:
+        raise GGUFError(f"{path}: unreadable GGUF file ({exc})") from exc
+
+
+def _field(reader: GGUFReader, key: str) -> Any:
+    """A metadata value: str, int/float, a tuple for arrays, or None when absent."""
+    field = reader.get_field(key)
+    if field is None:
+        return None
+    main = field.types[0]
+    if main == GGUFValueType.STRING:
+        return bytes(field.parts[-1]).decode("utf-8")
+    if main == GGUFValueType.ARRAY:
+        return tuple(field.parts[field.data[0]].tolist()) if field.data else ()
+    return field.parts[-1].tolist()[0]
+
+
+def _array_length(reader: GGUFReader, key: str) -> int:
+    field = reader.get_field(key)
+    if field is None or field.types[0] != GGUFValueType.ARRAY:
+        return 0
+    # parts: key length, key, value type, item type, item count, items...
+    return int(field.parts[4][0])
+
+
+def _shape_from(reader: GGUFReader, path: Path) -> ModelShape:
+    arch = _field(reader, "general.architecture")
+    if not isinstance(arch, str):
+        raise GGUFError(f"{path}: missing key general.architecture")
+
+    def number(name: str, default: int | None = None) -> int:
+        value = _field(reader, f"{arch}.{name}")
+        if isinstance(value, tuple):  # per-layer values: size for the largest
+            value = max(value, default=default)
+        if value is None:
+            if default is None:
+                raise GGUFError(f"{path}: missing key {arch}.{name}")
+            return default
+        return int(value)
+
+    n_layers = number("block_count")
+    n_embd = number("embedding_length")
+    n_head = number("attention.head_count")
+    n_head_kv = number("attention.head_count_kv", n_head)
+    head_dim = n_embd // n_head if n_head else 0
+    head_dim_k = number("attention.key_length", head_dim)
+    head_dim_v = number("attention.value_length", head_dim)
+
+    layer_bytes = [0] * n_layers
+    other_bytes = 0
+    names = set()
+    token_embd_bytes = 0
+    n_vocab = 0
+    for tensor in reader.tensors:
+        names.add(tensor.name)
+        match = _BLOCK_NAME.match(tensor.name)
+        if match and int(match.group(1)) < n_layers:
+            layer_bytes[int(match.group(1))] += int(tensor.n_bytes)
+            continue
+        other_bytes += int(tensor.n_bytes)
+        if tensor.name == "token_embd.weight":
+            token_embd_bytes = int(tensor.n_bytes)
+            n_vocab = int(tensor.shape[-1])
+    n_vocab = _array_length(reader, "tokenizer.ggml.tokens") or n_vocab
+
+    sliding_window = number("attention.sliding_window", 0)
+    return ModelShape(
+        architecture=arch,
+        n_layers=n_layers,
+        layer_weight_bytes=tuple(layer_bytes),
+        other_weight_bytes=other_bytes,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=head_dim_k,
+        head_dim_v=head_dim_v,
+        context_train=number("context_length", 0),
+        file_bytes=path.stat().st_size,
+        n_ff=number("feed_forward_length", 0),
+        n_vocab=n_vocab,
+        n_merges=_array_length(reader, "tokenizer.ggml.merges"),
+        token_embd_bytes=token_embd_bytes,
+        tied_embeddings="output.weight" not in names,
+        sliding_window=sliding_window,
+        swa_layers=_swa_layers(reader, arch, n_layers) if sliding_window else (),
+    )
+
+
+def _swa_layers(reader: GGUFReader, arch: str, n_layers: int) -> tuple[bool, ...]:
+    pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, tuple) and len(pattern) == n_layers:
+        return tuple(bool(v) for v in pattern)
+    period = _SWA_PERIOD.get(arch)
+    if period is None:
+        return ()  # unknown: size every layer for the full context (never too small)
+    return tuple(i % period < period - 1 for i in range(n_layers))
+
+
+def cache_row_bytes(cache_type: str, n_elements: int) -> int:
+    """Bytes of one KV-cache row of ``n_elements`` values in ``cache_type`` (f16, q8_0...)."""
+    try:
+        qtype = GGMLQuantizationType[cache_type.upper()]
+    except KeyError:
+        raise ValueError(f"unknown KV cache type {cache_type!r}") from None
+    if qtype not in _CACHE_TYPES:
+        raise ValueError(f"unknown KV cache type {cache_type!r}")
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    return -(-n_elements // block) * type_size
+
+
+# The types llama-server accepts for -ctk / -ctv.
+_CACHE_TYPES = frozenset(
+    GGMLQuantizationType[name]
+    for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL")
+)
+
+
+def slot_cells(ctx: int, parallel: int) -> int:
+    """KV cells each slot gets: llama.cpp pads the context and each slot's share to 256."""
+    padded = _pad(ctx, _KV_PAD)
+    return _pad(padded // parallel, _KV_PAD)
+
+
+def kv_cells(shape: ModelShape, layer: int, *, ctx: int, parallel: int) -> int:
+    """KV-cache cells llama-server allocates for ``layer`` (all slots together)."""
+    per_slot = slot_cells(ctx, parallel)
+    if shape.swa_layers and shape.swa_layers[layer]:
+        # A sliding-window layer keeps only the window plus one micro-batch per slot.
+        per_slot = min(per_slot, _pad(shape.sliding_window + _UBATCH, _KV_PAD))
+    return parallel * per_slot
+
+
+def _pad(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _compute_bytes(shape: ModelShape, *, ctx: int, parallel: int) -> int:
+    """The compute buffer llama.cpp reserves for one micro-batch.
+
+    Fitted on CPU with flash attention (llama-server's default there): f32 activations
+    of a micro-batch (attention, feed-forward), the f16 attention mask over one slot's
+    cells and one row of logits, plus the output buffer (logits of every slot).
+    """
+    q_width = shape.n_head * shape.head_dim_k
+    activations = _UBATCH * 4 * (4 * q_width + shape.n_embd + 2 * shape.n_ff)
+    mask = _UBATCH * 2 * slot_cells(ctx, parallel)
+    logits = 4 * shape.n_vocab * (1 + parallel)
+    return activations + mask + logits
+
+
+def estimate(
+    shape: ModelShape,
+    *,
+    ctx: int,
+    parallel: int,
+    cache_type: str = "f16",
+    overhead_bytes: int | None = None,
+) -> Footprint:
+    """The footprint of ``llama-server -c ctx -np parallel -ctk/-ctv cache_type``.
+
+    ``ctx`` is the whole context, shared among the ``parallel`` slots; 0 means the
+    model's training context, as for llama-server. ``overhead_bytes`` replaces the
+    default process overhead (see ``default_overhead``), e.g. one measured with
+    ``measured_overhead`` on a build whose libraries hold more (CUDA).
+    """
+    if ctx == 0:
+        ctx = shape.context_train
+    if ctx <= 0 or parallel <= 0:
+        raise ValueError(f"ctx and parallel must be positive (ctx={ctx}, parallel={parallel})")
+    k_row = cache_row_bytes(cache_type, shape.n_head_kv * shape.head_dim_k)
+    v_row = cache_row_bytes(cache_type, shape.n_head_kv * shape.head_dim_v)
+    kv = [
+        kv_cells(shape, i, ctx=ctx, parallel=parallel) * (k_row + v_row)
+        for i in range(shape.n_layers)
+    ]
+    compute = _compute_bytes(shape, ctx=ctx, parallel=parallel)
+    weights = sum(shape.layer_weight_bytes) + shape.other_weight_bytes
+    # A tied embedding doubles as the output layer and moves to the GPU with it.
+    host_fixed = 0 if shape.tied_embeddings else shape.token_embd_bytes
+    if overhead_bytes is None:
+        overhead_bytes = default_overhead(shape)
+    return Footprint(
+        layer_bytes=tuple(w + c for w, c in zip(shape.layer_weight_bytes, kv, strict=True)),
+        fixed_bytes=shape.other_weight_bytes + compute,
+        overhead_bytes=overhead_bytes,
+        weights_bytes=weights,
+        kv_cache_bytes=sum(kv),
+        compute_bytes=compute,
+        host_fixed_bytes=host_fixed,
+    )
+
+
+def default_overhead(shape: ModelShape) -> int:
+    """Host memory of a CPU llama-server process beyond the model's buffers."""
+    return BASE_OVERHEAD_BYTES + OVERHEAD_BYTES_PER_TOKEN * (shape.n_vocab + shape.n_merges)
+
+
+def measured_overhead(rss_bytes: int, footprint: Footprint) -> int:
+    """The overhead a running server shows: its RSS minus the estimated buffers.
+
+    Meaningful for a CPU-only load (everything is in the process's RSS).
+    """
+    return max(0, rss_bytes - (footprint.total - footprint.overhead_bytes))
+
+
+def parse_buffer_sizes(log_text: str) -> dict[str, int]:
+    """Buffer sizes llama-server logs at load (``-lv 4`` or ``--verbose``), in bytes.
+
+    Keys are ``"{kind}.{device}"``: ``model.CPU_Mapped``, ``kv.CPU``, ``compute.CUDA0``,
+    ``output.CPU``, ``rs.CPU``... Several lines of one key (a sliding-window model has
+    two KV caches) are added up.
+    """
+    sizes: dict[str, int] = {}
+    for match in _BUFFER_LINE.finditer(log_text):
+        key = f"{match['kind'].lower()}.{match['device']}"
+        sizes[key] = sizes.get(key, 0) + round(float(match["mib"]) * MIB)
+    return sizes

@@ -1,0 +1,406 @@
+"""Live memory readings (NVML for NVIDIA GPUs, psutil for RAM) and the budget rule.
+
+A :class:`MemoryProbe` reads every device mmd may place models on. Without NVML
+(no NVIDIA driver, no GPU) it budgets system RAM only and says so once in the
+snapshot's notes. On macOS GPU and CPU share one pool, reported as a single
+"unified" device under the id ``"ram"`` so that RAM settings and RAM usage apply.
+
+:func:`compute_budgets` is pure: a snapshot, the operator's settings and what
+mmd's own children hold in, the bytes mmd may hold per device out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, TracebackType
+from typing import Any, Literal
+
+import psutil
+
+from mmd.units import GIB, MIB, parse_size
+
+log = logging.getLogger(__name__)
+
+RAM_ID = "ram"
+RAM_NOTE_SUFFIX = "budgeting system RAM only"
+APPLE_UNIFIED_NOTE = "Apple unified memory: GPU memory is budgeted as system RAM"
+
+DeviceKind = Literal["ram", "gpu", "unified"]
+BudgetMode = Literal["auto", "bytes", "percent"]
+
+
+def _no_processes() -> Mapping[int, int]:
+    return MappingProxyType({})
+
+
+def gpu_id(index: int) -> str:
+    """Device id of the GPU at NVML index ``index``."""
+    return f"gpu{index}"
+
+
+@dataclass(frozen=True)
+class DeviceReading:
+    id: str
+    kind: DeviceKind
+    name: str
+    total: int
+    free: int
+    used: int
+    # pid -> bytes on this device; left out of the hash since mappings are unhashable
+    process_bytes: Mapping[int, int] = field(default_factory=_no_processes, hash=False)
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    devices: tuple[DeviceReading, ...]
+    taken_at: float
+    notes: tuple[str, ...] = ()
+
+    def device(self, device_id: str) -> DeviceReading | None:
+        return next((d for d in self.devices if d.id == device_id), None)
+
+
+def read_ram(kind: Literal["ram", "unified"] = "ram") -> DeviceReading:
+    """System RAM from psutil; ``available`` (not ``free``) counts reclaimable cache."""
+    vm = psutil.virtual_memory()
+    name = "Unified memory (Apple)" if kind == "unified" else "System RAM"
+    free = min(int(vm.available), int(vm.total))
+    return DeviceReading(RAM_ID, kind, name, int(vm.total), free, int(vm.total) - free)
+
+
+class _Nvml:
+    """The NVML session: initialised once, then read under the probe's lock."""
+
+    def __init__(self) -> None:
+        import pynvml  # imported lazily: importing is cheap, but keep failures local
+
+        self._nvml: Any = pynvml
+        pynvml.nvmlInit()
+        try:
+            self.count = int(pynvml.nvmlDeviceGetCount())
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(self.count)]
+            self._names = [_as_text(pynvml.nvmlDeviceGetName(h)) for h in self._handles]
+        except BaseException:
+            pynvml.nvmlShutdown()
+            raise
+
+    def read(self, index: int) -> DeviceReading:
+        nvml = self._nvml
+        handle = self._handles[index]
+        try:
+            # v2 counts driver-reserved memory as not free, as nvidia-smi does.
+            info = nvml.nvmlDeviceGetMemoryInfo(handle, nvml.nvmlMemory_v2)
+        except nvml.NVMLError:
+            info = nvml.nvmlDeviceGetMemoryInfo(handle)
+        total, free = int(info.total), int(info.free)
+        return DeviceReading(
+            gpu_id(index),
+            "gpu",
+            self._names[index],
+            total,
+            free,
+            total - free,
+            MappingProxyType(self._process_bytes(handle)),
+        )
+
+    def _process_bytes(self, handle: Any) -> dict[int, int]:
+        nvml = self._nvml
+        usage: dict[int, int] = {}
+        for list_processes in (
+            nvml.nvmlDeviceGetComputeRunningProcesses,
+            nvml.nvmlDeviceGetGraphicsRunningProcesses,
+        ):
+            try:
+                processes = list_processes(handle)
+            except nvml.NVMLError:
+                continue
+            for proc in processes:
+                if proc.usedGpuMemory is None:  # not reported (e.g. some drivers)
+                    continue
+                # A process in both lists reports the same allocation twice: keep one.
+                usage[int(proc.pid)] = max(usage.get(int(proc.pid), 0), int(proc.usedGpuMemory))
+        return usage
+
+    def shutdown(self) -> None:
+        self._nvml.nvmlShutdown()
+
+
+def _as_text(value: str | bytes) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+class MemoryProbe:
+    """Reads devices; NVML initialised once; readings cached for ``max_age`` seconds.
+
+    ``system`` overrides ``platform.system()`` (to exercise the macOS branch
+    elsewhere); ``clock`` overrides ``time.monotonic`` for the cache.
+    """
+
+    def __init__(
+        self,
+        *,
+        use_nvml: bool = True,
+        max_age: float = 0.25,
+        system: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._use_nvml = use_nvml
+        self._max_age = max_age
+        self._apple = (system if system is not None else platform.system()) == "Darwin"
+        self._clock = clock
+        self._lock = threading.Lock()  # one NVML caller at a time; guards the cache
+        self._nvml: _Nvml | None = None
+        self._nvml_tried = False
+        self._setup_notes: tuple[str, ...] = ()
+        self._logged: set[str] = set()
+        self._cached: MemorySnapshot | None = None
+        self._inflight: asyncio.Task[MemorySnapshot] | None = None
+
+    def read(self) -> MemorySnapshot:
+        """A snapshot no older than ``max_age`` (blocking: NVML calls may take milliseconds)."""
+        with self._lock:
+            cached = self._fresh()
+            if cached is not None:
+                return cached
+            snapshot = self._take_snapshot()
+            self._cached = snapshot
+            return snapshot
+
+    async def read_async(self) -> MemorySnapshot:
+        """:meth:`read` in a worker thread; concurrent callers share one in-flight read."""
+        cached = self._fresh()
+        if cached is not None:
+            return cached
+        loop = asyncio.get_running_loop()
+        task = self._inflight
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = loop.create_task(asyncio.to_thread(self.read))
+            self._inflight = task
+        # Shielded: one caller being cancelled must not cancel the others' read.
+        return await asyncio.shield(task)
+
+    def process_usage(self, pid: int) -> dict[str, int]:
+        """Device id -> bytes held by ``pid`` and its descendants ({} once it has exited).
+
+        RAM is PSS where the kernel reports it (shared pages split fairly between
+        processes), else RSS; each GPU is NVML's per-process used memory.
+        """
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return {}
+        ram = sum(_process_ram(proc) for proc in tree)
+        pids = {proc.pid for proc in tree}
+        usage = {RAM_ID: ram}
+        for device in self.read().devices:
+            if device.kind == "gpu":
+                usage[device.id] = sum(device.process_bytes.get(p, 0) for p in pids)
+        return usage
+
+    async def process_usage_async(self, pid: int) -> dict[str, int]:
+        return await asyncio.to_thread(self.process_usage, pid)
+
+    def close(self) -> None:
+        """Shut NVML down; later reads budget RAM only."""
+        with self._lock:
+            self._cached = None
+            nvml, self._nvml = self._nvml, None
+            if nvml is not None or not self._nvml_tried:
+                self._setup_notes = (f"NVML closed: {RAM_NOTE_SUFFIX}",)
+            self._nvml_tried = True
+            if nvml is not None:
+                try:
+                    nvml.shutdown()
+                except Exception as exc:  # shutting down must not fail the daemon's exit
+                    log.debug("nvmlShutdown failed: %s", exc)
+
+    def __enter__(self) -> MemoryProbe:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _fresh(self) -> MemorySnapshot | None:
+        cached = self._cached
+        if cached is not None and self._clock() - cached.taken_at < self._max_age:
+            return cached
+        return None
+
+    def _take_snapshot(self) -> MemorySnapshot:
+        if self._apple:
+            return MemorySnapshot((read_ram("unified"),), self._clock(), (APPLE_UNIFIED_NOTE,))
+        nvml = self._nvml_session()
+        devices = [read_ram()]
+        notes = list(self._setup_notes)
+        if nvml is not None:
+            for index in range(nvml.count):
+                try:
+                    devices.append(nvml.read(index))
+                except Exception as exc:  # a lost GPU must not take the RAM budget down
+                    notes.append(self._note_once(f"{gpu_id(index)} unreadable ({exc}): skipped"))
+        return MemorySnapshot(tuple(devices), self._clock(), tuple(notes))
+
+    def _nvml_session(self) -> _Nvml | None:
+        if self._nvml_tried:
+            return self._nvml
+        self._nvml_tried = True
+        if not self._use_nvml:
+            reason = "NVML disabled"
+        else:
+            try:
+                session = _Nvml()
+            except Exception as exc:  # no driver, no library, no permission: all mean RAM only
+                reason = f"NVML unavailable ({exc})"
+            else:
+                if session.count > 0:
+                    self._nvml = session
+                    return session
+                session.shutdown()
+                reason = "NVML found no GPU"
+        self._setup_notes = (self._note_once(f"{reason}: {RAM_NOTE_SUFFIX}"),)
+        return None
+
+    def _note_once(self, note: str) -> str:
+        """Log each distinct note once; snapshots keep carrying it."""
+        if note not in self._logged:
+            self._logged.add(note)
+            log.info("%s", note)
+        return note
+
+
+def _process_ram(proc: psutil.Process) -> int:
+    try:
+        with proc.oneshot():
+            try:
+                pss = getattr(proc.memory_full_info(), "pss", None)
+            except psutil.AccessDenied:
+                pss = None
+            return int(pss) if pss is not None else int(proc.memory_info().rss)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0  # exited (or hidden) between listing and reading: it holds nothing of ours
+
+
+# ---------------------------------------------------------------------------
+# Budgets
+
+_PERCENT_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*%\s*$")
+
+
+def parse_budget_setting(text: str) -> tuple[BudgetMode, float]:
+    """``"auto"`` -> ("auto", 0); ``"90%"`` -> ("percent", 90); ``"20GiB"`` -> ("bytes", n)."""
+    cleaned = text.strip()
+    if cleaned.lower() == "auto":
+        return "auto", 0.0
+    if cleaned.startswith("-"):
+        raise ValueError(f"memory budget must not be negative: {text!r}")
+    if cleaned.endswith("%"):
+        match = _PERCENT_RE.match(cleaned)
+        if not match:
+            raise ValueError(f"not a percentage: {text!r} (use e.g. '90%')")
+        percent = float(match.group(1))
+        if percent > 100:
+            raise ValueError(f"memory budget must be at most 100%: {text!r}")
+        return "percent", percent
+    try:
+        return "bytes", float(parse_size(cleaned))
+    except ValueError:
+        raise ValueError(
+            f"not a memory budget: {text!r} (use 'auto', a percentage such as '90%' "
+            "or a size such as '20GiB')"
+        ) from None
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    gpu: str = "auto"
+    ram: str = "auto"
+    reserve_gpu: int = 512 * MIB  # kept free for the driver and CUDA context growth
+    reserve_ram: int = 1 * GIB  # kept free for the OS and everything not managed by mmd
+    alert_percent: float = 85.0
+
+    def __post_init__(self) -> None:
+        parse_budget_setting(self.gpu)
+        parse_budget_setting(self.ram)
+        if self.reserve_gpu < 0 or self.reserve_ram < 0:
+            raise ValueError("memory reserves must not be negative")
+        if not 0 < self.alert_percent <= 100:
+            raise ValueError(f"alert_percent must be in (0, 100]: {self.alert_percent}")
+
+    def for_kind(self, kind: str) -> tuple[str, int]:
+        """(budget setting, reserve) for a device kind; unified memory counts as RAM."""
+        if kind == "gpu":
+            return self.gpu, self.reserve_gpu
+        return self.ram, self.reserve_ram
+
+
+@dataclass(frozen=True)
+class DeviceBudgetView:
+    id: str
+    kind: str
+    name: str
+    total: int
+    budget: int
+    mmd_bytes: int
+    other_bytes: int
+    free: int
+
+    @property
+    def used_percent(self) -> float:
+        return 100.0 * (self.total - self.free) / self.total if self.total else 0.0
+
+
+def configured_cap(total: int, setting: str, reserve: int) -> int:
+    """The operator's cap on a device of ``total`` bytes, before live use is considered."""
+    mode, value = parse_budget_setting(setting)
+    if mode == "auto":
+        return max(0, total - reserve)
+    if mode == "percent":
+        return int(total * value / 100)
+    return int(value)
+
+
+def compute_budgets(
+    snapshot: MemorySnapshot, settings: BudgetSettings, mmd_usage: Mapping[str, int]
+) -> list[DeviceBudgetView]:
+    """Per device: min(configured cap, free + mmd's own holdings - reserve), floored at 0.
+
+    What mmd's children already hold counts as available to mmd (it can evict
+    them); memory held by anything else does not.
+    """
+    views = []
+    for device in snapshot.devices:
+        setting, reserve = settings.for_kind(device.kind)
+        mmd_bytes = max(0, mmd_usage.get(device.id, 0))
+        live = max(0, device.free + mmd_bytes - reserve)
+        budget = min(configured_cap(device.total, setting, reserve), live)
+        views.append(
+            DeviceBudgetView(
+                id=device.id,
+                kind=device.kind,
+                name=device.name,
+                total=device.total,
+                budget=budget,
+                mmd_bytes=mmd_bytes,
+                other_bytes=max(0, device.used - mmd_bytes),
+                free=device.free,
+            )
+        )
+    return views
+
+
+def devices_over_alert(views: list[DeviceBudgetView], settings: BudgetSettings) -> list[str]:
+    """Ids of devices whose total use has reached ``settings.alert_percent``."""
+    return [v.id for v in views if v.used_percent >= settings.alert_percent]

@@ -1,0 +1,359 @@
+"""Memory probes on this machine's real RAM, and the budget rule as a pure function."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mmd.memory import (
+    APPLE_UNIFIED_NOTE,
+    BudgetSettings,
+    DeviceReading,
+    MemoryProbe,
+    MemorySnapshot,
+    compute_budgets,
+    devices_over_alert,
+    parse_budget_setting,
+)
+from mmd.units import GIB, MIB
+
+
+def _nvml_works() -> bool:
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return False
+    pynvml.nvmlShutdown()
+    return True
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- readings ---------------------------------------------------------------
+
+
+def test_ram_reading_matches_psutil() -> None:
+    with MemoryProbe(use_nvml=False) as probe:
+        ram = probe.read().device("ram")
+    vm = psutil.virtual_memory()
+    assert ram is not None
+    assert (ram.kind, ram.name) == ("ram", "System RAM")
+    assert ram.total == vm.total
+    # Other processes on the machine move "available" between the two calls.
+    assert abs(ram.free - vm.available) < 0.1 * vm.total
+    assert ram.used == ram.total - ram.free
+    assert 0 < ram.free <= ram.total
+    assert dict(ram.process_bytes) == {}
+
+
+@pytest.mark.skipif(_nvml_works(), reason="NVML works here; the no-NVML path is not taken")
+def test_without_nvml_budgets_ram_only_with_one_note_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    caplog.set_level(logging.DEBUG, logger="mmd.memory")
+    with MemoryProbe(max_age=1.0, clock=clock) as probe:
+        snapshots = []
+        for _ in range(3):
+            snapshots.append(probe.read())
+            clock.now += 2.0  # past max_age: each read is a fresh one
+        usage = probe.process_usage(psutil.Process().pid)
+    assert len({id(s) for s in snapshots}) == 3
+    for snapshot in snapshots:
+        assert [d.id for d in snapshot.devices] == ["ram"]
+        assert len(snapshot.notes) == 1
+        assert snapshot.notes[0].startswith("NVML unavailable (")
+        assert snapshot.notes[0].endswith("budgeting system RAM only")
+    logged = [r.getMessage() for r in caplog.records if r.name == "mmd.memory"]
+    assert logged == [snapshots[0].notes[0]]
+    assert set(usage) == {"ram"}
+
+
+def test_nvml_disabled_says_so_once() -> None:
+    with MemoryProbe(use_nvml=False) as probe:
+        snapshot = probe.read()
+    assert snapshot.notes == ("NVML disabled: budgeting system RAM only",)
+    assert [d.kind for d in snapshot.devices] == ["ram"]
+
+
+def test_apple_reports_one_unified_device_from_psutil() -> None:
+    with MemoryProbe(system="Darwin") as probe:
+        snapshot = probe.read()
+    assert snapshot.notes == (APPLE_UNIFIED_NOTE,)
+    (device,) = snapshot.devices
+    assert (device.id, device.kind, device.name) == ("ram", "unified", "Unified memory (Apple)")
+    assert device.total == psutil.virtual_memory().total
+    # Unified memory takes the RAM settings, not the GPU ones.
+    settings = BudgetSettings(gpu="1%", ram="auto", reserve_ram=GIB)
+    (view,) = compute_budgets(MemorySnapshot((device,), 0.0), settings, {"ram": 0})
+    assert view.budget == max(0, device.free - GIB)
+
+
+def test_reads_within_max_age_share_one_snapshot() -> None:
+    clock = FakeClock()
+    with MemoryProbe(use_nvml=False, max_age=0.25, clock=clock) as probe:
+        first = probe.read()
+        clock.now += 0.1
+        assert probe.read() is first
+        clock.now += 0.2
+        second = probe.read()
+    assert second is not first
+    assert second.taken_at == clock.now
+
+
+def test_max_age_zero_reads_every_time() -> None:
+    with MemoryProbe(use_nvml=False, max_age=0.0) as probe:
+        assert probe.read() is not probe.read()
+
+
+async def test_concurrent_async_reads_share_one_in_flight_read() -> None:
+    with MemoryProbe(use_nvml=False, max_age=0.0) as probe:
+        results = await asyncio.gather(*(probe.read_async() for _ in range(8)))
+        later = await probe.read_async()
+    assert all(r is results[0] for r in results)
+    assert later is not results[0]
+
+
+async def test_cancelling_one_async_reader_leaves_the_others_their_result() -> None:
+    with MemoryProbe(use_nvml=False, max_age=0.0) as probe:
+        cancelled = asyncio.create_task(probe.read_async())
+        survivor = asyncio.create_task(probe.read_async())
+        await asyncio.sleep(0)  # both are now awaiting the same in-flight read
+        cancelled.cancel()
+        snapshot = await asyncio.wait_for(survivor, timeout=30)
+    assert cancelled.cancelled()
+    assert snapshot.device("ram") is not None
+
+
+async def test_async_read_returns_the_cached_snapshot() -> None:
+    with MemoryProbe(use_nvml=False, max_age=3600) as probe:
+        first = probe.read()
+        assert await probe.read_async() is first
+
+
+def test_read_after_close_still_budgets_ram() -> None:
+    probe = MemoryProbe()
+    probe.read()
+    probe.close()
+    probe.close()  # idempotent
+    snapshot = probe.read()
+    assert [d.id for d in snapshot.devices] == ["ram"]
+    assert len(snapshot.notes) == 1
+
+
+# --- per-process usage --------------------------------------------------------
+
+
+def test_process_usage_of_this_process() -> None:
+    with MemoryProbe(use_nvml=False) as probe:
+        usage = probe.process_usage(psutil.Process().pid)
+    assert set(usage) == {"ram"}
+    assert 0 < usage["ram"] <= psutil.virtual_memory().total
+
+
+@pytest.fixture
+def shell_with_two_sleeps() -> Iterator[psutil.Process]:
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
+    try:
+        shell = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        while len(shell.children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield shell
+    finally:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        proc.wait()
+
+
+def test_process_usage_of_a_child_and_its_descendants(
+    shell_with_two_sleeps: psutil.Process,
+) -> None:
+    sleeps = shell_with_two_sleeps.children()
+    assert len(sleeps) == 2
+    with MemoryProbe(use_nvml=False) as probe:
+        tree = probe.process_usage(shell_with_two_sleeps.pid)
+        per_sleep = [probe.process_usage(s.pid)["ram"] for s in sleeps]
+    assert all(ram > 0 for ram in per_sleep)
+    # The shell itself holds memory too, so its tree holds more than its children.
+    assert tree["ram"] > sum(per_sleep)
+
+
+def test_process_usage_of_an_exited_process_is_empty() -> None:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    with MemoryProbe(use_nvml=False) as probe:
+        assert probe.process_usage(proc.pid) == {}
+
+
+# --- budget settings ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("auto", ("auto", 0.0)),
+        (" AUTO ", ("auto", 0.0)),
+        ("90%", ("percent", 90.0)),
+        ("12.5 %", ("percent", 12.5)),
+        ("0%", ("percent", 0.0)),
+        ("100%", ("percent", 100.0)),
+        ("20GiB", ("bytes", float(20 * GIB))),
+        ("512MB", ("bytes", 512e6)),
+        ("0", ("bytes", 0.0)),
+    ],
+)
+def test_parse_budget_setting(text: str, expected: tuple[str, float]) -> None:
+    assert parse_budget_setting(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("-5GiB", "negative"),
+        ("-10%", "negative"),
+        ("101%", "at most 100%"),
+        ("abc%", "not a percentage"),
+        ("%", "not a percentage"),
+        ("lots", "not a memory budget"),
+        ("", "not a memory budget"),
+        ("20 GiBs", "not a memory budget"),
+    ],
+)
+def test_parse_budget_setting_rejects(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_budget_setting(text)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"gpu": "150%"}, {"ram": "huge"}, {"reserve_gpu": -1}, {"alert_percent": 0.0}],
+)
+def test_budget_settings_are_validated_up_front(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
+        BudgetSettings(**kwargs)  # type: ignore[arg-type]
+
+
+# --- compute_budgets ---------------------------------------------------------------
+
+GPU_TOTAL = 24 * GIB
+RAM_TOTAL = 64 * GIB
+
+
+def _gpu(free: int, *, index: int = 0, total: int = GPU_TOTAL) -> DeviceReading:
+    return DeviceReading(f"gpu{index}", "gpu", "Test GPU", total, free, total - free)
+
+
+def _ram(free: int, total: int = RAM_TOTAL) -> DeviceReading:
+    return DeviceReading("ram", "ram", "System RAM", total, free, total - free)
+
+
+@pytest.mark.parametrize(
+    ("setting", "free", "mmd_bytes", "expected"),
+    [
+        # auto: total minus the reserve when the card is empty
+        ("auto", GPU_TOTAL, 0, GPU_TOTAL - 512 * MIB),
+        # another process holds 8 GiB: that is not mmd's to take
+        ("auto", GPU_TOTAL - 8 * GIB, 0, GPU_TOTAL - 8 * GIB - 512 * MIB),
+        # mmd's own 6 GiB count as available (mmd can evict them); others hold 2 GiB
+        ("auto", GPU_TOTAL - 8 * GIB, 6 * GIB, GPU_TOTAL - 2 * GIB - 512 * MIB),
+        # percent of total, within what is live
+        ("50%", GPU_TOTAL, 0, 12 * GIB),
+        ("90%", 10 * GIB, 0, 10 * GIB - 512 * MIB),
+        ("0%", GPU_TOTAL, 0, 0),
+        # an absolute cap is the operator's choice: no reserve taken off it...
+        ("20GiB", GPU_TOTAL, 0, 20 * GIB),
+        # ...but still clamped by the live figure
+        ("20GiB", 10 * GIB, 4 * GIB, 14 * GIB - 512 * MIB),
+        ("100GiB", GPU_TOTAL, 0, GPU_TOTAL - 512 * MIB),
+        ("0", GPU_TOTAL, 0, 0),
+        # floors at zero when less than the reserve is free
+        ("auto", 256 * MIB, 0, 0),
+        ("20GiB", 0, 0, 0),
+    ],
+)
+def test_gpu_budget(setting: str, free: int, mmd_bytes: int, expected: int) -> None:
+    snapshot = MemorySnapshot((_gpu(free),), 0.0)
+    settings = BudgetSettings(gpu=setting, ram="1GiB")
+    (view,) = compute_budgets(snapshot, settings, {"gpu0": mmd_bytes})
+    assert view.budget == expected
+    assert view.mmd_bytes == mmd_bytes
+    assert view.other_bytes == GPU_TOTAL - free - mmd_bytes
+    assert (view.free, view.total) == (free, GPU_TOTAL)
+
+
+def test_each_device_takes_its_own_kind_of_setting_and_usage() -> None:
+    snapshot = MemorySnapshot(
+        (_ram(40 * GIB), _gpu(20 * GIB, index=0), _gpu(24 * GIB, index=1)), 0.0
+    )
+    settings = BudgetSettings(gpu="75%", ram="auto", reserve_gpu=GIB, reserve_ram=2 * GIB)
+    views = compute_budgets(snapshot, settings, {"ram": 4 * GIB, "gpu0": 2 * GIB})
+    assert [(v.id, v.kind) for v in views] == [("ram", "ram"), ("gpu0", "gpu"), ("gpu1", "gpu")]
+    ram, gpu0, gpu1 = views
+    assert ram.budget == 42 * GIB  # live 40 + 4 - 2 is below total 64 - 2
+    assert ram.other_bytes == 20 * GIB
+    assert gpu0.budget == 18 * GIB  # 75% of 24 = 18 < live 20 + 2 - 1
+    assert gpu1.budget == 18 * GIB
+    assert (gpu1.mmd_bytes, gpu1.other_bytes) == (0, 0)
+
+
+def test_reserve_is_configurable() -> None:
+    snapshot = MemorySnapshot((_gpu(GPU_TOTAL),), 0.0)
+    (view,) = compute_budgets(snapshot, BudgetSettings(reserve_gpu=0), {})
+    assert view.budget == GPU_TOTAL
+
+
+def test_alert_lists_devices_past_the_threshold() -> None:
+    snapshot = MemorySnapshot((_ram(8 * GIB), _gpu(2 * GIB)), 0.0)
+    views = compute_budgets(snapshot, BudgetSettings(alert_percent=90.0), {})
+    assert devices_over_alert(views, BudgetSettings(alert_percent=90.0)) == ["gpu0"]
+    assert devices_over_alert(views, BudgetSettings(alert_percent=85.0)) == ["ram", "gpu0"]
+
+
+sizes = st.integers(min_value=0, max_value=256 * GIB)
+
+
+@given(
+    total=st.integers(min_value=1, max_value=256 * GIB),
+    free_fraction=st.floats(min_value=0, max_value=1),
+    mmd_fraction=st.floats(min_value=0, max_value=1),
+    reserve=sizes,
+    setting=st.one_of(
+        st.just("auto"),
+        st.integers(min_value=0, max_value=100).map(lambda p: f"{p}%"),
+        sizes.map(str),
+    ),
+)
+def test_budget_never_exceeds_live_memory_or_the_cap(
+    total: int,
+    free_fraction: float,
+    mmd_fraction: float,
+    reserve: int,
+    setting: str,
+) -> None:
+    free = int(total * free_fraction)
+    mmd_bytes = int((total - free) * mmd_fraction)
+    snapshot = MemorySnapshot((_gpu(free, total=total),), 0.0)
+    settings = BudgetSettings(gpu=setting, reserve_gpu=reserve)
+    (view,) = compute_budgets(snapshot, settings, {"gpu0": mmd_bytes})
+    assert 0 <= view.budget <= max(0, free + mmd_bytes - reserve)
+    if setting == "auto":
+        assert view.budget <= total - reserve or view.budget == 0
+    assert view.other_bytes + view.mmd_bytes == total - free
