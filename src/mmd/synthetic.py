@@ -57,6 +57,11 @@ def write_model(
     def weights(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
+    def no_write_to_dim0(rows: int, cols: int) -> np.ndarray:
+        matrix = weights(rows, cols)
+        matrix[0, :] = 0.0
+        return matrix
+
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(str(path), "llama")
     writer.add_name(path.stem)
@@ -77,9 +82,18 @@ def write_model(
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
 
-    writer.add_tensor("token_embd.weight", weights(vocab, embedding))
+    # Every token embedding carries a constant in dimension 0, no layer writes to that
+    # dimension (row 0 of attn_output and ffn_down is zero), and the output row of the
+    # end-of-sequence token weighs it strongly negative: the model never ends a
+    # generation on its own, so a request for N tokens yields exactly N.
+    token_embd = weights(vocab, embedding)
+    token_embd[:, 0] = 1.0
+    output = weights(vocab, embedding)
+    output[:, 0] = 0.0
+    output[2, 0] = -1000.0
+    writer.add_tensor("token_embd.weight", token_embd)
     writer.add_tensor("output_norm.weight", np.ones(embedding, dtype=np.float32))
-    writer.add_tensor("output.weight", weights(vocab, embedding))
+    writer.add_tensor("output.weight", output)
     kv_dim = head_dim * kv_heads
     for i in range(blocks):
         prefix = f"blk.{i}"
@@ -87,11 +101,11 @@ def write_model(
         writer.add_tensor(f"{prefix}.attn_q.weight", weights(embedding, embedding))
         writer.add_tensor(f"{prefix}.attn_k.weight", weights(kv_dim, embedding))
         writer.add_tensor(f"{prefix}.attn_v.weight", weights(kv_dim, embedding))
-        writer.add_tensor(f"{prefix}.attn_output.weight", weights(embedding, embedding))
+        writer.add_tensor(f"{prefix}.attn_output.weight", no_write_to_dim0(embedding, embedding))
         writer.add_tensor(f"{prefix}.ffn_norm.weight", np.ones(embedding, dtype=np.float32))
         writer.add_tensor(f"{prefix}.ffn_gate.weight", weights(ff, embedding))
         writer.add_tensor(f"{prefix}.ffn_up.weight", weights(ff, embedding))
-        writer.add_tensor(f"{prefix}.ffn_down.weight", weights(embedding, ff))
+        writer.add_tensor(f"{prefix}.ffn_down.weight", no_write_to_dim0(embedding, ff))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
