@@ -19,6 +19,7 @@ from typing import Any
 
 from mmd.config import Config, ModelSpec, check_model_file
 from mmd.errors import ConfigError, MmdError, RuntimeFailed, StillBusy
+from mmd.events import AlertCrossed, EventBus, MemorySampled, ModelChanged, RequestFinished
 from mmd.footprint import Footprint, estimate, read_shape
 from mmd.memory import DeviceBudgetView, MemoryProbe, MemorySnapshot, compute_budgets
 from mmd.planner import DeviceBudget, Placement, Plan, Refusal
@@ -39,6 +40,9 @@ from mmd.scheduler import (
 from mmd.upstream import Final, InferParams, embed, stream_infer
 
 log = logging.getLogger("mmd.engine")
+
+# Load stages that are also model state changes (published to watchers).
+_STATE_STAGES = frozenset({"loading", "ready", "failed", "unloading", "unloaded"})
 
 # How long to wait for freed memory to show as free after an eviction.
 _SETTLE_TIMEOUT_S = 5.0
@@ -65,6 +69,18 @@ def describe_exit(status: int) -> str:
             name = f"signal {-status}"
         return f"killed by {name} (exit status {status})"
     return f"exited with status {status}"
+
+
+@dataclass
+class RequestRecord:
+    """Times (loop clock) and totals of one request, for its reply and its event."""
+
+    arrived: float
+    admitted: float = 0.0
+    load_ms: float = 0.0
+    first_token: float = 0.0
+    prompt_tokens: int = 0
+    final: Final | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,8 @@ class Engine:
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.progress: dict[str, list[asyncio.Queue[LoadStage]]] = {}
         self.budgets: list[DeviceBudgetView] = []
+        self.events = EventBus()
+        self._above_alert: set[str] = set()
         self.snapshot: MemorySnapshot | None = None
         self.started = time.time()
         self._background: set[asyncio.Task[Any]] = set()
@@ -177,9 +195,18 @@ class Engine:
         self._apply(self.core.idle_check(model_id, self.now()))
 
     def _notify(self, model_id: str, stage: str, message: str) -> None:
+        """Report a load stage to waiting clients and a state change to watchers."""
         log.info("%s: %s %s", model_id, stage, message)
         for queue in self.progress.get(model_id, []):
             queue.put_nowait(LoadStage(stage, message))
+        if stage in _STATE_STAGES:
+            reason, _, beneficiary = message.partition(" for ")
+            if stage in ("loading", "ready"):
+                reason, beneficiary = "load", ""
+            detail = message if stage == "failed" else ""
+            if stage == "failed":
+                reason = "load failed"
+            self.events.publish(ModelChanged(model_id, stage, reason, beneficiary, detail))
 
     async def _run_load(self, model_id: str, placement: Placement, after: tuple[str, ...]) -> None:
         entry = self.core.models[model_id]
@@ -270,6 +297,7 @@ class Engine:
         self.servers.pop(model_id, None)
         description = describe_exit(status)
         log.error("model %s: llama-server %s", model_id, description)
+        self.events.publish(ModelChanged(model_id, "failed", "crashed", detail=description))
         await server.stop(0.1)
         self._apply(self.core.crashed(model_id, self.now(), description))
 
@@ -316,6 +344,25 @@ class Engine:
                 log.exception("memory sampling failed")
                 continue
             self._apply(self.core.pump(self.now()))
+            self._publish_memory()
+
+    def _publish_memory(self) -> None:
+        views = tuple(self.budgets)
+        self.events.publish(MemorySampled(views, self.core.active_total, self.core.queued_total))
+        threshold = self.config.budget.alert_percent
+        for view in views:
+            # Against the budget: the share of what mmd may use that is in use.
+            used = 100.0 * (view.total - view.free) / view.total if view.total else 0.0
+            above = used >= threshold
+            if above == (view.id in self._above_alert):
+                continue
+            if above:
+                self._above_alert.add(view.id)
+                log.warning("%s memory at %.0f%% (alert at %.0f%%)", view.id, used, threshold)
+            else:
+                self._above_alert.discard(view.id)
+                log.info("%s memory back below %.0f%%", view.id, threshold)
+            self.events.publish(AlertCrossed(view.id, used, threshold, above))
 
     # --- requests ---------------------------------------------------------------------
 
@@ -346,30 +393,72 @@ class Engine:
     @contextlib.asynccontextmanager
     async def _slot(
         self, model_id: str, kind: Kind, keep_alive: float | None
-    ) -> AsyncIterator[tuple[int, LlamaServer]]:
-        ticket = await self._admit(model_id, kind, keep_alive)
-        task = asyncio.current_task()
-        assert task is not None
-        self.running[ticket] = (model_id, task)
+    ) -> AsyncIterator[tuple[LlamaServer, RequestRecord]]:
+        """Admission, then the running request; always accounted and published."""
+        record = RequestRecord(arrived=self.now())
+        ticket = 0
+        status, error = "ok", ""
         try:
+            self.core.entry(model_id)  # unknown ids fail before anything is counted
+            was_ready = self.core.models[model_id].state == State.READY
+            ticket = await self._admit(model_id, kind, keep_alive)
+            record.admitted = self.now()
+            if not was_ready:
+                record.load_ms = (record.admitted - record.arrived) * 1000
+            task = asyncio.current_task()
+            assert task is not None
+            self.running[ticket] = (model_id, task)
             server = self.servers[model_id]
             try:
-                yield ticket, server
+                yield server, record
             except asyncio.CancelledError:
-                error = self.aborts.pop(ticket, None)
-                if error is None:
+                abort = self.aborts.pop(ticket, None)
+                if abort is None:
                     raise
                 task.uncancel()
-                raise error from None
+                raise abort from None
             except RuntimeFailed:
-                error = self.aborts.pop(ticket, None) or await self._crash_error(model_id, server)
-                if error is None:
+                abort = self.aborts.pop(ticket, None) or await self._crash_error(model_id, server)
+                if abort is None:
                     raise
-                raise error from None
+                raise abort from None
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except MmdError as err:
+            status, error = err.code.name, err.message
+            raise
+        except Exception as err:
+            status, error = "INTERNAL", str(err)
+            raise
         finally:
-            self.running.pop(ticket, None)
-            self.aborts.pop(ticket, None)
-            self._apply(self.core.request_done(ticket, self.now()))
+            if ticket:
+                self.running.pop(ticket, None)
+                self.aborts.pop(ticket, None)
+                if record.admitted:
+                    self._apply(self.core.request_done(ticket, self.now()))
+            if model_id in self.core.models:
+                self._publish_request(model_id, kind, record, status, error)
+
+    def _publish_request(
+        self, model_id: str, kind: Kind, record: RequestRecord, status: str, error: str
+    ) -> None:
+        end = self.now()
+        final = record.final
+        self.events.publish(
+            RequestFinished(
+                model_id=model_id,
+                kind=kind.value,
+                status=status,
+                queue_ms=((record.admitted or end) - record.arrived) * 1000,
+                first_token_ms=((record.first_token or end) - record.arrived) * 1000,
+                total_ms=(end - record.arrived) * 1000,
+                prompt_tokens=final.prompt_tokens if final else record.prompt_tokens,
+                completion_tokens=final.completion_tokens if final else 0,
+                tokens_per_second=final.generation_per_second if final else 0.0,
+                error=error,
+            )
+        )
 
     async def _crash_error(self, model_id: str, server: LlamaServer) -> MmdError | None:
         """When a stream broke because the child died, an error that says how it died."""
@@ -382,15 +471,27 @@ class Engine:
     async def infer(
         self, model_id: str, params: InferParams, keep_alive: float | None = None
     ) -> AsyncIterator[str | Final]:
-        async with self._slot(model_id, Kind.INFER, keep_alive) as (_, server):
+        """Text pieces as they arrive, then a Final with totals and timings."""
+        async with self._slot(model_id, Kind.INFER, keep_alive) as (server, record):
             async for item in stream_infer(server.client, model_id, params):
+                now = self.now()
+                if isinstance(item, Final):
+                    item.queue_ms = (record.admitted - record.arrived) * 1000
+                    item.load_ms = record.load_ms
+                    item.first_token_ms = ((record.first_token or now) - record.arrived) * 1000
+                    item.total_ms = (now - record.arrived) * 1000
+                    record.final = item
+                elif not record.first_token:
+                    record.first_token = now
                 yield item
 
     async def embed(
         self, model_id: str, inputs: Sequence[str], keep_alive: float | None = None
     ) -> tuple[list[list[float]], int]:
-        async with self._slot(model_id, Kind.EMBED, keep_alive) as (_, server):
-            return await embed(server.client, model_id, inputs)
+        async with self._slot(model_id, Kind.EMBED, keep_alive) as (server, record):
+            vectors, tokens = await embed(server.client, model_id, inputs)
+            record.prompt_tokens = tokens
+            return vectors, tokens
 
     async def load(
         self, model_id: str, gpu_layers: int | None, report: Callable[[LoadStage], None]

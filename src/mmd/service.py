@@ -17,6 +17,8 @@ from mmd.errors import ERROR_KIND_KEY, InvalidRequest, MmdError
 from mmd.footprint import Footprint
 from mmd.planner import Placement, Plan
 from mmd.scheduler import ModelEntry, State
+from mmd.service_admin import AdminService
+from mmd.service_watch import WatchService
 from mmd.upstream import Final, InferParams
 from mmd.v1 import mmd_pb2 as pb
 from mmd.v1 import mmd_pb2_grpc
@@ -138,7 +140,7 @@ def _require_id(model_id: str) -> str:
     return model_id
 
 
-class ModelManager(mmd_pb2_grpc.ModelManagerServicer):
+class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
@@ -187,27 +189,24 @@ class ModelManager(mmd_pb2_grpc.ModelManagerServicer):
         model_id = _require_id(request.model_id)
         params = self._infer_params(request)
         keep_alive = request.keep_alive_seconds if request.HasField("keep_alive_seconds") else None
-        arrived = time.monotonic()
-        first: float | None = None
         async for item in self.engine.infer(model_id, params, keep_alive):
             if isinstance(item, Final):
-                end = time.monotonic()
                 yield pb.InferChunk(
                     done=pb.InferDone(
                         finish_reason=item.finish_reason,
                         prompt_tokens=item.prompt_tokens,
                         completion_tokens=item.completion_tokens,
                         timings=pb.Timings(
-                            first_token_ms=((first or end) - arrived) * 1000,
-                            total_ms=(end - arrived) * 1000,
+                            queue_ms=item.queue_ms,
+                            load_ms=item.load_ms,
+                            first_token_ms=item.first_token_ms,
+                            total_ms=item.total_ms,
                             prompt_tokens_per_second=item.prompt_per_second,
                             generation_tokens_per_second=item.generation_per_second,
                         ),
                     )
                 )
             else:
-                if first is None:
-                    first = time.monotonic()
                 yield pb.InferChunk(text=item)
 
     def _infer_params(self, request: pb.InferRequest) -> InferParams:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -39,7 +39,11 @@ class Final:
     completion_tokens: int = 0
     prompt_per_second: float = 0.0
     generation_per_second: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Filled in by the engine: milliseconds from the request's arrival.
+    queue_ms: float = 0.0
+    load_ms: float = 0.0
+    first_token_ms: float = 0.0
+    total_ms: float = 0.0
 
 
 def _completion_body(params: InferParams) -> dict[str, Any]:

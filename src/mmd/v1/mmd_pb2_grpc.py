@@ -69,6 +69,21 @@ class ModelManagerStub:
                 request_serializer=mmd_dot_v1_dot_mmd__pb2.PlanLoadRequest.SerializeToString,
                 response_deserializer=mmd_dot_v1_dot_mmd__pb2.LoadPlan.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/mmd.v1.ModelManager/Watch',
+                request_serializer=mmd_dot_v1_dot_mmd__pb2.WatchRequest.SerializeToString,
+                response_deserializer=mmd_dot_v1_dot_mmd__pb2.Event.FromString,
+                _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/mmd.v1.ModelManager/Logs',
+                request_serializer=mmd_dot_v1_dot_mmd__pb2.LogsRequest.SerializeToString,
+                response_deserializer=mmd_dot_v1_dot_mmd__pb2.LogLines.FromString,
+                _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/mmd.v1.ModelManager/Reload',
+                request_serializer=mmd_dot_v1_dot_mmd__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=mmd_dot_v1_dot_mmd__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class ModelManagerServicer:
@@ -123,6 +138,28 @@ class ModelManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """A snapshot, then events as they happen: model state changes, finished requests,
+        memory samples, alerts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logs(self, request, context):
+        """A model's llama-server log: the last lines, then (with follow) new lines as written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reload(self, request, context):
+        """Re-read the config file: add, remove and change models without restarting running ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +197,21 @@ def add_ModelManagerServicer_to_server(servicer, server):
                     servicer.PlanLoad,
                     request_deserializer=mmd_dot_v1_dot_mmd__pb2.PlanLoadRequest.FromString,
                     response_serializer=mmd_dot_v1_dot_mmd__pb2.LoadPlan.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=mmd_dot_v1_dot_mmd__pb2.WatchRequest.FromString,
+                    response_serializer=mmd_dot_v1_dot_mmd__pb2.Event.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=mmd_dot_v1_dot_mmd__pb2.LogsRequest.FromString,
+                    response_serializer=mmd_dot_v1_dot_mmd__pb2.LogLines.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=mmd_dot_v1_dot_mmd__pb2.ReloadRequest.FromString,
+                    response_serializer=mmd_dot_v1_dot_mmd__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +403,87 @@ class ModelManager:
             '/mmd.v1.ModelManager/PlanLoad',
             mmd_dot_v1_dot_mmd__pb2.PlanLoadRequest.SerializeToString,
             mmd_dot_v1_dot_mmd__pb2.LoadPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mmd.v1.ModelManager/Watch',
+            mmd_dot_v1_dot_mmd__pb2.WatchRequest.SerializeToString,
+            mmd_dot_v1_dot_mmd__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mmd.v1.ModelManager/Logs',
+            mmd_dot_v1_dot_mmd__pb2.LogsRequest.SerializeToString,
+            mmd_dot_v1_dot_mmd__pb2.LogLines.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmd.v1.ModelManager/Reload',
+            mmd_dot_v1_dot_mmd__pb2.ReloadRequest.SerializeToString,
+            mmd_dot_v1_dot_mmd__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

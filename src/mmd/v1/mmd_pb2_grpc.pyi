@@ -47,6 +47,14 @@ class ModelManagerStub:
     """Memory budget and use, loaded models, active and queued requests."""
     PlanLoad: _grpc.UnaryUnaryMultiCallable[_mmd_pb2.PlanLoadRequest, _mmd_pb2.LoadPlan]
     """What loading a model would do now (placement, footprint, evictions), without doing it."""
+    Watch: _grpc.UnaryStreamMultiCallable[_mmd_pb2.WatchRequest, _mmd_pb2.Event]
+    """A snapshot, then events as they happen: model state changes, finished requests,
+    memory samples, alerts.
+    """
+    Logs: _grpc.UnaryStreamMultiCallable[_mmd_pb2.LogsRequest, _mmd_pb2.LogLines]
+    """A model's llama-server log: the last lines, then (with follow) new lines as written."""
+    Reload: _grpc.UnaryUnaryMultiCallable[_mmd_pb2.ReloadRequest, _mmd_pb2.ReloadResponse]
+    """Re-read the config file: add, remove and change models without restarting running ones."""
 
 @_typing.type_check_only
 class ModelManagerAsyncStub(ModelManagerStub):
@@ -65,6 +73,14 @@ class ModelManagerAsyncStub(ModelManagerStub):
     """Memory budget and use, loaded models, active and queued requests."""
     PlanLoad: _aio.UnaryUnaryMultiCallable[_mmd_pb2.PlanLoadRequest, _mmd_pb2.LoadPlan]  # type: ignore[assignment]
     """What loading a model would do now (placement, footprint, evictions), without doing it."""
+    Watch: _aio.UnaryStreamMultiCallable[_mmd_pb2.WatchRequest, _mmd_pb2.Event]  # type: ignore[assignment]
+    """A snapshot, then events as they happen: model state changes, finished requests,
+    memory samples, alerts.
+    """
+    Logs: _aio.UnaryStreamMultiCallable[_mmd_pb2.LogsRequest, _mmd_pb2.LogLines]  # type: ignore[assignment]
+    """A model's llama-server log: the last lines, then (with follow) new lines as written."""
+    Reload: _aio.UnaryUnaryMultiCallable[_mmd_pb2.ReloadRequest, _mmd_pb2.ReloadResponse]  # type: ignore[assignment]
+    """Re-read the config file: add, remove and change models without restarting running ones."""
 
 class ModelManagerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -122,5 +138,31 @@ class ModelManagerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mmd_pb2.LoadPlan, _abc.Awaitable[_mmd_pb2.LoadPlan]]:
         """What loading a model would do now (placement, footprint, evictions), without doing it."""
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _mmd_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_mmd_pb2.Event], _abc.AsyncIterator[_mmd_pb2.Event]]:
+        """A snapshot, then events as they happen: model state changes, finished requests,
+        memory samples, alerts.
+        """
+
+    @_abc_1.abstractmethod
+    def Logs(
+        self,
+        request: _mmd_pb2.LogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_mmd_pb2.LogLines], _abc.AsyncIterator[_mmd_pb2.LogLines]]:
+        """A model's llama-server log: the last lines, then (with follow) new lines as written."""
+
+    @_abc_1.abstractmethod
+    def Reload(
+        self,
+        request: _mmd_pb2.ReloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mmd_pb2.ReloadResponse, _abc.Awaitable[_mmd_pb2.ReloadResponse]]:
+        """Re-read the config file: add, remove and change models without restarting running ones."""
 
 def add_ModelManagerServicer_to_server(servicer: ModelManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
