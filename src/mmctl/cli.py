@@ -11,7 +11,7 @@ import grpc
 import typer
 from typer.core import TyperGroup
 
-from mmctl import render
+from mmctl import observe, render, top
 from mmctl.client import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -464,6 +464,17 @@ def plan(
         raise typer.Exit(EXIT_NO_ROOM)
 
 
+app.command()(observe.events)
+app.command()(observe.logs)
+app.command()(top.top)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+# Commands defined in their own modules, attached to the same app.
+from mmctl import admin  # noqa: E402
+
+admin.register(app)

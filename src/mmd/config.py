@@ -8,6 +8,7 @@ and what is wrong.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -17,11 +18,41 @@ from typing import Any
 
 from mmd import paths
 from mmd.errors import ConfigError
-from mmd.footprint import is_gguf
+from mmd.footprint import GGUFError, is_gguf, read_shape
 from mmd.memory import BudgetSettings, parse_budget_setting
 from mmd.units import MIB, parse_duration, parse_size
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# A registry is a few KiB; anything this large is a mistake (or hostile), refused unread.
+MAX_CONFIG_BYTES = MIB
+
+# sun_path holds 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+
+# llama-server options that mmd sets itself from the plan and the registry: a model's
+# ``args`` overriding them would break the placement or mmd's connection to the child.
+_MMD_OWNED_FLAGS = {
+    "-m": "path",
+    "--model": "path",
+    "--host": "(mmd's private socket)",
+    "--port": "(mmd's private socket)",
+    "-c": "ctx",
+    "--ctx-size": "ctx",
+    "-np": "parallel",
+    "--parallel": "parallel",
+    "-ngl": "gpu_layers",
+    "--gpu-layers": "gpu_layers",
+    "--n-gpu-layers": "gpu_layers",
+    "-ts": "(mmd's placement)",
+    "--tensor-split": "(mmd's placement)",
+    "-fit": "(mmd's placement)",
+    "--fit": "(mmd's placement)",
+    "-a": "(the model id)",
+    "--alias": "(the model id)",
+    "--embedding": "embedding",
+    "--embeddings": "embedding",
+}
 
 
 @dataclass(frozen=True)
@@ -73,11 +104,29 @@ class SchedulerSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    # "HOST:PORT" or a bare port (loopback) for the Prometheus endpoint; None: off.
+    listen: str | None = None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """ "127.0.0.1:9464", "[::1]:9464", "0.0.0.0:9464", or "9464" (loopback) -> (host, port)."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected HOST:PORT or a port number, got {text!r}")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path | None
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     models: Mapping[str, ModelSpec] = field(default_factory=dict)
 
 
@@ -110,9 +159,18 @@ def _bool(value: Any) -> bool:
 def _size(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value < 0:
         raise ValueError(f"size must not be negative: {value}")
+    if isinstance(value, str) and value.strip().startswith("-"):
+        raise ValueError(f"size must not be negative: {value!r}")
     if not isinstance(value, str | int) or isinstance(value, bool):
         raise ValueError(f"expected a size such as '8GiB', got {value!r}")
     return parse_size(value)
+
+
+def _positive_size(value: Any) -> int:
+    size = _size(value)
+    if size <= 0:
+        raise ValueError(f"must be more than 0 bytes, got {value!r}")
+    return size
 
 
 def _duration(value: Any) -> float:
@@ -125,6 +183,13 @@ def _positive_duration(value: Any) -> float:
     seconds = _duration(value)
     if seconds <= 0:
         raise ValueError(f"must be positive, got {value!r}")
+    return seconds
+
+
+def _non_negative_duration(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds < 0:
+        raise ValueError(f"must not be negative, got {value!r}")
     return seconds
 
 
@@ -158,19 +223,46 @@ def _gpu_layers(value: Any) -> int | None:
 def _args(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
         raise ValueError(f"expected a list of strings, got {value!r}")
+    for arg in value:
+        flag = arg.split("=", 1)[0]
+        if flag in _MMD_OWNED_FLAGS:
+            instead = _MMD_OWNED_FLAGS[flag]
+            hint = f"set the model's {instead} key" if not instead.startswith("(") else instead
+            raise ValueError(f"{flag} is set by mmd and cannot be overridden here: {hint}")
     return tuple(value)
 
 
+def _non_empty_str(value: Any) -> str:
+    text = _str(value)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _path(value: Any) -> Path:
+    return Path(_non_empty_str(value)).expanduser()
+
+
+def check_socket_path(path: Path, where: str) -> None:
+    """Raise ConfigError when ``path`` is too long to bind as a Unix socket."""
+    size = len(os.fsencode(path.absolute()))
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"{where}: socket path {path} is {size} bytes; a Unix socket path holds at most "
+            f"{MAX_SOCKET_PATH_BYTES}"
+        )
+
+
 _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
-    "socket": lambda v: Path(_str(v)),
-    "llama_server": _str,
-    "state_dir": lambda v: Path(_str(v)),
-    "log_dir": lambda v: Path(_str(v)),
+    "socket": _path,
+    "llama_server": _non_empty_str,
+    "state_dir": _path,
+    "log_dir": _path,
     "load_timeout": _positive_duration,
     "stop_grace": _positive_duration,
     "drain_timeout": _positive_duration,
     "unload_timeout": _positive_duration,
-    "max_prompt_bytes": _size,
+    "max_prompt_bytes": _positive_size,
 }
 _BUDGET_KEYS: dict[str, Callable[[Any], Any]] = {
     "gpu": _budget,
@@ -179,17 +271,26 @@ _BUDGET_KEYS: dict[str, Callable[[Any], Any]] = {
     "reserve_ram": _size,
     "alert_percent": _percent,
 }
+
+
+def _listen(value: Any) -> str:
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else _str(value)
+    parse_listen(text)
+    return text
+
+
+_METRICS_KEYS: dict[str, Callable[[Any], Any]] = {"listen": _listen}
 _SCHEDULER_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_concurrent": _int(1, 4096),
     "max_queue": _int(0, 1_000_000),
     "min_headroom": _size,
     "autoload": _bool,
     "default_keep_alive": _keep_alive,
-    "min_residency": _duration,
+    "min_residency": _non_negative_duration,
     "swap_batch": _int(1, 1_000_000),
 }
 _MODEL_KEYS: dict[str, Callable[[Any], Any]] = {
-    "path": _str,
+    "path": _non_empty_str,
     "role": _str,
     "ctx": _int(64, 4_194_304),
     "parallel": _int(1, 256),
@@ -198,7 +299,7 @@ _MODEL_KEYS: dict[str, Callable[[Any], Any]] = {
     "keep_alive": _keep_alive,
     "embedding": _bool,
     "args": _args,
-    "memory": _size,
+    "memory": _positive_size,
     "preload": _bool,
 }
 
@@ -225,7 +326,8 @@ def _model(source: str, base_dir: Path, model_id: str, raw: Any) -> ModelSpec:
     name = f"models.{model_id}"
     if not MODEL_ID_RE.match(model_id):
         raise ConfigError(
-            f"{source}: [{name}]: model id must be 1-64 letters, digits, '.', '_' or '-'"
+            f"{source}: [{name}]: model id must be 1-64 letters, digits, '.', '_' or '-' "
+            "and start with a letter or digit"
         )
     values = _table(source, name, raw, _MODEL_KEYS)
     if "path" not in values:
@@ -233,45 +335,72 @@ def _model(source: str, base_dir: Path, model_id: str, raw: Any) -> ModelSpec:
     path = Path(values.pop("path")).expanduser()
     if not path.is_absolute():
         path = base_dir / path
-    check_model_file(path, f"{source}: {name}.path")
-    if values.get("embedding") and values.get("parallel", 1) < 1:
-        raise ConfigError(f"{source}: {name}.parallel: must be >= 1")
+    where = f"{source}: {name}.path"
+    check_model_file(path, where)
+    try:
+        read_shape(path)  # the header must be readable now, not at the first request
+    except GGUFError as err:
+        raise ConfigError(f"{where}: {err}") from None
     return ModelSpec(id=model_id, path=path, **values)
 
 
 def check_model_file(path: Path, where: str) -> None:
-    """Raise ConfigError unless ``path`` is a readable GGUF file."""
+    """Raise ConfigError unless ``path`` is a readable file that starts like a GGUF file."""
     if not path.exists():
         hint = " (a symlink to nowhere)" if path.is_symlink() else ""
         raise ConfigError(f"{where}: {path} does not exist{hint}")
     if path.is_dir():
         raise ConfigError(f"{where}: {path} is a directory, not a GGUF file")
     try:
-        ok = is_gguf(path)
+        with path.open("rb") as handle:
+            magic = handle.read(4)
     except OSError as err:
         raise ConfigError(f"{where}: {path} cannot be read: {err.strerror}") from None
-    if not ok:
+    if not magic:
+        raise ConfigError(f"{where}: {path} is empty, not a GGUF file")
+    if not is_gguf(path):
         raise ConfigError(f"{where}: {path} is not a GGUF file")
 
 
-def parse_config(text: str, source: Path | None) -> Config:
-    """Parse and validate config text. ``source`` names the file in errors and anchors
-    relative model paths."""
-    where = str(source) if source else "<config>"
+def _parse_toml(text: str, where: str) -> dict[str, Any]:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{where}: config is {len(text)} characters; the limit is {MAX_CONFIG_BYTES}"
+        )
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         message = str(err)
         if "Cannot declare" in message or "overwrite" in message.lower():
             message += " (a duplicate model id or key?)"
         raise ConfigError(f"{where}: invalid TOML: {message}") from None
-    known_tables = {"daemon", "budget", "scheduler", "models"}
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid TOML: values nested too deeply") from None
+
+
+def _daemon_settings(where: str, base_dir: Path, raw: Any) -> DaemonSettings:
+    values = _table(where, "daemon", raw, _DAEMON_KEYS)
+    for key in ("socket", "state_dir", "log_dir"):
+        if key in values and not values[key].is_absolute():
+            values[key] = base_dir / values[key]
+    if "socket" in values:
+        check_socket_path(values["socket"], f"{where}: daemon.socket")
+    return DaemonSettings(**values)
+
+
+def parse_config(text: str, source: Path | None) -> Config:
+    """Parse and validate config text. ``source`` names the file in errors and anchors
+    relative paths (models, socket, state and log directories)."""
+    where = str(source) if source else "<config>"
+    raw = _parse_toml(text, where)
+    known_tables = {"daemon", "budget", "scheduler", "metrics", "models"}
     for key in raw:
         if key not in known_tables:
             raise ConfigError(
                 f"{where}: {key}: unknown key (known tables: {', '.join(sorted(known_tables))})"
             )
-    daemon = DaemonSettings(**_table(where, "daemon", raw.get("daemon", {}), _DAEMON_KEYS))
+    base_dir = source.parent if source else Path.cwd()
+    daemon = _daemon_settings(where, base_dir, raw.get("daemon", {}))
     budget = BudgetSettings(**_table(where, "budget", raw.get("budget", {}), _BUDGET_KEYS))
     scheduler = SchedulerSettings(
         **_table(where, "scheduler", raw.get("scheduler", {}), _SCHEDULER_KEYS)
@@ -279,20 +408,39 @@ def parse_config(text: str, source: Path | None) -> Config:
     models_raw = raw.get("models", {})
     if not isinstance(models_raw, dict):
         raise ConfigError(f"{where}: [models] must be a table of [models.<id>] tables")
-    base_dir = source.parent if source else Path.cwd()
     models: dict[str, ModelSpec] = {}
+    by_folded_id: dict[str, str] = {}
     for model_id, model_raw in models_raw.items():
-        spec = _model(where, base_dir, model_id, model_raw)
-        if model_id.lower() in (m.lower() for m in models):
-            raise ConfigError(f"{where}: models.{model_id}: duplicate model id (ids ignore case)")
-        models[model_id] = spec
-    return Config(source=source, daemon=daemon, budget=budget, scheduler=scheduler, models=models)
+        earlier = by_folded_id.get(model_id.lower())
+        if earlier is not None:
+            raise ConfigError(
+                f"{where}: models.{model_id}: duplicate model id: differs from "
+                f"models.{earlier} only in case (ids ignore case)"
+            )
+        by_folded_id[model_id.lower()] = model_id
+        models[model_id] = _model(where, base_dir, model_id, model_raw)
+    metrics = MetricsSettings(**_table(where, "metrics", raw.get("metrics", {}), _METRICS_KEYS))
+    return Config(
+        source=source,
+        daemon=daemon,
+        budget=budget,
+        scheduler=scheduler,
+        metrics=metrics,
+        models=models,
+    )
 
 
 def find_config(explicit: Path | None) -> Path | None:
-    """The config file to use, or None when none exists (an explicit path must exist)."""
+    """The config file to use, or None when none exists.
+
+    ``--config`` and ``$MMD_CONFIG`` must name an existing file; the XDG and system
+    locations are used only when present.
+    """
     if explicit is not None:
         return explicit
+    from_env = os.environ.get(paths.CONFIG_ENV)
+    if from_env:
+        return Path(from_env)
     for candidate in paths.config_candidates():
         if candidate.is_file():
             return candidate
@@ -305,13 +453,24 @@ def load_config(explicit: Path | None = None) -> Config:
     if source is None:
         return Config(source=None)
     try:
-        text = source.read_bytes().decode("utf-8")
+        with source.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file does not exist") from None
     except IsADirectoryError:
         raise ConfigError(f"{source}: is a directory, not a config file") from None
     except PermissionError:
         raise ConfigError(f"{source}: permission denied") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{source}: not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot be read: {err.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{source}: config file is larger than {MAX_CONFIG_BYTES} bytes; refused unread"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{source}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
     return parse_config(text, source.resolve())

@@ -17,7 +17,7 @@ import signal
 import stat
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +28,8 @@ from mmd.config import Config, load_config
 from mmd.engine import Engine, footprint_for
 from mmd.errors import ConfigError, MmdError
 from mmd.memory import MemoryProbe
+from mmd.metrics import start_metrics
+from mmd.reload import reload_config
 from mmd.runtime import probe_binary, resolve_llama_server
 from mmd.sdnotify import Notifier, run_watchdog
 from mmd.service import ModelManager
@@ -97,6 +99,7 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
         supports_fit="--fit" in options,
         footprints=footprints,
     )
+    metrics = await start_metrics(engine, config.metrics.listen)
     await engine.start()
     server = grpc.aio.server(
         options=[
@@ -137,13 +140,37 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def start_task(coro: Any) -> asyncio.Task[Any]:
+        task = loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    async def reload_on_signal() -> None:
+        try:
+            await reload_config(engine)
+        except ConfigError as err:
+            log.error("reload refused, the old config stays in force: %s", err)
+        except Exception:
+            log.exception("reload failed, the old config stays in force")
+
+    def on_reload_signal() -> None:
+        log.info("SIGHUP: reloading %s", config.source or "the config")
+        start_task(reload_on_signal())
+
+    loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
     watchdog = loop.create_task(run_watchdog(notifier, stop))
     count = len(config.models)
     notifier.ready(f"serving {sock} with {count} models")
     log.info("mmd %s serving on %s (%d models)", __version__, sock, count)
+    start_task(_preload_and_report(engine, notifier))
     try:
         await stop.wait()
     finally:
+        for task in list(tasks):
+            task.cancel()  # preloads and reloads: nothing new starts from here
         notifier.stopping("draining requests")
         for name in ("", service_names[0]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -152,12 +179,29 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
         server_stopped = loop.create_task(server.stop(drain + config.daemon.stop_grace))
         await engine.close(drain)
         await server_stopped
+        if metrics is not None:
+            await metrics.close()
         watchdog.cancel()
         probe.close()
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
         lock.close()
         log.info("stopped")
+
+
+async def _preload_and_report(engine: Engine, notifier: Notifier) -> None:
+    """Preload (after READY=1: serving does not wait), then keep STATUS= current."""
+    try:
+        await engine.preload(lambda n, total, m: notifier.status(f"preloading {n}/{total}: {m}"))
+    except Exception:  # a preload problem must never stop the daemon
+        log.exception("preload failed")
+    sent = ""
+    while True:
+        line = engine.status_line()
+        if line != sent:
+            notifier.status(line)
+            sent = line
+        await asyncio.sleep(1.0)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -178,7 +222,14 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="socket path (else the config's daemon.socket, $MMD_SOCKET, the runtime directory)",
     )
-    parser.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    parser.add_argument(
+        "--check-config",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="PATH",
+        help="validate the config (PATH, else the one --config or the lookup finds) and exit",
+    )
     parser.add_argument(
         "--log-level",
         default=os.environ.get("MMD_LOG_LEVEL", "info"),
@@ -206,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        if isinstance(args.check_config, str):
+            args.config = Path(args.check_config)
         config = load_config(args.config)
         if args.check_config:
             for spec in config.models.values():

@@ -23,6 +23,7 @@ from mmd.events import AlertCrossed, EventBus, MemorySampled, ModelChanged, Requ
 from mmd.footprint import Footprint, estimate, read_shape
 from mmd.memory import DeviceBudgetView, MemoryProbe, MemorySnapshot, compute_budgets
 from mmd.planner import DeviceBudget, Placement, Plan, Refusal
+from mmd.reload import ConfigDiff, diff_configs, keep_restart_settings
 from mmd.runtime import LaunchSpec, LlamaBinary, LlamaServer, read_log_tail
 from mmd.scheduler import (
     AbortRunning,
@@ -546,3 +547,112 @@ class Engine:
 
     def log_tail(self, model_id: str, lines: int = 10) -> list[str]:
         return read_log_tail(self.config.daemon.log_dir / f"{model_id}.log", lines)
+
+    # --- reload and preload -----------------------------------------------------------
+
+    _reload_lock: asyncio.Lock | None = None
+    _removal_task: asyncio.Task[None] | None = None
+
+    @property
+    def reload_lock(self) -> asyncio.Lock:
+        """Serialises reloads (SIGHUP and the Reload RPC may race)."""
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        return self._reload_lock
+
+    async def reload(
+        self, new_config: Config, footprints: dict[str, Footprint] | None = None
+    ) -> ConfigDiff:
+        """Apply a validated config (mmd.reload says what changes when)."""
+        if footprints is None:
+            footprints = {m: footprint_for(s) for m, s in new_config.models.items()}
+        current = {
+            m: self.core.pending_specs.get(m, (e.spec, e.footprint))[1]
+            for m, e in self.core.models.items()
+        }
+        diff = diff_configs(self.config, new_config, current, footprints)
+        old_log_dir = self.config.daemon.log_dir
+        self.config = keep_restart_settings(self.config, new_config)
+        if self.config.daemon.log_dir != old_log_dir:
+            try:
+                self.config.daemon.log_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                log.error("cannot create log directory %s: %s", self.config.daemon.log_dir, err)
+        now = self.now()
+        for model_id in diff.added:
+            self.core.add_model(new_config.models[model_id], footprints[model_id])
+        for model_id in diff.changed:
+            self.core.update_spec(new_config.models[model_id], footprints[model_id])
+        effects: list[Effect] = []
+        for model_id in diff.removed:
+            timer = self.timers.pop(model_id, None)
+            if timer:
+                timer.cancel()
+            effects += self.core.remove_model(model_id, now)
+        effects += self.core.update_settings(new_config.scheduler, now)
+        self._apply(effects)
+        self._forget_removed()
+        if self.core.removing and (self._removal_task is None or self._removal_task.done()):
+            self._removal_task = self._spawn(self._finish_removals())
+        await self.refresh_memory()  # the new budget, at once
+        self._apply(self.core.pump(self.now()))
+        return diff
+
+    def _forget_removed(self) -> None:
+        for model_id in self.core.forget_removed():
+            self.stops.pop(model_id, None)
+            timer = self.timers.pop(model_id, None)
+            if timer:
+                timer.cancel()
+            log.info("%s: removed from the registry", model_id)
+
+    async def _finish_removals(self) -> None:
+        """Drop removed models once their child has stopped."""
+        while self.core.removing and not self.core.closed:
+            self._forget_removed()
+            for model_id in list(self.core.removing):
+                entry = self.core.models[model_id]
+                if entry.state == State.READY and not entry.unload_requested:
+                    # An operator's unload timed out and cancelled the drain: drain again.
+                    self._apply(self.core.remove_model(model_id, self.now()))
+            await asyncio.sleep(0.05)
+
+    async def preload(self, report: Callable[[int, int, str], None] | None = None) -> list[str]:
+        """Load the ``preload`` and pinned models, in priority order then id, within the
+        budget: a preload never evicts another model. Failures are logged; returns the ids
+        that are ready."""
+        wanted = sorted(
+            (s for s in self.config.models.values() if s.preload or s.pinned),
+            key=lambda s: (s.priority, s.id),
+        )
+        ready: list[str] = []
+        for index, spec in enumerate(wanted, 1):
+            entry = self.core.models.get(spec.id)
+            if entry is None or spec.id in self.core.removing:
+                continue  # removed by a reload meanwhile
+            if report:
+                report(index, len(wanted), spec.id)
+            try:
+                if entry.state not in (State.READY, State.LOADING):
+                    plan = await self.plan(spec.id, None)
+                    if isinstance(plan, Refusal):
+                        log.error("preload of %s refused: %s", spec.id, plan.reason)
+                        continue
+                    if plan.evict:
+                        log.error(
+                            "preload of %s skipped: it would evict %s (not within the budget)",
+                            spec.id,
+                            ", ".join(plan.evict),
+                        )
+                        continue
+                await self.load(spec.id, None, lambda stage: None)
+            except MmdError as err:
+                log.error("preload of %s failed: %s", spec.id, err.message)
+                continue
+            ready.append(spec.id)
+        return ready
+
+    def status_line(self) -> str:
+        """A one-line summary for systemd's STATUS=."""
+        loaded = sum(1 for e in self.core.models.values() if e.state == State.READY)
+        return f"serving {len(self.core.models)} models, {loaded} loaded"

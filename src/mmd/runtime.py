@@ -71,7 +71,10 @@ def resolve_llama_server(configured: str | None) -> LlamaBinary:
         found = shutil.which(value)
         if found:
             return LlamaBinary(Path(found), base_env, source)
-        tried.append(f"{source}={value} (not an executable file)")
+        # An explicit choice that does not work is an error, never a silent fallback.
+        raise RuntimeFailed(
+            f"llama-server not found: {source} is {value!r}, which is not an executable file"
+        )
     on_path = shutil.which("llama-server")
     if on_path:
         return LlamaBinary(Path(on_path), base_env, "PATH")
@@ -214,7 +217,11 @@ class LlamaServer:
             transport=transport,
             base_url="http://llama-server",
             timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64),
+            # llama-server closes idle keep-alive connections after 5 s; expire ours sooner
+            # so that a request never goes out on a connection the server just closed.
+            limits=httpx.Limits(
+                max_connections=1024, max_keepalive_connections=64, keepalive_expiry=2.0
+            ),
         )
 
     @property

@@ -17,9 +17,10 @@ Policy, in short (the README's "Scheduling" section says it for users):
 * At most ``max_queue`` requests wait; one more is refused (queue full).
 * A request for an unloaded model starts its load (one load however many
   requests wait). The planner picks the placement and the idle models to evict.
-  If the model would fit once busy models drain, the load waits; those models
-  then admit at most ``swap_batch`` more of their queued requests (and stay at
-  least ``min_residency`` after becoming ready) before they are swapped out.
+  If the model would fit once busy (or loading, or unloading) models are done,
+  the load waits; those models then admit at most ``swap_batch`` more of their
+  queued requests (and stay at least ``min_residency`` after becoming ready)
+  before they are swapped out.
   If it cannot fit even then, its requests are refused at once.
 * Keep-alive: when a model's last request ends its idle timer starts. The
   timeout is the finished request's own keep-alive if it gave one, otherwise
@@ -28,7 +29,8 @@ Policy, in short (the README's "Scheduling" section says it for users):
   negative never. Pinned models (priority 0) are never unloaded for idleness.
 * A crash fails the requests running on the model; queued ones get a reload,
   unless the model keeps crashing: after the 1st crash it reloads at once, then
-  waits 2, 4, 8 ... s (at most 60 s), refusing requests during the wait.
+  waits 2, 4, 8 ... s (at most 60 s), refusing requests during the wait. Load
+  failures count the same way; a model that stays ready for a minute starts afresh.
 """
 
 from __future__ import annotations
@@ -176,7 +178,11 @@ class Scheduler:
         self.devices: tuple[DeviceBudget, ...] = ()
         self.low_memory: frozenset[str] = frozenset()
         self.active_total = 0
+        self.closed = False  # shut down: every new request is refused
         self._ids = itertools.count(1)
+        # Reload: specs that apply at a model's next load; models draining out of the registry.
+        self.pending_specs: dict[str, tuple[ModelSpec, Footprint]] = {}
+        self.removing: set[str] = set()
 
     # --- queries ----------------------------------------------------------------------
 
@@ -212,10 +218,13 @@ class Scheduler:
         )
 
     def _evictable(self, m: ModelEntry, *, treat_busy_as_idle: bool) -> bool:
-        if m.state != State.READY or m.spec.pinned:
+        if m.spec.pinned:
             return False
         if treat_busy_as_idle:
+            # Loading and unloading models also end up evictable (or gone) soon.
             return True
+        if m.state != State.READY:
+            return False
         if m.active:
             return False
         if not m.queue:
@@ -239,6 +248,8 @@ class Scheduler:
     ) -> tuple[int, list[Effect]]:
         """A new request. Returns its ticket id and the effects; raises when refused at once."""
         entry = self.entry(model_id)
+        if self.closed:
+            raise RequestAborted("mmd is shutting down")
         if entry.unload_requested:
             raise FailedPrecondition(f"model {model_id!r} is being unloaded")
         if kind is Kind.LOAD:
@@ -308,6 +319,7 @@ class Scheduler:
 
     def _start_load(self, entry: ModelEntry, now: float) -> list[Effect]:
         """Plan and start a load; or wait for busy models to drain; or refuse."""
+        self._apply_pending_spec(entry)
         layers = (
             entry.gpu_layers_override
             if entry.gpu_layers_override is not None
@@ -339,7 +351,7 @@ class Scheduler:
             # Fits once these busy models drain: wait, and bound their remaining batch.
             for victim_id in eventual.evict:
                 victim = self.models[victim_id]
-                if victim.drain_for is None:
+                if victim.drain_for is None and victim.state != State.UNLOADING:
                     victim.drain_for = entry.spec.id
                     victim.admitted_while_draining = 0
             return []
@@ -373,7 +385,6 @@ class Scheduler:
         if error is None:
             entry.state = State.READY
             entry.ready_since = now
-            entry.crashes = 0
             effects += [Admit(t) for t in entry.load_waiters]
             for ticket_id in entry.load_waiters:
                 self.tickets.pop(ticket_id, None)
@@ -385,9 +396,15 @@ class Scheduler:
             entry.placement = None
             entry.measured = {}
             entry.last_error = error.message
+            entry.drain_for = None
             self._note_failure(entry, now)
             effects += self._refuse(entry, error)
         return effects + self.pump(now)
+
+    def _forget_old_failures(self, entry: ModelEntry, now: float) -> None:
+        """Failures count "in a row" until the model has stayed ready for a while."""
+        if entry.state == State.READY and now - entry.ready_since >= MAX_BACKOFF_S:
+            entry.crashes = 0
 
     def _note_failure(self, entry: ModelEntry, now: float) -> None:
         entry.crashes += 1
@@ -485,6 +502,7 @@ class Scheduler:
         effects: list[Effect] = []
         if entry.active:
             effects.append(AbortRunning(model_id, error))
+        self._forget_old_failures(entry, now)
         entry.state = State.FAILED
         entry.placement = None
         entry.measured = {}
@@ -535,6 +553,7 @@ class Scheduler:
     def shutdown(self) -> list[Effect]:
         """Refuse everything queued and stop every runtime (running requests were drained)."""
         error = RequestAborted("mmd is shutting down")
+        self.closed = True
         effects: list[Effect] = []
         for entry in self.models.values():
             effects += self._refuse(entry, error)
@@ -548,6 +567,10 @@ class Scheduler:
 
     def pump(self, now: float) -> list[Effect]:
         """Admit what can run, oldest first; restart loads that wait for room."""
+        for entry in self.models.values():
+            self._forget_old_failures(entry, now)
+            if entry.drain_for is not None and not self._waits_for_room(entry.drain_for):
+                entry.drain_for = None
         effects: list[Effect] = []
         while self.active_total < self.settings.max_concurrent:
             ready = [m for m in self.models.values() if m.queue and self._may_admit(m)]
@@ -562,15 +585,19 @@ class Scheduler:
                 entry.admitted_while_draining += 1
             effects.append(Admit(ticket.id))
         for entry in self.models.values():
-            waiting = entry.queue or entry.load_waiters
-            if entry.state == State.UNLOADED and waiting:
+            if self._waits_for_room(entry.spec.id):
                 effects += self._start_load(entry, now)
-        for entry in self.models.values():
-            if entry.drain_for is not None and self._evictable(entry, treat_busy_as_idle=False):
-                waiter = self.models.get(entry.drain_for)
-                if waiter is None or waiter.state != State.UNLOADED:
-                    entry.drain_for = None
         return effects
+
+    def _waits_for_room(self, model_id: str) -> bool:
+        """Requests wait for this model, whose load waits for room (a FAILED one after a
+        retry was allowed: its queue was refused otherwise)."""
+        entry = self.models.get(model_id)
+        return (
+            entry is not None
+            and entry.state in (State.UNLOADED, State.FAILED)
+            and bool(entry.queue or entry.load_waiters)
+        )
 
     def _may_admit(self, entry: ModelEntry) -> bool:
         if entry.state != State.READY or entry.unload_requested:
@@ -586,3 +613,71 @@ class Scheduler:
         return not (
             entry.active and entry.placement and self.low_memory & set(entry.placement.usage)
         )
+
+    # --- registry changes (reload) ----------------------------------------------------
+
+    def add_model(self, spec: ModelSpec, footprint: Footprint) -> None:
+        """A model new to the registry (or one re-added while it was still draining out)."""
+        if spec.id in self.models:
+            self.removing.discard(spec.id)
+            self.models[spec.id].unload_requested = False
+            self.update_spec(spec, footprint)
+            return
+        self.models[spec.id] = ModelEntry(spec, footprint)
+
+    def update_spec(self, spec: ModelSpec, footprint: Footprint) -> None:
+        """New settings for a model: at once when it holds no process, else at its next load
+        (a running child keeps the ctx, slots and layers it was started with)."""
+        entry = self.entry(spec.id)
+        if entry.holds_memory:
+            self.pending_specs[spec.id] = (spec, footprint)
+            return
+        self.pending_specs.pop(spec.id, None)
+        entry.spec, entry.footprint = spec, footprint
+
+    def _apply_pending_spec(self, entry: ModelEntry) -> None:
+        pending = self.pending_specs.pop(entry.spec.id, None)
+        if pending is not None:
+            entry.spec, entry.footprint = pending
+
+    def remove_model(self, model_id: str, now: float) -> list[Effect]:
+        """Drain a model out of the registry: queued requests are refused, running ones
+        finish, then its child stops. The entry goes once it holds no process
+        (:meth:`forget_removed`)."""
+        entry = self.entry(model_id)
+        self.removing.add(model_id)
+        self.pending_specs.pop(model_id, None)
+        entry.idle_deadline = None
+        effects = self._refuse(
+            entry, FailedPrecondition(f"model {model_id!r} was removed from the config")
+        )
+        if entry.state == State.LOADING:
+            effects += self._begin_stop(entry, "removed from the config")
+        elif entry.state == State.READY:
+            if entry.active:
+                entry.unload_requested = True  # request_done stops it after the last one
+            else:
+                entry.unload_requested = False
+                effects += self._begin_stop(entry, "removed from the config")
+        self.forget_removed()
+        return effects + self.pump(now)
+
+    def forget_removed(self) -> list[str]:
+        """Drop removed models that no longer hold a process; returns their ids."""
+        gone = [
+            model_id
+            for model_id in self.removing
+            if model_id in self.models
+            and not self.models[model_id].holds_memory
+            and not self.models[model_id].active
+        ]
+        for model_id in gone:
+            self.removing.discard(model_id)
+            del self.models[model_id]
+        self.removing &= set(self.models)
+        return gone
+
+    def update_settings(self, settings: SchedulerSettings, now: float) -> list[Effect]:
+        """New [scheduler] settings, in force at once (a larger cap admits waiting requests)."""
+        self.settings = settings
+        return self.pump(now)

@@ -134,6 +134,37 @@ def model_proto(engine: Engine, entry: ModelEntry) -> pb.Model:
     return model
 
 
+def health_proto(engine: Engine) -> pb.Health:
+    """Devices, models that are not unloaded, request counts: GetHealth and Watch's snapshot."""
+    notes = list(engine.snapshot.notes) if engine.snapshot else []
+    return pb.Health(
+        version=__version__,
+        uptime_seconds=time.time() - engine.started,
+        devices=[
+            pb.Device(
+                id=v.id,
+                kind=v.kind,
+                name=v.name,
+                total_bytes=v.total,
+                budget_bytes=v.budget,
+                mmd_bytes=v.mmd_bytes,
+                other_bytes=v.other_bytes,
+                free_bytes=v.free,
+            )
+            for v in engine.budgets
+        ],
+        models=[
+            model_proto(engine, e) for e in engine.model_entries() if e.state != State.UNLOADED
+        ],
+        active_inferences=engine.core.active_total,
+        queued_requests=engine.core.queued_total,
+        notes=notes,
+        llama_server=f"{engine.binary.path} ({engine.binary.source})",
+        max_concurrent=engine.config.scheduler.max_concurrent,
+        max_queue=engine.config.scheduler.max_queue,
+    )
+
+
 def _require_id(model_id: str) -> str:
     if not model_id:
         raise InvalidRequest("model_id is empty")
@@ -253,34 +284,7 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
 
     @unary
     async def GetHealth(self, request: pb.GetHealthRequest, context: Context) -> Any:
-        engine = self.engine
-        notes = list(engine.snapshot.notes) if engine.snapshot else []
-        return pb.Health(
-            version=__version__,
-            uptime_seconds=time.time() - engine.started,
-            devices=[
-                pb.Device(
-                    id=v.id,
-                    kind=v.kind,
-                    name=v.name,
-                    total_bytes=v.total,
-                    budget_bytes=v.budget,
-                    mmd_bytes=v.mmd_bytes,
-                    other_bytes=v.other_bytes,
-                    free_bytes=v.free,
-                )
-                for v in engine.budgets
-            ],
-            models=[
-                model_proto(engine, e) for e in engine.model_entries() if e.state != State.UNLOADED
-            ],
-            active_inferences=engine.core.active_total,
-            queued_requests=engine.core.queued_total,
-            notes=notes,
-            llama_server=f"{engine.binary.path} ({engine.binary.source})",
-            max_concurrent=engine.config.scheduler.max_concurrent,
-            max_queue=engine.config.scheduler.max_queue,
-        )
+        return health_proto(self.engine)
 
     @unary
     async def PlanLoad(self, request: pb.PlanLoadRequest, context: Context) -> Any:

@@ -2,23 +2,268 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from mmd.engine import Engine
+from mmd.errors import InvalidRequest
+from mmd.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
+from mmd.memory import DeviceBudgetView
+from mmd.scheduler import State
 from mmd.v1 import mmd_pb2 as pb
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+DEFAULT_MEMORY_INTERVAL_S = 1.0
+# Engine samples arrive about once a second; jitter must not make a 2 s watcher skip one.
+_INTERVAL_SLACK_S = 0.1
+# How often a watcher checks whether the daemon is shutting down, when no event comes.
+_SHUTDOWN_CHECK_S = 0.5
+
+DEFAULT_LOG_LINES = 20
+MAX_LOG_LINES = 100_000
+LOG_POLL_S = 0.2
+# The most read back from the end of a log for its last lines, and the most sent at once.
+_MAX_TAIL_BYTES = 8 * 1024 * 1024
+_MAX_LINES_PER_MESSAGE = 1000
+
+_STATES = {
+    State.UNLOADED: pb.MODEL_STATE_UNLOADED,
+    State.LOADING: pb.MODEL_STATE_LOADING,
+    State.READY: pb.MODEL_STATE_READY,
+    State.UNLOADING: pb.MODEL_STATE_UNLOADING,
+    State.FAILED: pb.MODEL_STATE_FAILED,
+}
+
+Method = Callable[[Any, Any, Context], AsyncIterator[Any]]
+
+
+def _mapped(method: Method) -> Method:
+    """mmd.service's ``streaming`` error mapping, looked up late: that module imports this one."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
+        from mmd.service import streaming
+
+        async for item in streaming(method)(self, request, context):
+            yield item
+
+    return wrapper
+
+
+def device_proto(view: DeviceBudgetView) -> pb.Device:
+    return pb.Device(
+        id=view.id,
+        kind=view.kind,
+        name=view.name,
+        total_bytes=view.total,
+        budget_bytes=view.budget,
+        mmd_bytes=view.mmd_bytes,
+        other_bytes=view.other_bytes,
+        free_bytes=view.free,
+    )
+
+
+def event_proto(engine: Engine, stamp: float, event: Event) -> pb.Event:
+    """One published engine event as the Watch message."""
+    from mmd.service import model_proto
+
+    out = pb.Event(time_unix=stamp)
+    match event:
+        case ModelChanged():
+            out.model.CopyFrom(
+                pb.ModelEvent(
+                    model_id=event.model_id,
+                    state=_STATES.get(State(event.state), pb.MODEL_STATE_UNSPECIFIED),
+                    reason=event.reason,
+                    for_model=event.for_model,
+                    detail=event.detail,
+                )
+            )
+            entry = engine.core.models.get(event.model_id)
+            if entry is not None:  # a model removed by a reload has no current view
+                out.model.model.CopyFrom(model_proto(engine, entry))
+        case RequestFinished():
+            out.request.CopyFrom(
+                pb.RequestEvent(
+                    model_id=event.model_id,
+                    kind=event.kind,
+                    status=event.status,
+                    queue_ms=event.queue_ms,
+                    first_token_ms=event.first_token_ms,
+                    total_ms=event.total_ms,
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                    tokens_per_second=event.tokens_per_second,
+                    error=event.error,
+                )
+            )
+        case MemorySampled():
+            out.memory.CopyFrom(
+                pb.MemorySample(
+                    devices=[device_proto(v) for v in event.devices],
+                    active_inferences=event.active,
+                    queued_requests=event.queued,
+                )
+            )
+        case AlertCrossed():
+            out.alert.CopyFrom(
+                pb.MemoryAlert(
+                    device=event.device,
+                    used_percent=event.used_percent,
+                    threshold_percent=event.threshold_percent,
+                    above=event.above,
+                )
+            )
+    return out
+
+
+def snapshot_events(engine: Engine) -> list[pb.Event]:
+    """The current state: Health, then an alert for each device already above the threshold
+    (its crossing was published before this watcher came)."""
+    from mmd.service import health_proto
+
+    now = time.time()
+    events = [pb.Event(time_unix=now, snapshot=health_proto(engine))]
+    threshold = engine.config.budget.alert_percent
+    for view in engine.budgets:
+        if view.total and view.used_percent >= threshold:
+            alert = pb.MemoryAlert(
+                device=view.id,
+                used_percent=view.used_percent,
+                threshold_percent=threshold,
+                above=True,
+            )
+            events.append(pb.Event(time_unix=now, alert=alert))
+    return events
+
+
+def read_tail(path: Path, lines: int) -> tuple[list[str], int]:
+    """The last ``lines`` complete lines of a file and the offset where following starts."""
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            start = size
+            data = b""
+            while start > 0 and data.count(b"\n") <= lines and size - start < _MAX_TAIL_BYTES:
+                step = min(64 * 1024, start)
+                start -= step
+                handle.seek(start)
+                data = handle.read(step) + data
+    except OSError:
+        return [], 0
+    end = data.rfind(b"\n") + 1  # a partial last line is sent once it is complete
+    text = data[:end].decode("utf-8", errors="replace")
+    found = text.splitlines()
+    if start > 0 and found:
+        found = found[1:]  # the first may be cut
+    return found[-lines:] if lines else [], start + end
+
+
+class LogFollower:
+    """New complete lines of a log, read from an offset; survives truncation and rotation."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path = path
+        self.offset = offset
+        self.partial = b""
+        self.inode = self._inode()
+
+    def _inode(self) -> int | None:
+        try:
+            return self.path.stat().st_ino
+        except OSError:
+            return None
+
+    def read(self) -> list[str]:
+        inode = self._inode()
+        if inode is None:
+            return []
+        try:
+            with self.path.open("rb") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                if inode != self.inode or size < self.offset:
+                    # A new file or a truncated one: it starts over.
+                    self.inode, self.offset, self.partial = inode, 0, b""
+                handle.seek(self.offset)
+                data = handle.read(_MAX_TAIL_BYTES)
+        except OSError:
+            return []
+        self.offset += len(data)
+        data = self.partial + data
+        end = data.rfind(b"\n") + 1
+        self.partial = data[end:]
+        return data[:end].decode("utf-8", errors="replace").splitlines()
+
+
+def _batches(lines: list[str]) -> list[pb.LogLines]:
+    step = _MAX_LINES_PER_MESSAGE
+    return [pb.LogLines(lines=lines[i : i + step]) for i in range(0, len(lines), step)]
 
 
 class WatchService:
     engine: Engine
 
+    @_mapped
     async def Watch(self, request: pb.WatchRequest, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch is not implemented yet")
-        yield pb.Event()
+        interval = request.memory_interval_seconds
+        if interval < 0:
+            raise InvalidRequest(f"memory_interval_seconds must not be negative, got {interval:g}")
+        interval = interval or DEFAULT_MEMORY_INTERVAL_S
+        engine = self.engine
+        subscription = engine.events.subscribe()
+        try:
+            for event in snapshot_events(engine):
+                yield event
+            last_memory = 0.0
+            while not engine.core.closed:
+                if subscription.dropped:
+                    # Fell behind: what is still queued is stale too. Say how much was lost,
+                    # then a fresh snapshot replaces it.
+                    dropped = subscription.take_dropped()
+                    while not subscription.queue.empty():
+                        subscription.queue.get_nowait()
+                        dropped += 1
+                    yield pb.Event(time_unix=time.time(), lagged=pb.Lagged(dropped=dropped))
+                    for event in snapshot_events(engine):
+                        yield event
+                    continue
+                try:
+                    stamp, item = await asyncio.wait_for(
+                        subscription.queue.get(), _SHUTDOWN_CHECK_S
+                    )
+                except TimeoutError:
+                    continue
+                if isinstance(item, MemorySampled):
+                    if stamp - last_memory < interval - _INTERVAL_SLACK_S:
+                        continue
+                    last_memory = stamp
+                yield event_proto(engine, stamp, item)
+        finally:
+            engine.events.unsubscribe(subscription)
 
+    @_mapped
     async def Logs(self, request: pb.LogsRequest, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Logs is not implemented yet")
-        yield pb.LogLines()
+        if not request.model_id:
+            raise InvalidRequest("model_id is empty")
+        self.engine.core.entry(request.model_id)  # UnknownModel -> NOT_FOUND
+        count = min(request.lines or DEFAULT_LOG_LINES, MAX_LOG_LINES)
+        # The file the engine gives each model's llama-server (see Engine.log_tail).
+        path = self.engine.config.daemon.log_dir / f"{request.model_id}.log"
+        lines, offset = await asyncio.to_thread(read_tail, path, count)
+        for batch in _batches(lines) or [pb.LogLines()]:
+            yield batch
+        if not request.follow:
+            return
+        follower = LogFollower(path, offset)
+        while not self.engine.core.closed:
+            await asyncio.sleep(LOG_POLL_S)
+            for batch in _batches(await asyncio.to_thread(follower.read)):
+                yield batch
