@@ -452,11 +452,6 @@ def test_unwritable_socket_directory(tmp_path: Path) -> None:
     assert lines == [f"mmd: socket directory {locked} is not writable"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon.main does not check the length of --socket/$MMD_SOCKET: grpc's bind "
-    "fails with a RuntimeError traceback (exit 1)",
-)
 def test_socket_path_too_long(tmp_path: Path) -> None:
     sock = tmp_path / ("s" * 110) / "mmd.sock"
     status, lines = run_mmd(tmp_path / "d", "", "--socket", str(sock))
@@ -488,11 +483,6 @@ def test_llama_server_that_fails_to_run(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime.resolve_llama_server falls back to PATH and the bundled binary when the "
-    "configured llama_server is missing, so mmd starts with another binary",
-)
 @pytest.mark.parametrize("problem", ["missing", "not-executable", "directory"])
 def test_configured_llama_server_that_is_not_there(tmp_path: Path, problem: str) -> None:
     binary = tmp_path / "bin" / "llama-server"
@@ -509,11 +499,6 @@ def test_configured_llama_server_that_is_not_there(tmp_path: Path, problem: str)
     assert f"config daemon.llama_server={binary}" in lines[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime.resolve_llama_server falls back to PATH and the bundled binary when "
-    "$MMD_LLAMA_SERVER names a missing file",
-)
 def test_mmd_llama_server_env_naming_a_missing_binary(tmp_path: Path) -> None:
     binary = tmp_path / "nowhere" / "llama-server"
     status, lines = run_mmd(tmp_path / "d", "", env={"MMD_LLAMA_SERVER": str(binary)})

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mmd import __version__, paths
-from mmd.config import Config, load_config
+from mmd.config import Config, check_socket_path, load_config
 from mmd.engine import Engine, footprint_for
 from mmd.errors import ConfigError, MmdError
 from mmd.memory import MemoryProbe
@@ -240,11 +240,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _socket_path(args: argparse.Namespace, config: Config) -> Path:
+    """The socket to serve, from --socket, $MMD_SOCKET or the config; checked for length."""
     if args.socket:
-        return Path(args.socket).absolute()
-    if "MMD_SOCKET" in os.environ:
-        return paths.default_socket().absolute()
-    return config.daemon.socket.absolute()
+        sock, where = Path(args.socket).absolute(), "--socket"
+    elif "MMD_SOCKET" in os.environ:
+        sock, where = paths.default_socket().absolute(), "$MMD_SOCKET"
+    else:
+        sock, where = config.daemon.socket.absolute(), f"{config.source}: daemon.socket"
+    check_socket_path(sock, where)
+    return sock
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -412,17 +412,8 @@ class Engine:
             server = self.servers[model_id]
             try:
                 yield server, record
-            except asyncio.CancelledError:
-                abort = self.aborts.pop(ticket, None)
-                if abort is None:
-                    raise
-                task.uncancel()
-                raise abort from None
-            except RuntimeFailed:
-                abort = self.aborts.pop(ticket, None) or await self._crash_error(model_id, server)
-                if abort is None:
-                    raise
-                raise abort from None
+            except (asyncio.CancelledError, RuntimeFailed) as exc:
+                raise await self._running_error(ticket, model_id, server, exc) from None
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise
@@ -460,6 +451,34 @@ class Engine:
                 error=error,
             )
         )
+
+    async def _running_error(
+        self, ticket: int, model_id: str, server: LlamaServer, exc: BaseException
+    ) -> BaseException:
+        """The error a running request ends with when it was cancelled or its stream broke.
+
+        An abort (forced unload, crash, shutdown) arrives as a task cancellation with
+        its reason in ``self.aborts``; it can land while the stream is read or while a
+        broken stream waits to learn how the child died. Either way the client gets
+        the abort's status, never a bare cancellation.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        cancelled = isinstance(exc, asyncio.CancelledError)
+        abort = self.aborts.pop(ticket, None)
+        if abort is None and not cancelled:
+            try:
+                abort = await self._crash_error(model_id, server)
+            except asyncio.CancelledError:
+                abort = self.aborts.pop(ticket, None)
+                if abort is None:
+                    raise
+                cancelled = True
+        if abort is None:
+            return exc
+        if cancelled:
+            task.uncancel()
+        return abort
 
     async def _crash_error(self, model_id: str, server: LlamaServer) -> MmdError | None:
         """When a stream broke because the child died, an error that says how it died."""

@@ -73,7 +73,7 @@ def resolve_llama_server(configured: str | None) -> LlamaBinary:
             return LlamaBinary(Path(found), base_env, source)
         # An explicit choice that does not work is an error, never a silent fallback.
         raise RuntimeFailed(
-            f"llama-server not found: {source} is {value!r}, which is not an executable file"
+            f"llama-server not found; tried {source}={value} (not an executable file)"
         )
     on_path = shutil.which("llama-server")
     if on_path:

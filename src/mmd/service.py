@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -46,6 +47,18 @@ async def _abort(context: Context, error: Exception) -> None:
     )
 
 
+async def _interrupted(context: Context) -> None:
+    """A handler cancelled by the daemon, not by its client: say so instead of going silent."""
+    if context.cancelled() or context.done():
+        return
+    with contextlib.suppress(Exception):
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "the request was interrupted (mmd is shutting down?)",
+            ((ERROR_KIND_KEY, "interrupted"),),
+        )
+
+
 def unary(
     method: Callable[[Any, Any, Context], Awaitable[T]],
 ) -> Callable[[Any, Any, Context], Awaitable[T]]:
@@ -56,6 +69,9 @@ def unary(
         except Exception as error:
             await _abort(context, error)
             raise  # unreachable: abort raises
+        except asyncio.CancelledError:
+            await _interrupted(context)
+            raise
 
     return wrapper
 
@@ -70,6 +86,9 @@ def streaming(
                 yield item
         except Exception as error:
             await _abort(context, error)
+        except asyncio.CancelledError:
+            await _interrupted(context)
+            raise
 
     return wrapper
 

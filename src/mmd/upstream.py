@@ -7,6 +7,7 @@ llama-server abort the generation and free its slot.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -74,6 +75,21 @@ def _chat_body(params: InferParams) -> dict[str, Any]:
     return body
 
 
+async def _send(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
+    """POST and return the response with its body still streaming.
+
+    A pooled keep-alive connection can be closed by llama-server just as a request
+    goes out on it ("disconnected without sending a response"). The server has
+    then not seen the request, so it is sent once more on a fresh connection.
+    """
+    request = client.build_request("POST", path, json=body)
+    try:
+        return await client.send(request, stream=True)
+    except httpx.RemoteProtocolError:
+        request = client.build_request("POST", path, json=body)
+        return await client.send(request, stream=True)
+
+
 async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     async for line in response.aiter_lines():
         if not line.startswith("data: "):
@@ -116,7 +132,8 @@ async def stream_infer(
     )
     final = Final()
     try:
-        async with client.stream("POST", path, json=body) as response:
+        response = await _send(client, path, body)
+        async with contextlib.aclosing(response):
             await _raise_for_status(model_id, response)
             async for event in _sse_events(response):
                 if params.is_chat:
@@ -153,7 +170,8 @@ async def embed(
 ) -> tuple[list[list[float]], int]:
     """Vectors for ``inputs`` (in order) and the prompt token count."""
     try:
-        response = await client.post("/v1/embeddings", json={"input": list(inputs)})
+        response = await _send(client, "/v1/embeddings", {"input": list(inputs)})
+        await response.aread()
     except httpx.TransportError as err:
         raise RuntimeFailed(f"model {model_id!r}: connection to llama-server lost: {err}") from None
     await _raise_for_status(model_id, response)
