@@ -70,6 +70,7 @@ class Daemon:
     root: Path
     config_text: str
     extra_env: dict[str, str] = field(default_factory=dict)
+    daemon_extra: str = ""  # more lines for the [daemon] table
     process: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
 
@@ -99,12 +100,15 @@ class Daemon:
             socket = "{self.socket}"
             log_dir = "{self.root / "logs"}"
             state_dir = "{self.root / "state"}"
-            load_timeout = "30s"
             stop_grace = "3s"
             drain_timeout = "5s"
             """
         )
-        self.config_path.write_text(header + textwrap.dedent(self.config_text))
+        if "load_timeout" not in self.daemon_extra:
+            header += 'load_timeout = "30s"\n'
+
+        extra = textwrap.dedent(self.daemon_extra)
+        self.config_path.write_text(header + extra + textwrap.dedent(self.config_text))
 
     def start(self, *extra_args: str, wait: bool = True) -> Daemon:
         self.write_config()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -35,6 +36,7 @@ _STATES = {
 }
 
 T = TypeVar("T")
+MAX_KEEP_ALIVE_S = 365 * 24 * 3600.0
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -184,6 +186,16 @@ def health_proto(engine: Engine) -> pb.Health:
     )
 
 
+def _keep_alive(request: pb.InferRequest | pb.EmbedRequest) -> float | None:
+    """The request's own keep-alive: None when unset, -1 for forever (any negative)."""
+    if not request.HasField("keep_alive_seconds"):
+        return None
+    seconds = request.keep_alive_seconds
+    if math.isnan(seconds) or seconds == math.inf or seconds > MAX_KEEP_ALIVE_S:
+        raise InvalidRequest(f"keep_alive_seconds must be at most {MAX_KEEP_ALIVE_S:g}")
+    return -1.0 if seconds < 0 else seconds
+
+
 def _require_id(model_id: str) -> str:
     if not model_id:
         raise InvalidRequest("model_id is empty")
@@ -225,8 +237,8 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
     @unary
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: Context) -> Any:
         model_id = _require_id(request.model_id)
-        if request.timeout_seconds < 0:
-            raise InvalidRequest("timeout_seconds must not be negative")
+        if not 0 <= request.timeout_seconds < math.inf:
+            raise InvalidRequest("timeout_seconds must be a finite number >= 0")
         timeout = request.timeout_seconds or self.engine.config.daemon.unload_timeout
         aborted = await self.engine.unload(model_id, request.force, timeout)
         entry = self.engine.core.entry(model_id)
@@ -238,7 +250,7 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
     async def Infer(self, request: pb.InferRequest, context: Context) -> Any:
         model_id = _require_id(request.model_id)
         params = self._infer_params(request)
-        keep_alive = request.keep_alive_seconds if request.HasField("keep_alive_seconds") else None
+        keep_alive = _keep_alive(request)
         async for item in self.engine.infer(model_id, params, keep_alive):
             if isinstance(item, Final):
                 yield pb.InferChunk(
@@ -295,7 +307,7 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         size = sum(len(text.encode()) for text in inputs)
         if size > limit:
             raise InvalidRequest(f"input is {size} bytes; the limit is {limit} (max_prompt_bytes)")
-        keep_alive = request.keep_alive_seconds if request.HasField("keep_alive_seconds") else None
+        keep_alive = _keep_alive(request)
         vectors, tokens = await self.engine.embed(model_id, inputs, keep_alive)
         return pb.EmbedResponse(
             embeddings=[pb.Embedding(values=v) for v in vectors], prompt_tokens=tokens
