@@ -280,7 +280,7 @@ def test_grpc_other_invalid_arguments(daemon: Daemon) -> None:
             lambda: daemon.stub.UnloadModel(
                 pb.UnloadModelRequest(model_id="tiny", timeout_seconds=-1)
             ),
-            "timeout_seconds must not be negative",
+            "timeout_seconds must be a finite number >= 0",
         ),
         (lambda: daemon.stub.Embed(pb.EmbedRequest(model_id="tiny", input=[])), "empty input"),
         (

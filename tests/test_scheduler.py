@@ -359,6 +359,23 @@ def test_swap_waits_for_a_busy_model_to_serve_its_batch_then_swaps_back() -> Non
     assert admitted(core.load_done("a", 18.0)) == a_queued[2:3]
 
 
+def test_a_model_with_queued_work_stays_for_its_minimum_residency() -> None:
+    core = make({"a": 6, "b": 6}, swap_batch=1, min_residency=30.0)
+    load(core, "a", 0.0)
+    running = run(core, "a", 1.0)
+    a_queued = [queue(core, "a", 2.0 + i) for i in range(3)]
+    queue(core, "b", 5.0)
+    assert admitted(core.request_done(running, 6.0)) == [a_queued[0]]
+    # Its batch is served, but it became ready only 7 s ago: it keeps its memory.
+    effects = core.request_done(a_queued[0], 7.0)
+    assert (stops(effects), loads(effects)) == ([], [])
+    assert state_of(core, "a") is State.READY
+    # Once the residency has passed, the next pump swaps it out.
+    effects = core.pump(31.0)
+    assert stops(effects) == [("a", "evicted for b")]
+    assert [s.model_id for s in loads(effects)] == ["b"]
+
+
 def test_second_model_waits_while_the_first_loads_or_unloads() -> None:
     core = make({"a": 6, "b": 6})
     a_ticket = queue(core, "a", 0.0)

@@ -112,7 +112,7 @@ class Engine:
         self.loop = asyncio.get_running_loop()
         self.waiters: dict[int, asyncio.Future[None]] = {}
         self.servers: dict[str, LlamaServer] = {}
-        self.running: dict[int, tuple[str, asyncio.Task[Any]]] = {}
+        self.running: dict[int, str] = {}  # ticket -> model id
         self.aborts: dict[int, MmdError] = {}
         self.load_tasks: dict[str, asyncio.Task[None]] = {}
         self.stops: dict[str, asyncio.Event] = {}
@@ -181,10 +181,13 @@ class Engine:
                     self.stops[model_id] = asyncio.Event()
                     self._spawn(self._run_stop(model_id, reason))
                 case AbortRunning(model_id, error):
-                    for ticket, (owner, task) in list(self.running.items()):
+                    # The Stop that comes with every abort ends the child, which breaks
+                    # these requests' streams; they then end with this error. (Cancelling
+                    # their tasks instead could land inside grpc's own writes and leave a
+                    # client without a status.)
+                    for ticket, owner in list(self.running.items()):
                         if owner == model_id:
                             self.aborts[ticket] = error
-                            task.cancel()
                 case ArmTimer(model_id, at):
                     old = self.timers.pop(model_id, None)
                     if old:
@@ -406,9 +409,7 @@ class Engine:
             record.admitted = self.now()
             if not was_ready:
                 record.load_ms = (record.admitted - record.arrived) * 1000
-            task = asyncio.current_task()
-            assert task is not None
-            self.running[ticket] = (model_id, task)
+            self.running[ticket] = model_id
             server = self.servers[model_id]
             try:
                 yield server, record
@@ -455,30 +456,19 @@ class Engine:
     async def _running_error(
         self, ticket: int, model_id: str, server: LlamaServer, exc: BaseException
     ) -> BaseException:
-        """The error a running request ends with when it was cancelled or its stream broke.
+        """The error a running request ends with when its stream broke.
 
-        An abort (forced unload, crash, shutdown) arrives as a task cancellation with
-        its reason in ``self.aborts``; it can land while the stream is read or while a
-        broken stream waits to learn how the child died. Either way the client gets
-        the abort's status, never a bare cancellation.
+        An abort (forced unload, crash, shutdown) is recorded in ``self.aborts`` before
+        the child is stopped, so the broken stream then reports the abort's reason. A
+        stream that broke on its own asks the child how it died. A cancellation (the
+        client went away) stays what it is.
         """
-        task = asyncio.current_task()
-        assert task is not None
-        cancelled = isinstance(exc, asyncio.CancelledError)
-        abort = self.aborts.pop(ticket, None)
-        if abort is None and not cancelled:
-            try:
-                abort = await self._crash_error(model_id, server)
-            except asyncio.CancelledError:
-                abort = self.aborts.pop(ticket, None)
-                if abort is None:
-                    raise
-                cancelled = True
-        if abort is None:
+        if isinstance(exc, asyncio.CancelledError):
             return exc
-        if cancelled:
-            task.uncancel()
-        return abort
+        abort = self.aborts.pop(ticket, None)
+        if abort is None:
+            abort = await self._crash_error(model_id, server)
+        return abort if abort is not None else exc
 
     async def _crash_error(self, model_id: str, server: LlamaServer) -> MmdError | None:
         """When a stream broke because the child died, an error that says how it died."""
@@ -555,7 +545,7 @@ class Engine:
 
     async def plan(self, model_id: str, gpu_layers: int | None) -> Plan | Refusal:
         await self.refresh_memory()
-        return self.core.plan(model_id, gpu_layers)
+        return self.core.plan(model_id, gpu_layers, self.now())
 
     def model_entries(self) -> list[ModelEntry]:
         return list(self.core.models.values())

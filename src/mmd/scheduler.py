@@ -196,28 +196,33 @@ class Scheduler:
         except KeyError:
             raise UnknownModel(model_id) from None
 
-    def residents(self, *, treat_busy_as_idle: bool = False) -> list[Resident]:
+    def residents(
+        self, now: float | None = None, *, treat_busy_as_idle: bool = False
+    ) -> list[Resident]:
+        """Models holding memory, as the planner sees them; ``now`` enables min_residency."""
         return [
             Resident(
                 id=m.spec.id,
                 usage=m.usage,
                 last_used=max(m.last_used, m.ready_since),
                 priority=m.spec.priority,
-                busy=not self._evictable(m, treat_busy_as_idle=treat_busy_as_idle),
+                busy=not self._evictable(m, now, treat_busy_as_idle=treat_busy_as_idle),
             )
             for m in self.models.values()
             if m.holds_memory
         ]
 
-    def plan(self, model_id: str, gpu_layers: int | None = None) -> Plan | Refusal:
+    def plan(
+        self, model_id: str, gpu_layers: int | None = None, now: float | None = None
+    ) -> Plan | Refusal:
         """What loading ``model_id`` would do now (pure; changes nothing)."""
         entry = self.entry(model_id)
         layers = gpu_layers if gpu_layers is not None else entry.spec.gpu_layers
         return plan_load(
-            model_id, entry.footprint, self.devices, self.residents(), gpu_layers=layers
+            model_id, entry.footprint, self.devices, self.residents(now), gpu_layers=layers
         )
 
-    def _evictable(self, m: ModelEntry, *, treat_busy_as_idle: bool) -> bool:
+    def _evictable(self, m: ModelEntry, now: float | None, *, treat_busy_as_idle: bool) -> bool:
         if m.spec.pinned:
             return False
         if treat_busy_as_idle:
@@ -230,7 +235,9 @@ class Scheduler:
         if not m.queue:
             return True
         # Queued work: swapped out only after serving its batch and its minimum residency.
-        return m.drain_for is not None and m.admitted_while_draining >= self.settings.swap_batch
+        if m.drain_for is None or m.admitted_while_draining < self.settings.swap_batch:
+            return False
+        return now is None or now - m.ready_since >= self.settings.min_residency
 
     # --- inputs from the engine -----------------------------------------------------------
 
@@ -326,7 +333,7 @@ class Scheduler:
             else entry.spec.gpu_layers
         )
         plan = plan_load(
-            entry.spec.id, entry.footprint, self.devices, self.residents(), gpu_layers=layers
+            entry.spec.id, entry.footprint, self.devices, self.residents(now), gpu_layers=layers
         )
         if isinstance(plan, Plan):
             effects: list[Effect] = []

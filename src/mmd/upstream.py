@@ -131,6 +131,7 @@ async def stream_infer(
         else ("/completion", _completion_body(params))
     )
     final = Final()
+    finished = False
     try:
         response = await _send(client, path, body)
         async with contextlib.aclosing(response):
@@ -143,6 +144,7 @@ async def stream_infer(
                             yield piece
                         if choice.get("finish_reason"):
                             final.finish_reason = choice["finish_reason"]
+                            finished = True
                     usage = event.get("usage")
                     if usage:
                         final.prompt_tokens = int(usage.get("prompt_tokens", 0))
@@ -154,6 +156,7 @@ async def stream_infer(
                     if piece:
                         yield piece
                     if event.get("stop"):
+                        finished = True
                         final.finish_reason = (
                             "length" if event.get("stop_type") == "limit" else "stop"
                         )
@@ -162,6 +165,9 @@ async def stream_infer(
                         _timings(event, final)
     except httpx.TransportError as err:
         raise RuntimeFailed(f"model {model_id!r}: connection to llama-server lost: {err}") from None
+    if not finished:
+        # A child that is stopped mid-generation may close the stream cleanly.
+        raise RuntimeFailed(f"model {model_id!r}: llama-server ended the stream early")
     yield final
 
 
