@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from mmd.footprint import (
     Footprint,
+    GPU_CONTEXT_BYTES,
     GGUFError,
     ModelShape,
     estimate,
@@ -233,7 +234,7 @@ def test_unknown_sliding_window_architecture_gets_full_context_cache(tmp_path: P
 # --- placement ---------------------------------------------------------------
 
 footprints = st.builds(
-    lambda layers, other, compute, host, overhead: Footprint(
+    lambda layers, other, compute, host, overhead, gpu_overhead: Footprint(
         layer_bytes=tuple(layers),
         fixed_bytes=other + compute,
         overhead_bytes=overhead,
@@ -241,11 +242,13 @@ footprints = st.builds(
         kv_cache_bytes=0,
         compute_bytes=compute,
         host_fixed_bytes=min(host, other),
+        gpu_overhead_bytes=gpu_overhead,
     ),
     st.lists(st.integers(0, 10**10), min_size=1, max_size=64),
     st.integers(0, 10**10),
     st.integers(0, 10**9),
     st.integers(0, 10**10),
+    st.integers(0, 10**9),
     st.integers(0, 10**9),
 )
 
@@ -256,7 +259,8 @@ def test_split_adds_up_and_grows_with_offloaded_layers(fp: Footprint) -> None:
     splits = [fp.split(g) for g in range(n + 1)]
 
     assert splits[0] == (0, fp.total)
-    assert all(gpu + ram == fp.total for gpu, ram in splits)
+    # Any offload adds the GPU context on top of the model's own bytes.
+    assert all(gpu + ram == fp.total + fp.gpu_overhead_bytes for gpu, ram in splits[1:])
     assert [gpu for gpu, _ in splits] == sorted(gpu for gpu, _ in splits)
     assert splits[n][1] == fp.overhead_bytes + fp.host_fixed_bytes
 
@@ -266,7 +270,7 @@ def test_split_of_a_real_estimate(small_model: Path) -> None:
     fp = estimate(shape, ctx=4096, parallel=1)
 
     gpu, ram = fp.split(1)
-    assert gpu == fp.layer_bytes[-1] + fp.compute_bytes
+    assert gpu == fp.layer_bytes[-1] + fp.compute_bytes + GPU_CONTEXT_BYTES
     gpu, ram = fp.split(shape.n_layers)
     assert ram == fp.overhead_bytes + shape.token_embd_bytes
     with pytest.raises(ValueError, match="gpu_layers"):
@@ -286,7 +290,8 @@ def test_scaled_to_hits_the_total_and_keeps_the_invariants(fp: Footprint, total:
     assert scaled.overridden
     assert len(scaled.layer_bytes) == len(fp.layer_bytes)
     splits = [scaled.split(g) for g in range(len(fp.layer_bytes) + 1)]
-    assert all(gpu + ram == total for gpu, ram in splits)
+    assert splits[0] == (0, total)
+    assert all(gpu + ram == total + scaled.gpu_overhead_bytes for gpu, ram in splits[1:])
     assert [gpu for gpu, _ in splits] == sorted(gpu for gpu, _ in splits)
 
 

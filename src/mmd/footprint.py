@@ -92,6 +92,9 @@ class Footprint:
     compute_bytes: int  # for reporting
     overridden: bool = False
     host_fixed_bytes: int = 0  # part of fixed_bytes that stays in RAM even when fully offloaded
+    # GPU memory a process takes as soon as it uses a GPU at all (driver context,
+    # runtime buffers): on top of ``total``, which counts the model's own bytes.
+    gpu_overhead_bytes: int = 0
 
     @property
     def total(self) -> int:
@@ -101,7 +104,8 @@ class Footprint:
         """(bytes on GPU, bytes in RAM) when the last ``gpu_layers`` layers are offloaded.
 
         ``gpu_layers == 0`` -> ``(0, total)``. Any offload puts the compute buffer on the
-        GPU (llama.cpp reserves its main compute buffer there even for a partial split).
+        GPU (llama.cpp reserves its main compute buffer there even for a partial split),
+        and the process's GPU context (``gpu_overhead_bytes``, on top of ``total``).
         When all layers are offloaded the rest of the fixed part (output layer, norms)
         follows; RAM keeps the overhead and the token embedding (always on the host).
         """
@@ -114,7 +118,7 @@ class Footprint:
         if gpu_layers == n_layers:
             gpu = sum(self.layer_bytes) + self.fixed_bytes - self.host_fixed_bytes
         gpu = min(gpu, self.total - self.overhead_bytes)
-        return gpu, self.total - gpu
+        return gpu + self.gpu_overhead_bytes, self.total - gpu
 
     def scaled_to(self, total: int) -> Footprint:
         """The same shape scaled so that ``.total == total``, with ``overridden=True``."""
@@ -395,7 +399,13 @@ def estimate(
         kv_cache_bytes=sum(kv),
         compute_bytes=compute,
         host_fixed_bytes=host_fixed,
+        gpu_overhead_bytes=GPU_CONTEXT_BYTES,
     )
+
+
+# A CUDA context with cuBLAS holds a few hundred MiB of VRAM per process before any
+# model buffer; counted whenever a model touches a GPU. Measured VRAM replaces it.
+GPU_CONTEXT_BYTES = 320 * 1024 * 1024
 
 
 def default_overhead(shape: ModelShape) -> int:
