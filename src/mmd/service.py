@@ -3,187 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import logging
 import math
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
-
-from mmd import __version__
 from mmd.engine import Engine, LoadStage
-from mmd.errors import ERROR_KIND_KEY, InvalidRequest, MmdError
-from mmd.footprint import Footprint
-from mmd.planner import Placement, Plan
-from mmd.scheduler import ModelEntry, State
+from mmd.errors import InvalidRequest
+from mmd.grpc_errors import Context, streaming, unary
+from mmd.planner import Plan
+from mmd.protos import footprint_proto, health_proto, model_proto, placement_proto
+from mmd.scheduler import State
 from mmd.service_admin import AdminService
 from mmd.service_watch import WatchService
 from mmd.upstream import Final, InferParams
 from mmd.v1 import mmd_pb2 as pb
 from mmd.v1 import mmd_pb2_grpc
 
-log = logging.getLogger("mmd.service")
-
-_STATES = {
-    State.UNLOADED: pb.MODEL_STATE_UNLOADED,
-    State.LOADING: pb.MODEL_STATE_LOADING,
-    State.READY: pb.MODEL_STATE_READY,
-    State.UNLOADING: pb.MODEL_STATE_UNLOADING,
-    State.FAILED: pb.MODEL_STATE_FAILED,
-}
-
-T = TypeVar("T")
 MAX_KEEP_ALIVE_S = 365 * 24 * 3600.0
-Context = grpc.aio.ServicerContext[Any, Any]
-
-
-async def _abort(context: Context, error: Exception) -> None:
-    if isinstance(error, MmdError):
-        await context.abort(error.code, error.message, ((ERROR_KIND_KEY, error.kind),))
-    log.exception("internal error", exc_info=error)
-    await context.abort(
-        grpc.StatusCode.INTERNAL, f"internal error: {error}", ((ERROR_KIND_KEY, "internal"),)
-    )
-
-
-async def _interrupted(context: Context) -> None:
-    """A handler cancelled by the daemon, not by its client: say so instead of going silent."""
-    if context.cancelled() or context.done():
-        return
-    with contextlib.suppress(Exception):
-        await context.abort(
-            grpc.StatusCode.UNAVAILABLE,
-            "the request was interrupted (mmd is shutting down?)",
-            ((ERROR_KIND_KEY, "interrupted"),),
-        )
-
-
-def unary(
-    method: Callable[[Any, Any, Context], Awaitable[T]],
-) -> Callable[[Any, Any, Context], Awaitable[T]]:
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: Context) -> T:
-        try:
-            return await method(self, request, context)
-        except Exception as error:
-            await _abort(context, error)
-            raise  # unreachable: abort raises
-        except asyncio.CancelledError:
-            await _interrupted(context)
-            raise
-
-    return wrapper
-
-
-def streaming(
-    method: Callable[[Any, Any, Context], AsyncIterator[T]],
-) -> Callable[[Any, Any, Context], AsyncIterator[T]]:
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[T]:
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except Exception as error:
-            await _abort(context, error)
-        except asyncio.CancelledError:
-            await _interrupted(context)
-            raise
-
-    return wrapper
-
-
-def _placement(placement: Placement | None, total_layers: int) -> pb.Placement:
-    if placement is None:
-        return pb.Placement(total_layers=total_layers)
-    return pb.Placement(
-        gpu_layers=placement.gpu_layers,
-        total_layers=total_layers,
-        shares=[
-            pb.DeviceShare(device=device, bytes=size, layers=placement.layers.get(device, 0))
-            for device, size in sorted(placement.usage.items())
-        ],
-    )
-
-
-def _footprint(fp: Footprint) -> pb.Footprint:
-    return pb.Footprint(
-        weights_bytes=fp.weights_bytes,
-        kv_cache_bytes=fp.kv_cache_bytes,
-        compute_bytes=fp.compute_bytes,
-        overhead_bytes=fp.overhead_bytes,
-        total_bytes=fp.total,
-        overridden=fp.overridden,
-    )
-
-
-def _wall(engine: Engine, loop_time: float) -> float:
-    """A loop-clock instant as Unix time (0 stays 0)."""
-    return time.time() - (engine.now() - loop_time) if loop_time else 0.0
-
-
-def model_proto(engine: Engine, entry: ModelEntry) -> pb.Model:
-    spec = entry.spec
-    keep_alive = engine.core.keep_alive_of(entry)
-    model = pb.Model(
-        id=spec.id,
-        role=spec.role,
-        path=str(spec.path),
-        state=_STATES[entry.state],
-        pid=engine.pid_of(spec.id),
-        ctx=spec.ctx,
-        parallel=spec.parallel,
-        priority=spec.priority,
-        pinned=spec.pinned,
-        embedding=spec.embedding,
-        estimated_bytes=entry.footprint.total,
-        measured_bytes=sum(entry.measured.values()),
-        placement=_placement(entry.placement, len(entry.footprint.layer_bytes)),
-        active_requests=entry.active,
-        queued_requests=entry.queued,
-        last_used_unix=_wall(engine, entry.last_used),
-        ready_since_unix=_wall(engine, entry.ready_since) if entry.state == State.READY else 0,
-        keep_alive_seconds=-1.0 if spec.pinned else keep_alive,
-        unloads_at_unix=_wall(engine, entry.idle_deadline or 0.0),
-        last_error=entry.last_error,
-        footprint=_footprint(entry.footprint),
-    )
-    if entry.state == State.FAILED:
-        model.log_tail.extend(engine.log_tail(spec.id))
-    return model
-
-
-def health_proto(engine: Engine) -> pb.Health:
-    """Devices, models that are not unloaded, request counts: GetHealth and Watch's snapshot."""
-    notes = list(engine.snapshot.notes) if engine.snapshot else []
-    return pb.Health(
-        version=__version__,
-        uptime_seconds=time.time() - engine.started,
-        devices=[
-            pb.Device(
-                id=v.id,
-                kind=v.kind,
-                name=v.name,
-                total_bytes=v.total,
-                budget_bytes=v.budget,
-                mmd_bytes=v.mmd_bytes,
-                other_bytes=v.other_bytes,
-                free_bytes=v.free,
-            )
-            for v in engine.budgets
-        ],
-        models=[
-            model_proto(engine, e) for e in engine.model_entries() if e.state != State.UNLOADED
-        ],
-        active_inferences=engine.core.active_total,
-        queued_requests=engine.core.queued_total,
-        notes=notes,
-        llama_server=f"{engine.binary.path} ({engine.binary.source})",
-        max_concurrent=engine.config.scheduler.max_concurrent,
-        max_queue=engine.config.scheduler.max_queue,
-    )
 
 
 def _keep_alive(request: pb.InferRequest | pb.EmbedRequest) -> float | None:
@@ -323,16 +158,16 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         gpu_layers = request.gpu_layers if request.HasField("gpu_layers") else None
         entry = self.engine.core.entry(model_id)
         total_layers = len(entry.footprint.layer_bytes)
-        result = pb.LoadPlan(model_id=model_id, footprint=_footprint(entry.footprint))
+        result = pb.LoadPlan(model_id=model_id, footprint=footprint_proto(entry.footprint))
         if entry.state in (State.READY, State.LOADING):
             result.already_loaded = True
             result.feasible = True
-            result.placement.CopyFrom(_placement(entry.placement, total_layers))
+            result.placement.CopyFrom(placement_proto(entry.placement, total_layers))
             return result
         plan = await self.engine.plan(model_id, gpu_layers)
         if isinstance(plan, Plan):
             result.feasible = True
-            result.placement.CopyFrom(_placement(plan.placement, total_layers))
+            result.placement.CopyFrom(placement_proto(plan.placement, total_layers))
             result.evict.extend(plan.evict)
         else:
             result.reason = plan.reason

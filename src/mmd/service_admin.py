@@ -8,10 +8,9 @@ import grpc
 
 from mmd.engine import Engine
 from mmd.errors import ERROR_KIND_KEY, ConfigError, MmdError
+from mmd.grpc_errors import Context
 from mmd.reload import reload_config
 from mmd.v1 import mmd_pb2 as pb
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class AdminService:

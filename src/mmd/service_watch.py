@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-
-import grpc
 
 from mmd.engine import Engine
 from mmd.errors import InvalidRequest
 from mmd.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
-from mmd.memory import DeviceBudgetView
+from mmd.grpc_errors import Context, streaming
+from mmd.protos import STATES, device_proto, health_proto, model_proto
 from mmd.scheduler import State
 from mmd.v1 import mmd_pb2 as pb
-
-Context = grpc.aio.ServicerContext[Any, Any]
 
 DEFAULT_MEMORY_INTERVAL_S = 1.0
 # Engine samples arrive about once a second; jitter must not make a 2 s watcher skip one.
@@ -34,46 +29,9 @@ LOG_POLL_S = 0.2
 _MAX_TAIL_BYTES = 8 * 1024 * 1024
 _MAX_LINES_PER_MESSAGE = 1000
 
-_STATES = {
-    State.UNLOADED: pb.MODEL_STATE_UNLOADED,
-    State.LOADING: pb.MODEL_STATE_LOADING,
-    State.READY: pb.MODEL_STATE_READY,
-    State.UNLOADING: pb.MODEL_STATE_UNLOADING,
-    State.FAILED: pb.MODEL_STATE_FAILED,
-}
-
-Method = Callable[[Any, Any, Context], AsyncIterator[Any]]
-
-
-def _mapped(method: Method) -> Method:
-    """mmd.service's ``streaming`` error mapping, looked up late: that module imports this one."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
-        from mmd.service import streaming
-
-        async for item in streaming(method)(self, request, context):
-            yield item
-
-    return wrapper
-
-
-def device_proto(view: DeviceBudgetView) -> pb.Device:
-    return pb.Device(
-        id=view.id,
-        kind=view.kind,
-        name=view.name,
-        total_bytes=view.total,
-        budget_bytes=view.budget,
-        mmd_bytes=view.mmd_bytes,
-        other_bytes=view.other_bytes,
-        free_bytes=view.free,
-    )
-
 
 def event_proto(engine: Engine, stamp: float, event: Event) -> pb.Event:
     """One published engine event as the Watch message."""
-    from mmd.service import model_proto
 
     out = pb.Event(time_unix=stamp)
     match event:
@@ -81,7 +39,7 @@ def event_proto(engine: Engine, stamp: float, event: Event) -> pb.Event:
             out.model.CopyFrom(
                 pb.ModelEvent(
                     model_id=event.model_id,
-                    state=_STATES.get(State(event.state), pb.MODEL_STATE_UNSPECIFIED),
+                    state=STATES.get(State(event.state), pb.MODEL_STATE_UNSPECIFIED),
                     reason=event.reason,
                     for_model=event.for_model,
                     detail=event.detail,
@@ -128,7 +86,6 @@ def event_proto(engine: Engine, stamp: float, event: Event) -> pb.Event:
 def snapshot_events(engine: Engine) -> list[pb.Event]:
     """The current state: Health, then an alert for each device already above the threshold
     (its crossing was published before this watcher came)."""
-    from mmd.service import health_proto
 
     now = time.time()
     events = [pb.Event(time_unix=now, snapshot=health_proto(engine))]
@@ -211,7 +168,7 @@ def _batches(lines: list[str]) -> list[pb.LogLines]:
 class WatchService:
     engine: Engine
 
-    @_mapped
+    @streaming
     async def Watch(self, request: pb.WatchRequest, context: Context) -> Any:
         interval = request.memory_interval_seconds
         if interval < 0:
@@ -249,7 +206,7 @@ class WatchService:
         finally:
             engine.events.unsubscribe(subscription)
 
-    @_mapped
+    @streaming
     async def Logs(self, request: pb.LogsRequest, context: Context) -> Any:
         if not request.model_id:
             raise InvalidRequest("model_id is empty")

@@ -1,0 +1,74 @@
+"""Domain errors to gRPC statuses, in one place, for every servicer method."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from mmd.errors import ERROR_KIND_KEY, MmdError
+
+log = logging.getLogger("mmd.service")
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def _abort(context: Context, error: Exception) -> None:
+    if isinstance(error, MmdError):
+        await context.abort(error.code, error.message, ((ERROR_KIND_KEY, error.kind),))
+    log.exception("internal error", exc_info=error)
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error: {error}", ((ERROR_KIND_KEY, "internal"),)
+    )
+
+
+async def _interrupted(context: Context) -> None:
+    """A handler cancelled by the daemon, not by its client: say so instead of going silent."""
+    if context.cancelled() or context.done():
+        return
+    with contextlib.suppress(Exception):
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "the request was interrupted (mmd is shutting down?)",
+            ((ERROR_KIND_KEY, "interrupted"),),
+        )
+
+
+def unary(
+    method: Callable[[Any, Any, Context], Awaitable[T]],
+) -> Callable[[Any, Any, Context], Awaitable[T]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Context) -> T:
+        try:
+            return await method(self, request, context)
+        except Exception as error:
+            await _abort(context, error)
+            raise  # unreachable: abort raises
+        except asyncio.CancelledError:
+            await _interrupted(context)
+            raise
+
+    return wrapper
+
+
+def streaming(
+    method: Callable[[Any, Any, Context], AsyncIterator[T]],
+) -> Callable[[Any, Any, Context], AsyncIterator[T]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[T]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except Exception as error:
+            await _abort(context, error)
+        except asyncio.CancelledError:
+            await _interrupted(context)
+            raise
+
+    return wrapper

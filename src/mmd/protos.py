@@ -1,0 +1,113 @@
+"""Domain state as proto messages: models, placements, footprints, devices, health."""
+
+from __future__ import annotations
+
+import time
+
+from mmd import __version__
+from mmd.engine import Engine
+from mmd.footprint import Footprint
+from mmd.memory import DeviceBudgetView
+from mmd.planner import Placement
+from mmd.scheduler import ModelEntry, State
+from mmd.v1 import mmd_pb2 as pb
+
+STATES = {
+    State.UNLOADED: pb.MODEL_STATE_UNLOADED,
+    State.LOADING: pb.MODEL_STATE_LOADING,
+    State.READY: pb.MODEL_STATE_READY,
+    State.UNLOADING: pb.MODEL_STATE_UNLOADING,
+    State.FAILED: pb.MODEL_STATE_FAILED,
+}
+
+
+def placement_proto(placement: Placement | None, total_layers: int) -> pb.Placement:
+    if placement is None:
+        return pb.Placement(total_layers=total_layers)
+    return pb.Placement(
+        gpu_layers=placement.gpu_layers,
+        total_layers=total_layers,
+        shares=[
+            pb.DeviceShare(device=device, bytes=size, layers=placement.layers.get(device, 0))
+            for device, size in sorted(placement.usage.items())
+        ],
+    )
+
+
+def footprint_proto(fp: Footprint) -> pb.Footprint:
+    return pb.Footprint(
+        weights_bytes=fp.weights_bytes,
+        kv_cache_bytes=fp.kv_cache_bytes,
+        compute_bytes=fp.compute_bytes,
+        overhead_bytes=fp.overhead_bytes,
+        total_bytes=fp.total,
+        overridden=fp.overridden,
+    )
+
+
+def _wall(engine: Engine, loop_time: float) -> float:
+    """A loop-clock instant as Unix time (0 stays 0)."""
+    return time.time() - (engine.now() - loop_time) if loop_time else 0.0
+
+
+def model_proto(engine: Engine, entry: ModelEntry) -> pb.Model:
+    spec = entry.spec
+    keep_alive = engine.core.keep_alive_of(entry)
+    model = pb.Model(
+        id=spec.id,
+        role=spec.role,
+        path=str(spec.path),
+        state=STATES[entry.state],
+        pid=engine.pid_of(spec.id),
+        ctx=spec.ctx,
+        parallel=spec.parallel,
+        priority=spec.priority,
+        pinned=spec.pinned,
+        embedding=spec.embedding,
+        estimated_bytes=entry.footprint.total,
+        measured_bytes=sum(entry.measured.values()),
+        placement=placement_proto(entry.placement, len(entry.footprint.layer_bytes)),
+        active_requests=entry.active,
+        queued_requests=entry.queued,
+        last_used_unix=_wall(engine, entry.last_used),
+        ready_since_unix=_wall(engine, entry.ready_since) if entry.state == State.READY else 0,
+        keep_alive_seconds=-1.0 if spec.pinned else keep_alive,
+        unloads_at_unix=_wall(engine, entry.idle_deadline or 0.0),
+        last_error=entry.last_error,
+        footprint=footprint_proto(entry.footprint),
+    )
+    if entry.state == State.FAILED:
+        model.log_tail.extend(engine.log_tail(spec.id))
+    return model
+
+
+def health_proto(engine: Engine) -> pb.Health:
+    """Devices, models that are not unloaded, request counts: GetHealth and Watch's snapshot."""
+    notes = list(engine.snapshot.notes) if engine.snapshot else []
+    return pb.Health(
+        version=__version__,
+        uptime_seconds=time.time() - engine.started,
+        devices=[device_proto(v) for v in engine.budgets],
+        models=[
+            model_proto(engine, e) for e in engine.model_entries() if e.state != State.UNLOADED
+        ],
+        active_inferences=engine.core.active_total,
+        queued_requests=engine.core.queued_total,
+        notes=notes,
+        llama_server=f"{engine.binary.path} ({engine.binary.source})",
+        max_concurrent=engine.config.scheduler.max_concurrent,
+        max_queue=engine.config.scheduler.max_queue,
+    )
+
+
+def device_proto(view: DeviceBudgetView) -> pb.Device:
+    return pb.Device(
+        id=view.id,
+        kind=view.kind,
+        name=view.name,
+        total_bytes=view.total,
+        budget_bytes=view.budget,
+        mmd_bytes=view.mmd_bytes,
+        other_bytes=view.other_bytes,
+        free_bytes=view.free,
+    )
