@@ -67,7 +67,7 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         finally:
             load.cancel()
         entry = self.engine.core.entry(model_id)
-        yield pb.LoadProgress(stage="ready", message="ready", model=model_proto(self.engine, entry))
+        yield pb.LoadProgress(stage="ready", message="", model=model_proto(self.engine, entry))
 
     @unary
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: Context) -> Any:
