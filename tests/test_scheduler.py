@@ -783,3 +783,15 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=50, deadline=None
 )
 test_random_event_sequences = SchedulerMachine.TestCase
+
+
+def test_cancel_of_a_request_admitted_in_the_same_instant_gives_its_slot_back() -> None:
+    core = make({"a": 4}, specs={"a": {"parallel": 1}})
+    load(core, "a")
+    running = run(core, "a", 1.0)
+    waiting = queue(core, "a", 2.0)
+    # The running request ends and admits the waiting one, whose client has just gone.
+    assert admitted(core.request_done(running, 3.0)) == [waiting]
+    core.cancel(waiting, 3.0)
+    assert (core.models["a"].active, core.active_total) == (0, 0)
+    assert run(core, "a", 4.0)  # the slot is free again

@@ -259,3 +259,32 @@ def test_sixty_four_clients_three_models_every_request_accounted(
     final = health(daemon)
     assert final["active_inferences"] == 0
     assert final["queued_requests"] == 0
+
+
+def test_cancelled_clients_leave_no_slot_or_queue_entry_behind(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    config = "[scheduler]\nmax_concurrent = 1\nmax_queue = 500\n" + model(
+        "b", model_files["m50"], ctx=2048
+    )
+    daemon: Daemon = make_daemon(config)
+    infer(daemon, "b")
+    calls = [
+        daemon.stub.Infer(pb.InferRequest(model_id="b", prompt="go", max_tokens=1500))
+        for _ in range(200)
+    ]
+    assert wait_until(lambda: health(daemon)["queued_requests"] >= 150, timeout=30)
+    for call in calls:
+        call.cancel()
+    codes = set()
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        codes.add(err.value.code())
+    assert codes == {grpc.StatusCode.CANCELLED}
+    settled = wait_until(
+        lambda: (health(daemon)["active_inferences"], health(daemon)["queued_requests"]) == (0, 0),
+        timeout=15,
+    )
+    assert settled, json.dumps(health(daemon)["models"], indent=1)[:3000]
+    assert infer(daemon, "b").completion_tokens == 4

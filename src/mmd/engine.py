@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -385,12 +385,9 @@ class Engine:
         try:
             await future
         except asyncio.CancelledError:
+            # The client went away while waiting; also when it was admitted just now.
             self.waiters.pop(ticket, None)
-            if future.done() and not future.cancelled() and future.exception() is None:
-                # Admitted in the same tick the client went away: give the slot back.
-                self._apply(self.core.request_done(ticket, self.now()))
-            else:
-                self._apply(self.core.cancel(ticket, self.now()))
+            self._apply(self.core.cancel(ticket, self.now()))
             raise
         return ticket
 
@@ -480,10 +477,13 @@ class Engine:
 
     async def infer(
         self, model_id: str, params: InferParams, keep_alive: float | None = None
-    ) -> AsyncIterator[str | Final]:
+    ) -> AsyncGenerator[str | Final, None]:
         """Text pieces as they arrive, then a Final with totals and timings."""
-        async with self._slot(model_id, Kind.INFER, keep_alive) as (server, record):
-            async for item in stream_infer(server.client, model_id, params):
+        async with (
+            self._slot(model_id, Kind.INFER, keep_alive) as (server, record),
+            contextlib.aclosing(stream_infer(server.client, model_id, params)) as stream,
+        ):
+            async for item in stream:
                 now = self.now()
                 if isinstance(item, Final):
                     item.queue_ms = (record.admitted - record.arrived) * 1000

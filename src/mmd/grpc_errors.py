@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -58,13 +58,22 @@ def unary(
 
 
 def streaming(
-    method: Callable[[Any, Any, Context], AsyncIterator[T]],
-) -> Callable[[Any, Any, Context], AsyncIterator[T]]:
+    method: Callable[[Any, Any, Context], AsyncGenerator[T, None]],
+) -> Callable[[Any, Any, Context], Any]:
+    """A server-streaming method written as an async generator, served with context.write.
+
+    The generator is always closed when the call ends (aclosing): a client that goes
+    away while a message is being written cancels this coroutine, and the generator's
+    ``finally`` blocks (which give back slots, close upstream streams) run at once
+    instead of whenever the garbage collector finalizes it.
+    """
+
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[T]:
+    async def wrapper(self: Any, request: Any, context: Context) -> None:
         try:
-            async for item in method(self, request, context):
-                yield item
+            async with contextlib.aclosing(method(self, request, context)) as items:
+                async for item in items:
+                    await context.write(item)
         except Exception as error:
             await _abort(context, error)
         except asyncio.CancelledError:

@@ -76,6 +76,7 @@ class Ticket:
     kind: Kind
     arrived: float
     keep_alive: float | None = None
+    admitted: bool = False  # holds a slot (counted in active) until request_done
 
 
 # --- effects ------------------------------------------------------------------------
@@ -441,10 +442,17 @@ class Scheduler:
         return effects + self.pump(now)
 
     def cancel(self, ticket_id: int, now: float) -> list[Effect]:
-        """A queued request whose client went away (a running one ends with request_done)."""
-        ticket = self.tickets.pop(ticket_id, None)
+        """A request whose client went away before it started running.
+
+        It may have been admitted in the meantime (its client left in the same loop
+        iteration as its Admit): then its slot is given back as by request_done.
+        """
+        ticket = self.tickets.get(ticket_id)
         if ticket is None:
             return []
+        if ticket.admitted:
+            return self.request_done(ticket_id, now)
+        del self.tickets[ticket_id]
         entry = self.models[ticket.model_id]
         if ticket.kind is Kind.LOAD:
             if ticket_id in entry.load_waiters:
@@ -585,6 +593,7 @@ class Scheduler:
                 break
             entry = min(ready, key=lambda m: m.queue[0].arrived)
             ticket = entry.queue.popleft()
+            ticket.admitted = True
             entry.active += 1
             self.active_total += 1
             entry.idle_deadline = None

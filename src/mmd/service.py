@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from typing import Any
 
@@ -29,6 +30,24 @@ def _keep_alive(request: pb.InferRequest | pb.EmbedRequest) -> float | None:
     if math.isnan(seconds) or seconds == math.inf or seconds > MAX_KEEP_ALIVE_S:
         raise InvalidRequest(f"keep_alive_seconds must be at most {MAX_KEEP_ALIVE_S:g}")
     return -1.0 if seconds < 0 else seconds
+
+
+def _done_chunk(final: Final) -> pb.InferChunk:
+    return pb.InferChunk(
+        done=pb.InferDone(
+            finish_reason=final.finish_reason,
+            prompt_tokens=final.prompt_tokens,
+            completion_tokens=final.completion_tokens,
+            timings=pb.Timings(
+                queue_ms=final.queue_ms,
+                load_ms=final.load_ms,
+                first_token_ms=final.first_token_ms,
+                total_ms=final.total_ms,
+                prompt_tokens_per_second=final.prompt_per_second,
+                generation_tokens_per_second=final.generation_per_second,
+            ),
+        )
+    )
 
 
 def _require_id(model_id: str) -> str:
@@ -86,25 +105,9 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         model_id = _require_id(request.model_id)
         params = self._infer_params(request)
         keep_alive = _keep_alive(request)
-        async for item in self.engine.infer(model_id, params, keep_alive):
-            if isinstance(item, Final):
-                yield pb.InferChunk(
-                    done=pb.InferDone(
-                        finish_reason=item.finish_reason,
-                        prompt_tokens=item.prompt_tokens,
-                        completion_tokens=item.completion_tokens,
-                        timings=pb.Timings(
-                            queue_ms=item.queue_ms,
-                            load_ms=item.load_ms,
-                            first_token_ms=item.first_token_ms,
-                            total_ms=item.total_ms,
-                            prompt_tokens_per_second=item.prompt_per_second,
-                            generation_tokens_per_second=item.generation_per_second,
-                        ),
-                    )
-                )
-            else:
-                yield pb.InferChunk(text=item)
+        async with contextlib.aclosing(self.engine.infer(model_id, params, keep_alive)) as items:
+            async for item in items:
+                yield _done_chunk(item) if isinstance(item, Final) else pb.InferChunk(text=item)
 
     def _infer_params(self, request: pb.InferRequest) -> InferParams:
         limit = self.engine.config.daemon.max_prompt_bytes

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +123,7 @@ def _timings(event: dict[str, Any], final: Final) -> None:
 
 async def stream_infer(
     client: httpx.AsyncClient, model_id: str, params: InferParams
-) -> AsyncIterator[str | Final]:
+) -> AsyncGenerator[str | Final, None]:
     """Yield text pieces as they arrive, then one Final."""
     path, body = (
         ("/v1/chat/completions", _chat_body(params))
