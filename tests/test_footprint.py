@@ -19,8 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mmd.footprint import (
-    Footprint,
     GPU_CONTEXT_BYTES,
+    Footprint,
     GGUFError,
     ModelShape,
     estimate,
