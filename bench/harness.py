@@ -1,0 +1,403 @@
+"""Shared parts of the benchmarks: a real mmd daemon, a directly started llama-server
+(the floor, with the argv mmd would use), direct requests, statistics and figures."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import psutil
+
+from mmd.runtime import LaunchSpec, LlamaBinary, build_argv, probe_binary, resolve_llama_server
+from mmd.upstream import InferParams, _completion_body
+from mmd.v1 import mmd_pb2 as pb
+from mmd.v1 import mmd_pb2_grpc
+
+PROMPT = "The quick brown fox jumps over the lazy dog."
+START_TIMEOUT_S = 60.0
+
+
+# ---------------------------------------------------------------- statistics and figures
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median and spread of repeated measurements."""
+
+    median: float
+    low: float  # p5, or the minimum for few samples
+    high: float  # p95, or the maximum
+    n: int
+    kind: str  # "p5-p95" or "min-max"
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        if len(values) >= 20:
+            return cls(
+                percentile(values, 50),
+                percentile(values, 5),
+                percentile(values, 95),
+                len(values),
+                "p5-p95",
+            )
+        return cls(percentile(values, 50), min(values), max(values), len(values), "min-max")
+
+    def text(self, digits: int = 1) -> str:
+        if self.n == 1:
+            return f"{self.median:.{digits}f}"
+        return f"{self.median:.{digits}f} [{self.low:.{digits}f}-{self.high:.{digits}f}]"
+
+
+@dataclass
+class Figure:
+    """One row of the results table: a measurement of mmd against its floor."""
+
+    benchmark: str
+    metric: str
+    unit: str
+    mmd: Spread
+    floor: Spread | None
+    target: str
+    passed: bool | None  # None: informational
+    ratio: float | None = None  # mmd / floor unless given
+    digits: int = 1
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ratio is None and self.floor is not None and self.floor.median:
+            self.ratio = self.mmd.median / self.floor.median
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark,
+            "metric": self.metric,
+            "unit": self.unit,
+            "mmd": vars(self.mmd),
+            "floor": vars(self.floor) if self.floor else None,
+            "ratio": self.ratio,
+            "target": self.target,
+            "passed": self.passed,
+            "note": self.note,
+        }
+
+
+# ---------------------------------------------------------------- processes
+
+
+def python_bin(name: str) -> list[str]:
+    """argv for a console script installed next to this interpreter (else ``-m``)."""
+    script = Path(sys.executable).parent / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", name]
+
+
+def timed_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Wall time (ms) of a command and its stdout; raises when it fails."""
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, env=env, timeout=120, check=False)
+    elapsed = (time.perf_counter() - start) * 1000
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} failed: {done.stderr.decode()[-500:]}")
+    return elapsed, done.stdout.decode()
+
+
+@dataclass
+class Daemon:
+    """A real mmd process in a directory of its own."""
+
+    root: Path
+    models_toml: str
+    settings_toml: str = ""
+    process: subprocess.Popen[bytes] | None = None
+    channel: grpc.Channel | None = None
+    start_ms: float = 0.0
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "run" / "mmd.sock"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "mmd.toml"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("MMD_CONFIG", None)
+        env["MMD_SOCKET"] = str(self.socket)
+        return env
+
+    def start(self) -> Daemon:
+        self.root.mkdir(parents=True, exist_ok=True)
+        header = textwrap.dedent(
+            f"""
+            [daemon]
+            socket = "{self.socket}"
+            log_dir = "{self.root / "logs"}"
+            state_dir = "{self.root / "state"}"
+            load_timeout = "60s"
+            stop_grace = "5s"
+            drain_timeout = "2s"
+            """
+        )
+        self.config_path.write_text(header + self.settings_toml + "\n" + self.models_toml)
+        began = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mmd", "--config", str(self.config_path)],
+            stdout=(self.root / "daemon.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+        )
+        self._wait_serving()
+        self.start_ms = (time.perf_counter() - began) * 1000
+        return self
+
+    def _wait_serving(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        assert self.process is not None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log = (self.root / "daemon.log").read_text()[-2000:]
+                raise RuntimeError(f"mmd exited at start: {log}")
+            if self.socket.exists():
+                with contextlib.suppress(grpc.RpcError):
+                    self.stub.GetHealth(pb.GetHealthRequest(), timeout=2)
+                    return
+            time.sleep(0.005)
+        raise RuntimeError("mmd did not serve in time")
+
+    @property
+    def stub(self) -> mmd_pb2_grpc.ModelManagerStub:
+        if self.channel is None:
+            self.channel = grpc.insecure_channel(f"unix:{self.socket}")
+        return mmd_pb2_grpc.ModelManagerStub(self.channel)
+
+    def load(self, model_id: str) -> pb.Model:
+        model = None
+        for progress in self.stub.LoadModel(pb.LoadModelRequest(model_id=model_id), timeout=120):
+            if progress.HasField("model"):
+                model = progress.model
+        assert model is not None, f"no model in the load reply for {model_id}"
+        return model
+
+    def model(self, model_id: str) -> pb.Model:
+        models = self.stub.ListModels(pb.ListModelsRequest(), timeout=30).models
+        return next(m for m in models if m.id == model_id)
+
+    def health(self) -> pb.Health:
+        return self.stub.GetHealth(pb.GetHealthRequest(), timeout=30)
+
+    def rss_bytes(self) -> int:
+        assert self.process is not None
+        return int(psutil.Process(self.process.pid).memory_info().rss)
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def infer_via_stub(
+    stub: mmd_pb2_grpc.ModelManagerStub, model_id: str, max_tokens: int, prompt: str = PROMPT
+) -> tuple[float, float, int]:
+    """(total ms, first-token ms, completion tokens) of one Infer through mmd."""
+    request = pb.InferRequest(model_id=model_id, prompt=prompt, max_tokens=max_tokens)
+    start = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    for chunk in stub.Infer(request, timeout=120):
+        if chunk.HasField("done"):
+            tokens = chunk.done.completion_tokens
+        elif not first:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return (end - start) * 1000, (first - start) * 1000 if first else 0.0, tokens
+
+
+# ---------------------------------------------------------------- the floor: llama-server alone
+
+
+def completion_body(max_tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
+    """The exact body mmd sends to llama-server for a plain prompt."""
+    return _completion_body(InferParams(prompt=prompt, max_tokens=max_tokens))
+
+
+def read_stream(lines: Iterator[str]) -> tuple[float, int]:
+    """Consume an SSE /completion stream: (perf_counter at the first text, tokens predicted)."""
+    first = 0.0
+    tokens = 0
+    for line in lines:
+        if not line.startswith("data: "):
+            continue
+        event = json.loads(line[6:])
+        if event.get("content") and not first:
+            first = time.perf_counter()
+        if event.get("stop"):
+            tokens = int(event.get("tokens_predicted", 0))
+            break
+    return first, tokens
+
+
+def uds_client(socket: Path, **kw: Any) -> httpx.Client:
+    return httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(socket)),
+        base_url="http://llama-server",
+        timeout=httpx.Timeout(120.0),
+        **kw,
+    )
+
+
+def infer_direct(client: httpx.Client, max_tokens: int) -> tuple[float, float, int]:
+    """(total ms, first-token ms, tokens) of the same request sent straight to llama-server."""
+    body = completion_body(max_tokens)
+    start = time.perf_counter()
+    for attempt in range(2):  # a keep-alive connection the server just closed: once more
+        try:
+            with client.stream("POST", "/completion", json=body) as response:
+                first, tokens = read_stream(response.iter_lines())
+            break
+        except httpx.RemoteProtocolError:
+            if attempt:
+                raise
+    end = time.perf_counter()
+    return (end - start) * 1000, (first - start) * 1000 if first else 0.0, tokens
+
+
+@dataclass
+class Runtime:
+    """The llama-server binary exactly as mmd resolves and probes it."""
+
+    binary: LlamaBinary
+    version: str
+    supports_fit: bool
+
+    @classmethod
+    def resolve(cls) -> Runtime:
+        binary = resolve_llama_server(None)
+        version, options = probe_binary(binary)
+        return cls(binary, version, "--fit" in options)
+
+    def spec(
+        self, model_id: str, path: Path, workdir: Path, *, ctx: int, parallel: int, layers: int = 0
+    ) -> LaunchSpec:
+        return LaunchSpec(
+            model_id=model_id,
+            model_path=path,
+            socket=workdir / f"{model_id}-{time.monotonic_ns()}.sock",
+            log_path=workdir / f"{model_id}.log",
+            ctx=ctx,
+            parallel=parallel,
+            gpu_layers=layers,
+            supports_fit=self.supports_fit,
+        )
+
+
+@dataclass
+class DirectServer:
+    """llama-server started with mmd's argv, without mmd."""
+
+    runtime: Runtime
+    spec: LaunchSpec
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    ready_at: float = 0.0
+    argv: list[str] = field(default_factory=list)
+
+    def spawn(self) -> None:
+        self.argv = build_argv(self.runtime.binary.path, self.spec)
+        with self.spec.log_path.open("ab") as log:
+            self.started_at = time.perf_counter()
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.runtime.binary.env,
+                start_new_session=True,
+            )
+
+    def wait_ready(self, client: httpx.Client, poll_s: float = 0.005) -> None:
+        """Poll /health until 200, as mmd does (every 5 ms)."""
+        assert self.process is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama-server exited {self.process.returncode}")
+            if self.spec.socket.exists():
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get("/health").status_code == 200:
+                        self.ready_at = time.perf_counter()
+                        return
+            time.sleep(poll_s)
+        raise RuntimeError("llama-server was not ready in time")
+
+    def start(self) -> DirectServer:
+        self.spawn()
+        with uds_client(self.spec.socket) as client:
+            self.wait_ready(client)
+        return self
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return uds_client(self.spec.socket, **kw)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        with contextlib.suppress(FileNotFoundError):
+            self.spec.socket.unlink()
+
+
+def child_argv_matches(pid: int, floor_argv: list[str]) -> bool:
+    """Whether mmd's child runs the floor's argv (ignoring the socket and the pdeathsig wrapper)."""
+    try:
+        argv = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+    if "--" in argv:
+        argv = argv[argv.index("--") + 1 :]
+
+    def normalised(args: list[str]) -> list[str]:
+        out = list(args)
+        for flag in ("--host", "--alias"):
+            if flag in out:
+                out[out.index(flag) + 1] = "*"
+        return out
+
+    return normalised(argv) == normalised(floor_argv)
