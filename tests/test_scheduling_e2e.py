@@ -288,3 +288,37 @@ def test_cancelled_clients_leave_no_slot_or_queue_entry_behind(
     )
     assert settled, json.dumps(health(daemon)["models"], indent=1)[:3000]
     assert infer(daemon, "b").completion_tokens == 4
+
+
+def test_a_burst_beyond_the_transports_pending_limit_is_served_in_full(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    """grpc-core's own pending-call limit (1,000 by default) must not cancel a burst."""
+    import asyncio
+    from collections import Counter
+
+    from mmd.v1 import mmd_pb2_grpc
+
+    config = "[scheduler]\nmax_concurrent = 2\nmax_queue = 5000\n" + model(
+        "t", model_files["tiny"], parallel=2
+    )
+    daemon: Daemon = make_daemon(config)
+
+    async def burst(count: int) -> Counter[str]:
+        outcomes: Counter[str] = Counter()
+        async with grpc.aio.insecure_channel(f"unix:{daemon.socket}") as channel:
+            stub = mmd_pb2_grpc.ModelManagerStub(channel)
+            request = pb.InferRequest(model_id="t", prompt="go", max_tokens=2)
+
+            async def one() -> None:
+                try:
+                    async for _ in stub.Infer(request, timeout=300):
+                        pass
+                    outcomes["ok"] += 1
+                except grpc.RpcError as err:
+                    outcomes[err.code().name] += 1
+
+            await asyncio.gather(*(one() for _ in range(count)))
+        return outcomes
+
+    assert asyncio.run(burst(2000)) == Counter(ok=2000)

@@ -37,6 +37,9 @@ from mmd.v1 import mmd_pb2, mmd_pb2_grpc
 
 log = logging.getLogger("mmd")
 
+# Calls the transport holds before mmd's handlers pick them up (see serve()).
+_MAX_PENDING_CALLS = 1_000_000
+
 EXIT_CONFIG = 2
 EXIT_IN_USE = 3
 EXIT_RUNTIME = 4
@@ -105,6 +108,12 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # grpc-core randomly cancels calls the application has not picked up yet once
+            # more than 1,000 wait (all of them past 3,000): a burst of requests would see
+            # a bare CANCELLED. mmd bounds its own queue ([scheduler] max_queue) and refuses
+            # beyond it with RESOURCE_EXHAUSTED, so the transport must not refuse first.
+            ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
         ]
     )
     mmd_pb2_grpc.add_ModelManagerServicer_to_server(ModelManager(engine), server)
