@@ -47,7 +47,7 @@ _STATE_STAGES = frozenset({"loading", "ready", "failed", "unloading", "unloaded"
 
 # How long to wait for freed memory to show as free after an eviction.
 _SETTLE_TIMEOUT_S = 5.0
-_SETTLE_POLL_S = 0.05
+_SETTLE_POLL_S = 0.01
 
 
 def footprint_for(spec: ModelSpec) -> Footprint:
@@ -270,7 +270,7 @@ class Engine:
         """Drivers report frees late: wait (bounded) until the planned bytes show as free."""
         deadline = self.now() + _SETTLE_TIMEOUT_S
         while self.now() < deadline:
-            snapshot = await self.probe.read_async()
+            snapshot = await self.probe.read_async(fresh=True)
             free = {d.id: d.free for d in snapshot.devices}
             if all(free.get(dev, 0) >= need for dev, need in placement.usage.items()):
                 return

@@ -163,18 +163,23 @@ class MemoryProbe:
         self._cached: MemorySnapshot | None = None
         self._inflight: asyncio.Task[MemorySnapshot] | None = None
 
-    def read(self) -> MemorySnapshot:
-        """A snapshot no older than ``max_age`` (blocking: NVML calls may take milliseconds)."""
+    def read(self, *, fresh: bool = False) -> MemorySnapshot:
+        """A snapshot no older than ``max_age`` (blocking: NVML calls may take milliseconds).
+
+        ``fresh`` takes a new reading whatever the cache holds (after a stop, say).
+        """
         with self._lock:
-            cached = self._fresh()
+            cached = None if fresh else self._fresh()
             if cached is not None:
                 return cached
             snapshot = self._take_snapshot()
             self._cached = snapshot
             return snapshot
 
-    async def read_async(self) -> MemorySnapshot:
+    async def read_async(self, *, fresh: bool = False) -> MemorySnapshot:
         """:meth:`read` in a worker thread; concurrent callers share one in-flight read."""
+        if fresh:
+            return await asyncio.to_thread(self.read, fresh=True)
         cached = self._fresh()
         if cached is not None:
             return cached

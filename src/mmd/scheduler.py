@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -128,7 +128,9 @@ class ModelEntry:
     spec: ModelSpec
     footprint: Footprint
     state: State = State.UNLOADED
-    queue: deque[Ticket] = field(default_factory=deque)
+    # Waiting requests in arrival order, by ticket id: a client that leaves is removed in
+    # O(1) even from a queue of thousands.
+    queue: OrderedDict[int, Ticket] = field(default_factory=OrderedDict)
     load_waiters: list[int] = field(default_factory=list)
     active: int = 0
     last_used: float = 0.0
@@ -161,6 +163,11 @@ class ModelEntry:
     @property
     def queued(self) -> int:
         return len(self.queue)
+
+    @property
+    def head_arrival(self) -> float:
+        """When the oldest waiting request arrived (the queue must not be empty)."""
+        return next(iter(self.queue.values())).arrived
 
 
 class Scheduler:
@@ -274,7 +281,7 @@ class Scheduler:
             self._check_may_load(entry, now)
         ticket = Ticket(next(self._ids), model_id, kind, now, keep_alive)
         self.tickets[ticket.id] = ticket
-        entry.queue.append(ticket)
+        entry.queue[ticket.id] = ticket
         entry.idle_deadline = None
         effects: list[Effect] = []
         if entry.state in (State.UNLOADED, State.FAILED):
@@ -366,10 +373,10 @@ class Scheduler:
         return self._refuse(entry, InsufficientMemory(plan.reason))
 
     def _refuse(self, entry: ModelEntry, error: MmdError) -> list[Effect]:
-        effects: list[Effect] = [Fail(t.id, error) for t in entry.queue]
+        effects: list[Effect] = [Fail(t, error) for t in entry.queue]
         effects += [Fail(t, error) for t in entry.load_waiters]
-        for ticket in entry.queue:
-            self.tickets.pop(ticket.id, None)
+        for ticket_id in entry.queue:
+            self.tickets.pop(ticket_id, None)
         for ticket_id in entry.load_waiters:
             self.tickets.pop(ticket_id, None)
         entry.queue.clear()
@@ -458,8 +465,7 @@ class Scheduler:
             if ticket_id in entry.load_waiters:
                 entry.load_waiters.remove(ticket_id)
             return []
-        if ticket in entry.queue:
-            entry.queue.remove(ticket)
+        entry.queue.pop(ticket_id, None)
         effects: list[Effect] = []
         if entry.state == State.READY and entry.active == 0 and not entry.queue:
             effects += self._arm_idle(entry, now, None)
@@ -544,9 +550,9 @@ class Scheduler:
             entry.crashes = 0
             return []
         aborted = RequestAborted(f"model {model_id!r} was unloaded by an operator")
-        effects: list[Effect] = [Fail(t.id, aborted) for t in entry.queue]
-        for ticket in entry.queue:
-            self.tickets.pop(ticket.id, None)
+        effects: list[Effect] = [Fail(t, aborted) for t in entry.queue]
+        for ticket_id in entry.queue:
+            self.tickets.pop(ticket_id, None)
         entry.queue.clear()
         if entry.state == State.LOADING:
             effects += self._refuse(entry, aborted)
@@ -591,8 +597,8 @@ class Scheduler:
             ready = [m for m in self.models.values() if m.queue and self._may_admit(m)]
             if not ready:
                 break
-            entry = min(ready, key=lambda m: m.queue[0].arrived)
-            ticket = entry.queue.popleft()
+            entry = min(ready, key=lambda m: m.head_arrival)
+            _, ticket = entry.queue.popitem(last=False)
             ticket.admitted = True
             entry.active += 1
             self.active_total += 1
