@@ -120,6 +120,7 @@ class Engine:
         self.progress: dict[str, list[asyncio.Queue[LoadStage]]] = {}
         self.budgets: list[DeviceBudgetView] = []
         self.events = EventBus()
+        self._children_usage: dict[str, dict[str, int]] = {}  # model -> device -> bytes
         self._above_alert: set[str] = set()
         self.snapshot: MemorySnapshot | None = None
         self.started = time.time()
@@ -312,13 +313,20 @@ class Engine:
 
     # --- memory ---------------------------------------------------------------------
 
-    async def refresh_memory(self) -> None:
-        """Read the devices and the children's use; update the scheduler's budgets."""
+    async def refresh_memory(self, *, measure_children: bool = True) -> None:
+        """Read the devices and the children's use; update the scheduler's budgets.
+
+        Measuring every child (PSS) takes milliseconds: a request that needs a load
+        reuses the sampler's last measurement (a child started since then is not in it,
+        which only makes the budget smaller).
+        """
         snapshot = await self.probe.read_async()
-        children = {m: s.pid for m, s in self.servers.items() if s.pid}
-        usages = await asyncio.to_thread(
-            lambda: {m: self.probe.process_usage(pid) for m, pid in children.items()}
-        )
+        if measure_children:
+            children = {m: s.pid for m, s in self.servers.items() if s.pid}
+            self._children_usage = await asyncio.to_thread(
+                lambda: {m: self.probe.process_usage(pid) for m, pid in children.items()}
+            )
+        usages = {m: u for m, u in self._children_usage.items() if m in self.servers}
         mmd_usage: dict[str, int] = {}
         for model_id, usage in usages.items():
             if self.servers.get(model_id) and model_id in self.core.models:
@@ -375,7 +383,7 @@ class Engine:
     ) -> int:
         entry = self.core.entry(model_id)
         if entry.state != State.READY:
-            await self.refresh_memory()
+            await self.refresh_memory(measure_children=False)
         ticket, effects = self.core.submit(
             model_id, kind, self.now(), keep_alive=keep_alive, gpu_layers=gpu_layers
         )
