@@ -286,7 +286,9 @@ class Scheduler:
         effects: list[Effect] = []
         if entry.state in (State.UNLOADED, State.FAILED):
             effects += self._start_load(entry, now)
-        effects += self.pump(now)
+        # Only this model's queue changed: nothing else became admissible (a full pump
+        # per request would cost O(models) each, with thousands arriving at once).
+        effects += self._admit_waiting(entry)
         return ticket.id, effects
 
     def _can_run_now(self, entry: ModelEntry) -> bool:
@@ -466,10 +468,12 @@ class Scheduler:
                 entry.load_waiters.remove(ticket_id)
             return []
         entry.queue.pop(ticket_id, None)
-        effects: list[Effect] = []
+        # A request that never ran frees no capacity: no pump (a thousand clients leaving
+        # at once must not cost a thousand scans of the registry). A model left draining
+        # for a waiter that is gone is released at the next pump.
         if entry.state == State.READY and entry.active == 0 and not entry.queue:
-            effects += self._arm_idle(entry, now, None)
-        return effects + self.pump(now)
+            return self._arm_idle(entry, now, None)
+        return []
 
     def _arm_idle(self, entry: ModelEntry, now: float, keep_alive: float | None) -> list[Effect]:
         entry.idle_keep_alive = keep_alive
@@ -597,19 +601,32 @@ class Scheduler:
             ready = [m for m in self.models.values() if m.queue and self._may_admit(m)]
             if not ready:
                 break
-            entry = min(ready, key=lambda m: m.head_arrival)
-            _, ticket = entry.queue.popitem(last=False)
-            ticket.admitted = True
-            entry.active += 1
-            self.active_total += 1
-            entry.idle_deadline = None
-            if entry.drain_for is not None:
-                entry.admitted_while_draining += 1
-            effects.append(Admit(ticket.id))
+            effects.append(self._admit_head(min(ready, key=lambda m: m.head_arrival)))
         for entry in self.models.values():
             if self._waits_for_room(entry.spec.id):
                 effects += self._start_load(entry, now)
         return effects
+
+    def _admit_waiting(self, entry: ModelEntry) -> list[Effect]:
+        """Admit from one model's queue while it and the global cap allow."""
+        effects: list[Effect] = []
+        while (
+            entry.queue
+            and self.active_total < self.settings.max_concurrent
+            and self._may_admit(entry)
+        ):
+            effects.append(self._admit_head(entry))
+        return effects
+
+    def _admit_head(self, entry: ModelEntry) -> Admit:
+        _, ticket = entry.queue.popitem(last=False)
+        ticket.admitted = True
+        entry.active += 1
+        self.active_total += 1
+        entry.idle_deadline = None
+        if entry.drain_for is not None:
+            entry.admitted_while_draining += 1
+        return Admit(ticket.id)
 
     def _waits_for_room(self, model_id: str) -> bool:
         """Requests wait for this model, whose load waits for room (a FAILED one after a
