@@ -735,6 +735,13 @@ class SchedulerMachine(RuleBasedStateMachine):
     def cancel_unload(self, model_id: str) -> None:
         self.apply(self.core.cancel_unload(model_id, self.now))
 
+    @rule(dt=st.sampled_from([1.0, 6.0]))
+    def sample(self, dt: float) -> None:
+        """The engine pumps after each memory sample (once a second): time-based
+        conditions such as min_residency are re-checked there."""
+        self.now += dt
+        self.apply(self.core.pump(self.now))
+
     @rule(low=st.booleans())
     def memory_pressure(self, low: bool) -> None:
         self.core.update_devices(self.core.devices, frozenset({"ram"} if low else ()))
@@ -774,6 +781,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             for ticket in sorted(self.running):
                 del self.running[ticket]
                 self.apply(self.core.request_done(ticket, self.now))
+            self.apply(self.core.pump(self.now))  # the engine's once-a-second sample
             self.counters_and_memory_hold()
         assert (self.running, self.core.active_total) == ({}, 0)
         assert set(self.kinds) == set(self.outcome), set(self.kinds) - set(self.outcome)
