@@ -80,8 +80,9 @@ class EventBus:
     capacity: int = DEFAULT_BUFFER
     subscribers: list[Subscription] = field(default_factory=list)
 
-    def subscribe(self) -> Subscription:
-        subscription = Subscription(asyncio.Queue(self.capacity))
+    def subscribe(self, capacity: int | None = None) -> Subscription:
+        """A new watcher's buffer: ``capacity`` events (default: the bus's)."""
+        subscription = Subscription(asyncio.Queue(capacity or self.capacity))
         self.subscribers.append(subscription)
         return subscription
 

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from mmd import __version__
 from mmd.config import parse_listen
 from mmd.errors import ConfigError
-from mmd.events import AlertCrossed, Event, EventBus, ModelChanged, RequestFinished, Subscription
+from mmd.events import AlertCrossed, Event, ModelChanged, RequestFinished, Subscription
 from mmd.scheduler import State
 
 if TYPE_CHECKING:
@@ -191,12 +191,6 @@ class EngineCollector(Collector):
         )
 
 
-def subscribe_large(bus: EventBus) -> Subscription:
-    subscription = Subscription(asyncio.Queue(SUBSCRIPTION_BUFFER))
-    bus.subscribers.append(subscription)
-    return subscription
-
-
 class MetricsServer:
     """The registry, the task that feeds it, and the HTTP endpoint."""
 
@@ -216,7 +210,7 @@ class MetricsServer:
         return int(self.server.sockets[0].getsockname()[1])
 
     async def start(self, host: str, port: int) -> None:
-        self._subscription = subscribe_large(self.engine.events)
+        self._subscription = self.engine.events.subscribe(SUBSCRIPTION_BUFFER)
         self._feeder = asyncio.get_running_loop().create_task(self._feed(self._subscription))
         self.server = await asyncio.start_server(self._handle, host, port, limit=8192)
 

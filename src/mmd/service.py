@@ -109,15 +109,18 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
             async for item in items:
                 yield _done_chunk(item) if isinstance(item, Final) else pb.InferChunk(text=item)
 
-    def _infer_params(self, request: pb.InferRequest) -> InferParams:
+    def _check_size(self, what: str, size: int) -> None:
         limit = self.engine.config.daemon.max_prompt_bytes
+        if size > limit:
+            raise InvalidRequest(f"{what} is {size} bytes; the limit is {limit} (max_prompt_bytes)")
+
+    def _infer_params(self, request: pb.InferRequest) -> InferParams:
         messages = tuple((m.role or "user", m.content) for m in request.messages)
         size = len(request.prompt.encode()) + sum(len(c.encode()) for _, c in messages)
         size += len(request.system.encode())
         if not request.prompt.strip() and not any(c.strip() for _, c in messages):
             raise InvalidRequest("empty prompt")
-        if size > limit:
-            raise InvalidRequest(f"prompt is {size} bytes; the limit is {limit} (max_prompt_bytes)")
+        self._check_size("prompt", size)
         for role, _ in messages:
             if role not in ("system", "user", "assistant"):
                 raise InvalidRequest(f"unknown message role {role!r}")
@@ -141,10 +144,7 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         inputs = list(request.input)
         if not inputs or not all(text.strip() for text in inputs):
             raise InvalidRequest("empty input")
-        limit = self.engine.config.daemon.max_prompt_bytes
-        size = sum(len(text.encode()) for text in inputs)
-        if size > limit:
-            raise InvalidRequest(f"input is {size} bytes; the limit is {limit} (max_prompt_bytes)")
+        self._check_size("input", sum(len(text.encode()) for text in inputs))
         keep_alive = _keep_alive(request)
         vectors, tokens = await self.engine.embed(model_id, inputs, keep_alive)
         return pb.EmbedResponse(
