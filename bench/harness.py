@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -113,14 +114,37 @@ def python_bin(name: str) -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", name]
 
 
-def timed_run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
-    """Wall time (ms) of a command and its stdout; raises when it fails."""
-    start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, env=env, timeout=120, check=False)
-    elapsed = (time.perf_counter() - start) * 1000
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:3])} failed: {done.stderr.decode()[-500:]}")
-    return elapsed, done.stdout.decode()
+def timed_run(
+    argv: list[str], env: dict[str, str] | None = None, terminal: bool = False
+) -> tuple[float, str]:
+    """Wall time (ms) of a command and its stdout; raises when it fails.
+
+    With `terminal`, stdout is a pseudo-terminal, as when a person runs the command.
+    """
+    if not terminal:
+        start = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, env=env, timeout=120, check=False)
+        elapsed = (time.perf_counter() - start) * 1000
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:3])} failed: {done.stderr.decode()[-500:]}")
+        return elapsed, done.stdout.decode()
+    master, slave = pty.openpty()
+    try:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=slave, stderr=subprocess.PIPE, env=env)
+        os.close(slave)
+        chunks = []
+        with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+            while chunk := os.read(master, 65536):
+                chunks.append(chunk)
+        returncode = proc.wait(timeout=120)
+        elapsed = (time.perf_counter() - start) * 1000
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+    finally:
+        os.close(master)
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} failed: {stderr[-500:]}")
+    return elapsed, b"".join(chunks).decode(errors="replace")
 
 
 @dataclass

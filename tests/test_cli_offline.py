@@ -275,6 +275,27 @@ def test_ps_shows_models_that_are_not_unloaded(socket_path: Path) -> None:
     assert "broken failed: exit code 1" in result.stdout
 
 
+def test_piped_tables_are_plain_aligned_columns() -> None:
+    table = render.TextTable(["ID", "STATE", "PATH"], state_column=1)
+    table.rows.append(["chat[1]", "ready", "/models/a b.gguf"])
+    table.rows.append(["e", "failed", "-"])
+    text = render.plain_table(table)
+    assert text == (
+        "ID       STATE   PATH\n"
+        "chat[1]  ready   /models/a b.gguf\n"
+        "e        failed  -\n"
+    )
+
+
+def test_piped_ps_has_no_escape_codes_and_is_not_cut_to_80_columns(socket_path: Path) -> None:
+    result = invoke(socket_path, "ps")
+    assert "\x1b[" not in result.stdout
+    header = result.stdout.splitlines()[0]
+    assert header.split() == (
+        "ID STATE PID PLACEMENT MEM EST MEM MEASURED CTX SLOTS QUEUED LAST USED".split()
+    )
+
+
 def test_relative_time() -> None:
     assert render.relative_time(0, now=1000.0) == "never"
     assert render.relative_time(997.0, now=1000.0) == "3s ago"

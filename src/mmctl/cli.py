@@ -21,6 +21,7 @@ from mmctl.client import (
     MmdClient,
     exit_code_for,
 )
+from mmctl.options import finite
 from mmd import paths
 from mmd.units import parse_duration
 from mmd.v1 import mmd_pb2
@@ -290,6 +291,7 @@ def unload(
             "--timeout",
             metavar="SECONDS",
             min=0.0,
+            callback=finite,
             help="How long to wait for in-flight requests [default: the daemon's].",
         ),
     ] = None,
@@ -333,7 +335,14 @@ def infer(
     ] = None,
     temperature: Annotated[
         float | None,
-        typer.Option("--temperature", metavar="T", min=0.0, max=5.0, help="Sampling temperature."),
+        typer.Option(
+            "--temperature",
+            metavar="T",
+            min=0.0,
+            max=5.0,
+            callback=finite,
+            help="Sampling temperature.",
+        ),
     ] = None,
     keep_alive: KeepAlive = None,
     json_out: Annotated[

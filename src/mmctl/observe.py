@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 
 from mmctl import render
 from mmctl.client import EXIT_UNREACHABLE, CliError, MmdClient, cli_error_for
+from mmctl.options import finite
 from mmd import paths
 from mmd.units import format_size
 from mmd.v1 import mmd_pb2 as pb
@@ -29,6 +30,7 @@ Interval = Annotated[
         "--interval",
         metavar="SECONDS",
         min=0.0,
+        callback=finite,
         help="Seconds between memory samples (the daemon samples once a second).",
     ),
 ]

@@ -1,16 +1,17 @@
 """Output: protos as JSON-ready dicts with stable snake_case keys, and human-readable views.
 
-rich is imported only by the functions that draw tables, so commands that print
-JSON or plain lines start without it.
+rich is imported only when a table is drawn on a terminal, so commands that print
+JSON, plain lines or piped tables start without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
@@ -182,58 +183,100 @@ def model_summary(model: mmd_pb2.Model) -> str:
 
 # ---------------------------------------------------------------------------
 # Tables
+#
+# On a terminal tables are drawn with rich, in colour. Piped output goes to
+# scripts (`mmctl ps | awk ...`): it gets the same columns as plain text, never
+# wrapped or cut to a terminal width, with no escape codes, and without the
+# cost of importing rich on every call of a script's loop.
 
 
-def _stdout_console() -> Console:
-    from rich.console import Console
+@dataclasses.dataclass
+class TextTable:
+    """Rows of plain cells; `state_column` is the column coloured by model state."""
 
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        # Piped output is read by people with wide terminals and by scripts: do not wrap at 80.
-        console.width = max(console.width, 200)
-    return console
+    headers: Sequence[str]
+    rows: list[Sequence[str]] = dataclasses.field(default_factory=list)
+    state_column: int | None = None
 
 
-def _table(headers: Sequence[str]) -> Table:
+class _Output:
+    """Where tables and lines go: rich on a terminal, plain text otherwise."""
+
+    def __init__(self) -> None:
+        self.console: Console | None = None
+        if sys.stdout.isatty():
+            from rich.console import Console
+
+            self.console = Console(highlight=False)
+
+    def line(self, text: str = "", style: str = "") -> None:
+        if self.console is None:
+            sys.stdout.write(text + "\n")
+            return
+        from rich.text import Text
+
+        self.console.print(Text(text, style=style))
+
+    def table(self, table: TextTable) -> None:
+        if self.console is None:
+            sys.stdout.write(plain_table(table))
+            return
+        self.console.print(_rich_table(table))
+
+
+def plain_table(table: TextTable) -> str:
+    """Columns left-aligned and two spaces apart, as the terminal view draws them."""
+    widths = [len(header) for header in table.headers]
+    for row in table.rows:
+        widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+        for cells in [table.headers, *table.rows]
+    ]
+    return "".join(line + "\n" for line in lines)
+
+
+def _rich_table(table: TextTable) -> Table:
     from rich.table import Table
-
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for header in headers:
-        table.add_column(header, no_wrap=header != "PATH")
-    return table
-
-
-def _add_row(table: Table, cells: Iterable[str], state_column: int | None = None) -> None:
-    # Text cells: a model id or path containing "[...]" must not be read as rich markup.
     from rich.text import Text
 
-    row = [Text(cell) for cell in cells]
-    if state_column is not None:
-        row[state_column].stylize(_STATE_STYLES.get(row[state_column].plain, ""))
-    table.add_row(*row)
+    drawn = Table(box=None, pad_edge=False, header_style="bold")
+    for header in table.headers:
+        drawn.add_column(header, no_wrap=header != "PATH")
+    for cells in table.rows:
+        # Text cells: a model id or path containing "[...]" must not be read as rich markup.
+        row = [Text(cell) for cell in cells]
+        if table.state_column is not None:
+            state = row[table.state_column]
+            state.stylize(_STATE_STYLES.get(state.plain, ""))
+        drawn.add_row(*row)
+    return drawn
 
 
 def print_models(models: Sequence[mmd_pb2.Model]) -> None:
     """`mmctl models`: the registry."""
-    console = _stdout_console()
+    out = _Output()
     if not models:
-        console.print("no models in the registry")
+        out.line("no models in the registry")
         return
-    table = _table(["ID", "ROLE", "STATE", "MEMORY EST", "PATH"])
+    table = TextTable(["ID", "ROLE", "STATE", "MEMORY EST", "PATH"], state_column=2)
     for model in models:
-        state = state_name(model.state)
         flags = [name for name in ("pinned", "embedding") if getattr(model, name)]
         role = (model.role or "-") + (f" ({', '.join(flags)})" if flags else "")
-        _add_row(
-            table,
-            [model.id, role, state, size_or_dash(model.estimated_bytes), model.path],
-            state_column=2,
+        table.rows.append(
+            [
+                model.id,
+                role,
+                state_name(model.state),
+                size_or_dash(model.estimated_bytes),
+                model.path,
+            ]
         )
-    console.print(table)
+    out.table(table)
 
 
-def _ps_table(models: Sequence[mmd_pb2.Model], now: float) -> Table:
-    table = _table(
+def ps_table(models: Sequence[mmd_pb2.Model], now: float) -> TextTable:
+    table = TextTable(
         [
             "ID",
             "STATE",
@@ -245,15 +288,14 @@ def _ps_table(models: Sequence[mmd_pb2.Model], now: float) -> Table:
             "SLOTS",
             "QUEUED",
             "LAST USED",
-        ]
+        ],
+        state_column=1,
     )
     for model in models:
-        state = state_name(model.state)
-        _add_row(
-            table,
+        table.rows.append(
             [
                 model.id,
-                state,
+                state_name(model.state),
                 str(model.pid) if model.pid else "-",
                 placement_text(model.placement),
                 size_or_dash(model.estimated_bytes),
@@ -262,45 +304,39 @@ def _ps_table(models: Sequence[mmd_pb2.Model], now: float) -> Table:
                 f"{model.active_requests}/{model.parallel}" if model.parallel else "-",
                 str(model.queued_requests),
                 relative_time(model.last_used_unix, now),
-            ],
-            state_column=1,
+            ]
         )
     return table
 
 
-def _print_failures(console: Console, models: Sequence[mmd_pb2.Model]) -> None:
-    from rich.text import Text
-
+def _print_failures(out: _Output, models: Sequence[mmd_pb2.Model]) -> None:
     for model in models:
         if state_name(model.state) == "failed" and model.last_error:
-            console.print(Text(f"{model.id} failed: {model.last_error}", style="red"))
+            out.line(f"{model.id} failed: {model.last_error}", style="red")
 
 
 def print_ps(models: Sequence[mmd_pb2.Model], now: float | None = None) -> None:
     """`mmctl ps`: models that are not unloaded."""
-    console = _stdout_console()
+    out = _Output()
     if not models:
-        console.print("no models loaded")
+        out.line("no models loaded")
         return
-    console.print(_ps_table(models, time.time() if now is None else now))
-    _print_failures(console, models)
+    out.table(ps_table(models, time.time() if now is None else now))
+    _print_failures(out, models)
 
 
 def print_health(health: mmd_pb2.Health, now: float | None = None) -> None:
     """`mmctl health`: devices, loaded models, requests, notes."""
-    from rich.text import Text
-
-    console = _stdout_console()
+    out = _Output()
     header = f"mmd {health.version or '?'}, up {format_duration(health.uptime_seconds)}"
     if health.llama_server:
         header += f", llama-server {health.llama_server}"
-    console.print(Text(header, style="bold"))
-    console.print()
+    out.line(header, style="bold")
+    out.line()
 
-    devices = _table(["DEVICE", "KIND", "NAME", "TOTAL", "BUDGET", "MMD", "OTHER", "FREE"])
+    devices = TextTable(["DEVICE", "KIND", "NAME", "TOTAL", "BUDGET", "MMD", "OTHER", "FREE"])
     for device in health.devices:
-        _add_row(
-            devices,
+        devices.rows.append(
             [
                 device.id,
                 device.kind,
@@ -310,27 +346,25 @@ def print_health(health: mmd_pb2.Health, now: float | None = None) -> None:
                 format_size(device.mmd_bytes),
                 format_size(device.other_bytes),
                 format_size(device.free_bytes),
-            ],
+            ]
         )
-    console.print(devices)
-    console.print()
+    out.table(devices)
+    out.line()
 
     if health.models:
-        console.print(_ps_table(health.models, time.time() if now is None else now))
-        _print_failures(console, health.models)
+        out.table(ps_table(health.models, time.time() if now is None else now))
+        _print_failures(out, health.models)
     else:
-        console.print("no models loaded")
-    console.print()
+        out.line("no models loaded")
+    out.line()
     limit = f" (max {health.max_concurrent})" if health.max_concurrent else ""
     queue_limit = f" (max {health.max_queue})" if health.max_queue else ""
-    console.print(
-        Text(
-            f"inferences: {health.active_inferences} active{limit}, "
-            f"{health.queued_requests} queued{queue_limit}"
-        )
+    out.line(
+        f"inferences: {health.active_inferences} active{limit}, "
+        f"{health.queued_requests} queued{queue_limit}"
     )
     for note in health.notes:
-        console.print(Text(f"note: {note}", style="yellow"))
+        out.line(f"note: {note}", style="yellow")
 
 
 def plan_lines(plan: mmd_pb2.LoadPlan) -> list[str]:
