@@ -7,6 +7,7 @@ import contextlib
 import math
 from typing import Any
 
+from mmd.coalesce import coalesce_text
 from mmd.engine import Engine, LoadStage
 from mmd.errors import InvalidRequest
 from mmd.grpc_errors import Context, streaming, unary
@@ -105,7 +106,10 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         model_id = _require_id(request.model_id)
         params = self._infer_params(request)
         keep_alive = _keep_alive(request)
-        async with contextlib.aclosing(self.engine.infer(model_id, params, keep_alive)) as items:
+        async with (
+            contextlib.aclosing(self.engine.infer(model_id, params, keep_alive)) as source,
+            contextlib.aclosing(coalesce_text(source)) as items,
+        ):
             async for item in items:
                 yield _done_chunk(item) if isinstance(item, Final) else pb.InferChunk(text=item)
 
