@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
         f'[models.tiny]\npath = "{model}"\nctx = {ctx}\nparallel = {parallel}\nkeep_alive = -1\n',
     ).start()
     direct = None
+    grpc_floor = None
     try:
         loaded = daemon.load("tiny")
         direct = DirectServer(
@@ -78,14 +80,18 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
         ).start()
         same_argv = child_argv_matches(loaded.pid, direct.argv)
         stub = daemon.stub
+        messages = message_count(stub, "tiny", max_tokens)
+        grpc_floor = GrpcFloor.start(work / "overhead" / "grpc-floor.sock", messages - 1)
         mmctl = [*python_bin("mmctl"), "infer", "tiny", PROMPT, "--max-tokens", str(max_tokens)]
         stub_ms: list[float] = []
         direct_ms: list[float] = []
+        grpc_ms: list[float] = []
         cli_ms: list[float] = []
         with direct.client() as client:
             for _ in range(20):  # warm-up: connections, prompt cache, allocator
                 infer_via_stub(stub, "tiny", max_tokens)
                 infer_direct(client, max_tokens)
+                infer_via_stub(grpc_floor.stub, "tiny", max_tokens)
             timed_run(mmctl, daemon.env())
             cli_every = max(1, sizes.overhead_requests // sizes.overhead_cli)
             for i in range(sizes.overhead_requests):
@@ -96,14 +102,19 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
                 else:
                     direct_ms.append(infer_direct(client, max_tokens)[0])
                     stub_ms.append(infer_via_stub(stub, "tiny", max_tokens)[0])
+                grpc_ms.append(infer_via_stub(grpc_floor.stub, "tiny", max_tokens)[0])
                 if i % cli_every == 0:
                     cli_ms.append(timed_run(mmctl, daemon.env())[0])
     finally:
+        if grpc_floor:
+            grpc_floor.stop()
         if direct:
             direct.stop()
         daemon.stop()
     stub_s, direct_s, cli_s = Spread.of(stub_ms), Spread.of(direct_ms), Spread.of(cli_ms)
+    grpc_s = Spread.of(grpc_ms)
     added_p50 = stub_s.median - direct_s.median
+    beyond_grpc_p50 = added_p50 - grpc_s.median
     added_p95 = percentile(stub_ms, 95) - percentile(direct_ms, 95)
     p95 = {k: percentile(v, 95) for k, v in (("stub", stub_ms), ("direct", direct_ms))}
     figures = [
@@ -138,6 +149,26 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
             ratio=p95["stub"] / p95["direct"],
             digits=2,
         ),
+        Figure(
+            "overhead",
+            f"gRPC alone: empty servicer, {messages} messages",
+            "ms",
+            grpc_s,
+            None,
+            "-",
+            None,
+            digits=2,
+        ),
+        Figure(
+            "overhead",
+            "added beyond the gRPC floor, p50",
+            "ms",
+            Spread.of([beyond_grpc_p50]),
+            None,
+            "-",
+            None,
+            digits=2,
+        ),
         Figure("overhead", "latency via mmctl infer, p50", "ms", cli_s, direct_s, "-", None),
     ]
     raw = {
@@ -150,8 +181,40 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
         "mmctl_infer_ms": cli_ms,
         "added_p50_ms": added_p50,
         "added_p95_ms": added_p95,
+        "messages_per_request": messages,
+        "grpc_floor_ms": grpc_ms,
+        "added_beyond_grpc_floor_p50_ms": beyond_grpc_p50,
     }
     return figures, raw
+
+
+def message_count(stub: mmd_pb2_grpc.ModelManagerStub, model_id: str, max_tokens: int) -> int:
+    """How many messages mmd sends for the benchmark's request (text pieces and the last)."""
+    request = pb.InferRequest(model_id=model_id, prompt=PROMPT, max_tokens=max_tokens)
+    return sum(1 for _ in stub.Infer(request, timeout=60))
+
+
+@dataclass
+class GrpcFloor:
+    """bench/grpc_floor.py in a process of its own: gRPC with nothing behind it."""
+
+    process: subprocess.Popen[bytes]
+    channel: grpc.Channel
+    stub: mmd_pb2_grpc.ModelManagerStub
+
+    @classmethod
+    def start(cls, socket: Path, text_messages: int) -> GrpcFloor:
+        script = Path(__file__).resolve().parent / "grpc_floor.py"
+        argv = [sys.executable, str(script), str(socket), "--messages", str(text_messages)]
+        process = subprocess.Popen(argv)
+        channel = grpc.insecure_channel(f"unix:{socket}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        return cls(process, channel, mmd_pb2_grpc.ModelManagerStub(channel))
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.process.kill()
+        self.process.wait()
 
 
 # ---------------------------------------------------------------- 2. throughput
@@ -302,8 +365,9 @@ def swap_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figur
     budget = int(footprint * 1.5)
     daemon = Daemon(work / "swap", tables, f'[budget]\nram = "{budget}"\n').start()
     swap_ms: list[float] = []
-    floor_ms: list[float] = []
+    floor_ms: list[float] = []  # start the target directly, request: the issue's floor
     floor_ready_ms: list[float] = []
+    floor_swap_ms: list[float] = []  # kill the other one directly first, then the same
     try:
         current = "swap_a"
         infer_via_stub(daemon.stub, current, max_tokens)
@@ -314,24 +378,41 @@ def swap_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figur
             if i:  # the first swap warms the file cache and the code paths
                 swap_ms.append(first)
             current = target
-            direct = DirectServer(
-                runtime,
-                runtime.spec(
-                    target, models[target], work / "swap", ctx=ctx, parallel=1, layers=gpu_layers
-                ),
-            )
-            try:
-                direct.spawn()
-                with direct.client() as client:
-                    direct.wait_ready(client)
+
+            def direct(name: str) -> DirectServer:
+                spec = runtime.spec(
+                    name, models[name], work / "swap", ctx=ctx, parallel=1, layers=gpu_layers
+                )
+                return DirectServer(runtime, spec)
+
+            def first_token_ms(server: DirectServer, since: float) -> float:
+                with server.client() as client:
+                    server.wait_ready(client)
                     body = completion_body(max_tokens)
                     with client.stream("POST", "/completion", json=body) as response:
                         first_at, _ = read_stream(response.iter_lines())
-                if i:
-                    floor_ms.append((first_at - direct.started_at) * 1000)
-                    floor_ready_ms.append((direct.ready_at - direct.started_at) * 1000)
+                return (first_at - since) * 1000
+
+            other = "swap_a" if target == "swap_b" else "swap_b"
+            old, new = direct(other).start(), direct(target)
+            try:
+                began = time.perf_counter()
+                old.kill()
+                new.spawn()
+                swapped = first_token_ms(new, began)
             finally:
-                direct.stop()
+                old.stop()
+                new.stop()
+            alone = direct(target)
+            try:
+                alone.spawn()
+                started = first_token_ms(alone, alone.started_at)
+            finally:
+                alone.stop()
+            if i:
+                floor_ms.append(started)
+                floor_ready_ms.append((alone.ready_at - alone.started_at) * 1000)
+                floor_swap_ms.append(swapped)
         loaded = [m.id for m in daemon.health().models]
     finally:
         daemon.stop()
@@ -345,7 +426,16 @@ def swap_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figur
             floor,
             "ratio <= 1.05",
             swap.median / floor.median <= 1.05,
-        )
+        ),
+        Figure(
+            "swap",
+            "same, floor also kills the other",
+            "ms",
+            swap,
+            Spread.of(floor_swap_ms),
+            "-",
+            None,
+        ),
     ]
     raw = {
         "model": "embedding 512, 4 blocks",
@@ -355,6 +445,7 @@ def swap_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figur
         "swap_first_token_ms": swap_ms,
         "floor_first_token_ms": floor_ms,
         "floor_ready_ms": floor_ready_ms,
+        "floor_kill_other_then_start_ms": floor_swap_ms,
     }
     return figures, raw
 

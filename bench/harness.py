@@ -393,6 +393,15 @@ class DirectServer:
     def client(self, **kw: Any) -> httpx.Client:
         return uds_client(self.spec.socket, **kw)
 
+    def kill(self) -> None:
+        """SIGKILL and reap, as mmd stops an idle model it evicts."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        with contextlib.suppress(FileNotFoundError):
+            self.spec.socket.unlink()
+
     def stop(self) -> None:
         if self.process is None:
             return

@@ -308,6 +308,16 @@ def test_load_evicts_the_least_recently_used_idle_model() -> None:
     assert state_of(core, "b") is State.UNLOADED
 
 
+def test_an_eviction_stops_at_once_and_an_unload_with_a_grace_period() -> None:
+    core = make({"a": 4, "b": 4, "c": 4})
+    load(core, "a", 0.0)
+    load(core, "b", 1.0)
+    (evict,) = [e for e in core.submit("c", Kind.INFER, 2.0)[1] if isinstance(e, Stop)]
+    assert (evict.model_id, evict.at_once) == ("a", True)  # idle, and a load waits for it
+    (unload,) = [e for e in core.unload("b", 3.0, force=False) if isinstance(e, Stop)]
+    assert (unload.model_id, unload.at_once) == ("b", False)
+
+
 def test_eviction_spares_pinned_and_busy_models() -> None:
     core = make({"p": 4, "busy": 4, "idle": 4, "new": 4}, budget=12, specs={"p": {"priority": 0}})
     load(core, "p", 0.0)

@@ -178,9 +178,10 @@ class Engine:
                     self.load_tasks[model_id] = self._spawn(
                         self._run_load(model_id, placement, after)
                     )
-                case Stop(model_id, reason):
+                case Stop(model_id, reason, at_once):
                     self.stops[model_id] = asyncio.Event()
-                    self._spawn(self._run_stop(model_id, reason))
+                    grace = 0.0 if at_once else self.config.daemon.stop_grace
+                    self._spawn(self._run_stop(model_id, reason, grace))
                 case AbortRunning(model_id, error):
                     # The Stop that comes with every abort ends the child, which breaks
                     # these requests' streams; they then end with this error. (Cancelling
@@ -278,7 +279,7 @@ class Engine:
             await asyncio.sleep(_SETTLE_POLL_S)
         log.warning("freed memory did not show as free within %.0fs", _SETTLE_TIMEOUT_S)
 
-    async def _run_stop(self, model_id: str, reason: str) -> None:
+    async def _run_stop(self, model_id: str, reason: str, grace: float) -> None:
         event = self.stops[model_id]
         try:
             load = self.load_tasks.pop(model_id, None)
@@ -289,7 +290,7 @@ class Engine:
             server = self.servers.pop(model_id, None)
             self._notify(model_id, "unloading", reason)
             if server:
-                await server.stop(self.config.daemon.stop_grace)
+                await server.stop(grace)
             self._notify(model_id, "unloaded", reason)
             self._apply(self.core.stopped(model_id, self.now()))
         finally:

@@ -177,8 +177,14 @@ class MemoryProbe:
             return snapshot
 
     async def read_async(self, *, fresh: bool = False) -> MemorySnapshot:
-        """:meth:`read` in a worker thread; concurrent callers share one in-flight read."""
+        """:meth:`read` in a worker thread; concurrent callers share one in-flight read.
+
+        Without GPUs a reading is one read of /proc/meminfo (microseconds, less than
+        the hop to a thread): a fresh one is then taken at once, on the caller's thread.
+        """
         if fresh:
+            if self._nvml_tried and self._nvml is None:
+                return self.read(fresh=True)
             return await asyncio.to_thread(self.read, fresh=True)
         cached = self._fresh()
         if cached is not None:
