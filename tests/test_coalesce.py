@@ -104,3 +104,35 @@ async def test_cancelling_the_consumer_while_it_waits_cancels_the_source() -> No
         await task
     assert source.closed.is_set()
     assert source.cancelled
+
+
+async def test_with_an_interval_pieces_are_held_and_joined_but_the_end_is_not() -> None:
+    source = Source()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    async with contextlib.aclosing(coalesce_text(source.run(), min_interval=30.0)) as items:
+        source.items.put_nowait("a")
+        assert await anext(items) == "a"  # the first piece goes at once
+        source.items.put_nowait("b")
+        following = loop.create_task(anext(items))
+        await settle()
+        assert not following.done()  # "b" waits for the interval
+        source.items.put_nowait("c")
+        source.items.put_nowait(7)
+        source.items.put_nowait(None)  # the end: nothing is held any longer
+        assert await following == "bc"
+        rest = [item async for item in items]
+    assert rest == [7]
+    assert loop.time() - began < 5.0
+
+
+async def test_with_an_interval_an_error_is_not_held() -> None:
+    source = Source()
+    async with contextlib.aclosing(coalesce_text(source.run(), min_interval=30.0)) as items:
+        source.items.put_nowait("a")
+        assert await anext(items) == "a"
+        source.items.put_nowait("b")
+        source.items.put_nowait(RuntimeError("child died"))
+        assert await asyncio.wait_for(anext(items), 5.0) == "b"
+        with pytest.raises(RuntimeError, match="child died"):
+            await asyncio.wait_for(anext(items), 5.0)

@@ -73,6 +73,7 @@ def test_every_key_of_every_table_is_parsed(gguf: Path, source: Path) -> None:
     drain_timeout = 45
     unload_timeout = "1.5s"
     max_prompt_bytes = "64KiB"
+    stream_interval = "25ms"
 
     [budget]
     gpu = "90%"
@@ -122,6 +123,7 @@ def test_every_key_of_every_table_is_parsed(gguf: Path, source: Path) -> None:
     assert daemon.drain_timeout == 45.0
     assert daemon.unload_timeout == 1.5
     assert daemon.max_prompt_bytes == 64 * 1024
+    assert daemon.stream_interval == 0.025
     budget = config.budget
     assert (budget.gpu, budget.ram) == ("90%", "20GiB")
     assert (budget.reserve_gpu, budget.reserve_ram) == (256 * MIB, GIB)
@@ -281,6 +283,7 @@ BAD_CONFIGS = [
     ("load-timeout-zero", '[daemon]\nload_timeout = "0s"\n', ["daemon.load_timeout", "positive"]),
     ("timeout-word", '[daemon]\nstop_grace = "soon"\n', ["daemon.stop_grace", "not a duration"]),
     ("prompt-limit-zero", "[daemon]\nmax_prompt_bytes = 0\n", ["daemon.max_prompt_bytes"]),
+    ("interval-negative", '[daemon]\nstream_interval = "-5ms"\n', ["stream_interval", "negative"]),
     ("socket-number", "[daemon]\nsocket = 5\n", ["daemon.socket", "expected a string"]),
     ("socket-empty", '[daemon]\nsocket = ""\n', ["daemon.socket", "must not be empty"]),
     ("llama-server-empty", '[daemon]\nllama_server = ""\n', ["daemon.llama_server", "empty"]),

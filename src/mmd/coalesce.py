@@ -1,17 +1,19 @@
-"""Text pieces joined while the previous one is still being written to the client.
+"""Text pieces joined while the previous one is being written, or sent too recently.
 
 Every gRPC message costs the daemon about as much CPU as llama-server spends on a
 token of a small model, and on a busy machine that CPU is taken from generation.
-Reading the child's stream in a task of its own lets it go on while a write is in
-flight; whatever text arrives in the meantime leaves as one message. A client
-that keeps up still gets each piece the moment it arrives: there is no timer and
-no delay, only fewer messages when writing is the bottleneck.
+The child's stream is read in a task of its own, so reading goes on while a write
+is in flight, and text that piles up in the meantime leaves as one message. With
+a ``min_interval``, a stream also sends at most one message per interval: the
+first piece still goes at once, and the end of the stream (its last text, totals
+or error) is never held back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
@@ -37,7 +39,9 @@ def _drain(queue: deque[str | T]) -> list[str | T]:
     return out
 
 
-async def coalesce_text(source: AsyncIterator[str | T]) -> AsyncGenerator[str | T, None]:
+async def coalesce_text(
+    source: AsyncIterator[str | T], min_interval: float = 0.0
+) -> AsyncGenerator[str | T, None]:
     """The items of ``source`` in order, text that piles up joined into one piece.
 
     ``source`` is iterated in a task of its own. Closing this generator (a client
@@ -45,7 +49,8 @@ async def coalesce_text(source: AsyncIterator[str | T]) -> AsyncGenerator[str | 
     An exception from ``source`` is raised here after the items before it.
     """
     queue: deque[str | T] = deque()
-    wake = asyncio.Event()
+    wake = asyncio.Event()  # something was queued, or the source ended
+    finished = asyncio.Event()
     ended: list[BaseException | None] = []  # one entry once the source is finished
 
     async def pump() -> None:
@@ -58,13 +63,22 @@ async def coalesce_text(source: AsyncIterator[str | T]) -> AsyncGenerator[str | 
         else:
             ended.append(None)
         finally:
+            finished.set()
             wake.set()
 
-    task = asyncio.get_running_loop().create_task(pump())
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(pump())
+    last_sent = -math.inf
     try:
         while True:
             await wake.wait()
+            hold = last_sent + min_interval - loop.time()
+            if hold > 0 and not finished.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(hold):
+                        await finished.wait()
             wake.clear()
+            last_sent = loop.time()
             for item in _drain(queue):
                 yield item
             if ended and not queue:

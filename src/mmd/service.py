@@ -108,7 +108,9 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         keep_alive = _keep_alive(request)
         async with (
             contextlib.aclosing(self.engine.infer(model_id, params, keep_alive)) as source,
-            contextlib.aclosing(coalesce_text(source)) as items,
+            contextlib.aclosing(
+                coalesce_text(source, self.engine.config.daemon.stream_interval)
+            ) as items,
         ):
             async for item in items:
                 yield _done_chunk(item) if isinstance(item, Final) else pb.InferChunk(text=item)
