@@ -107,6 +107,32 @@ def test_ready_status_watchdog_and_stopping(
     assert stopping_at > listener.assignments("READY")[0][0]
 
 
+def test_sighup_reload_is_bracketed_by_reloading_and_ready(
+    make_daemon: Any, model_files: dict[str, Path], listener: NotifyListener
+) -> None:
+    daemon: Daemon = make_daemon(
+        f"""
+        [models.tiny]
+        path = "{model_files["tiny"]}"
+        ctx = 256
+        """,
+        start=False,
+        extra_env=notify_env(listener),
+    )
+    daemon.start(wait=False)
+    assert wait_until(lambda: listener.assignments("READY"), timeout=30)
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: len(listener.assignments("READY")) == 2, timeout=30)
+    [(reloading_at, value)] = listener.assignments("RELOADING")
+    assert value == "1"
+    first_ready, second_ready = (at for at, _ in listener.assignments("READY"))
+    assert first_ready < reloading_at <= second_ready
+    [(_, usec)] = listener.assignments("MONOTONIC_USEC")
+    assert abs(int(usec) / 1e6 - reloading_at) < 5.0  # both CLOCK_MONOTONIC
+    assert daemon.stub.GetHealth(pb.GetHealthRequest(), timeout=5).version
+
+
 def test_sigterm_under_load_accounts_for_every_request(
     make_daemon: Any, model_files: dict[str, Path], listener: NotifyListener
 ) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,10 +55,14 @@ def test_messages_arrive_exactly_as_sent(manager_socket: tuple[socket.socket, st
     notifier.ready("serving 2 models")
     notifier.status("loading codellama")
     notifier.watchdog()
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    notifier.reloading()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     notifier.stopping()
     notifier.stopping("draining 3 requests")
     notifier.close()
-    received = [sock.recv(4096).decode() for _ in range(6)]
+    received = [sock.recv(4096).decode() for _ in range(7)]
+    reloading = received.pop(4)
     assert received == [
         "READY=1",
         "READY=1\nSTATUS=serving 2 models",
@@ -66,6 +71,11 @@ def test_messages_arrive_exactly_as_sent(manager_socket: tuple[socket.socket, st
         "STOPPING=1",
         "STOPPING=1\nSTATUS=draining 3 requests",
     ]
+    first, stamp = reloading.split("\n")
+    assert first == "RELOADING=1"
+    key, _, usec = stamp.partition("=")
+    assert key == "MONOTONIC_USEC"
+    assert before <= int(usec) <= after
 
 
 def test_abstract_namespace(abstract_manager_socket: tuple[socket.socket, str]) -> None:

@@ -158,12 +158,15 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
         return task
 
     async def reload_on_signal() -> None:
+        notifier.reloading()
         try:
             await reload_config(engine)
         except ConfigError as err:
             log.error("reload refused, the old config stays in force: %s", err)
         except Exception:
             log.exception("reload failed, the old config stays in force")
+        finally:
+            notifier.ready(engine.status_line())
 
     def on_reload_signal() -> None:
         log.info("SIGHUP: reloading %s", config.source or "the config")

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class Notifier:
     def status(self, text: str) -> None:
         """A free-form status line shown by `systemctl status`."""
         self._send(f"STATUS={_one_line(text)}")
+
+    def reloading(self) -> None:
+        """Tell systemd a reload has begun (RELOADING=1 with its MONOTONIC_USEC); send
+        READY=1 when it is over, whatever its outcome."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
     def stopping(self, status: str = "") -> None:
         """Tell systemd shutdown has begun (STOPPING=1)."""
