@@ -461,6 +461,17 @@ def test_socket_path_too_long(tmp_path: Path) -> None:
     assert lines[0].endswith("a Unix socket path holds at most 107")
 
 
+def test_socket_directory_too_long_for_the_models_sockets(tmp_path: Path) -> None:
+    # The daemon's own socket fits (< 107 bytes); children/<16 hex>.sock beside it would not.
+    directory = tmp_path / ("s" * max(1, 90 - len(str(tmp_path))))
+    sock = directory / "m.sock"
+    status, lines = run_mmd(tmp_path / "d", "", "--socket", str(sock))
+    assert status == 2
+    assert len(lines) == 1
+    assert lines[0].startswith(f"mmd: --socket: socket directory {directory} is too long")
+    assert lines[0].endswith("a Unix socket path holds at most 107")
+
+
 def test_second_daemon_on_the_same_socket(served: Served, tmp_path: Path) -> None:
     daemon = served.daemon
     status, lines = run_mmd(tmp_path, "", "--socket", str(daemon.socket))

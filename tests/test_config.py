@@ -461,3 +461,14 @@ def test_check_config_on_a_missing_file(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         f"mmd: {tmp_path / 'nope.toml'}: config file does not exist"
     ]
+
+
+def test_child_sockets_use_the_id_or_a_hash_that_fits(tmp_path: Path) -> None:
+    assert paths.child_socket(Path("/run/mmd"), "coder") == Path("/run/mmd/children/coder.sock")
+    runtime = Path("/run/user/1000/" + "r" * 50)
+    long_a, long_b = "a" * 64, "b" * 64
+    hashed = paths.child_socket(runtime, long_a)
+    assert hashed.parent == runtime / "children"
+    assert len(str(hashed)) <= paths.MAX_SOCKET_PATH_BYTES
+    assert hashed == paths.child_socket(runtime, long_a)  # stable across loads
+    assert hashed != paths.child_socket(runtime, long_b)

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from conftest import Daemon, wait_until
 
+from mmd import paths
 from mmd.v1 import mmd_pb2 as pb
 
 
@@ -37,6 +38,18 @@ def registry(models: dict[str, Path], **extra: str) -> str:
 def daemon(make_daemon: Any, model_files: dict[str, Path]) -> Daemon:
     d: Daemon = make_daemon(registry(model_files))
     return d
+
+
+def test_a_64_character_model_id_gets_a_socket_it_can_bind(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    long_id = "m" * 64
+    daemon: Daemon = make_daemon(f'[models.{long_id}]\npath = "{model_files["tiny"]}"\nctx = 256\n')
+    chunks = list(daemon.stub.Infer(pb.InferRequest(model_id=long_id, prompt="hi", max_tokens=2)))
+    assert chunks[-1].done.completion_tokens == 2
+    (child_socket,) = (daemon.socket.parent / "children").iterdir()
+    assert len(str(child_socket)) <= 107
+    assert child_socket.name == paths.child_socket(daemon.socket.parent, long_id).name
 
 
 def test_infer_streams_over_grpc_and_autoloads(daemon: Daemon) -> None:

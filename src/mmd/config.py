@@ -28,7 +28,7 @@ MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_CONFIG_BYTES = MIB
 
 # sun_path holds 108 bytes on Linux, including the terminating NUL.
-MAX_SOCKET_PATH_BYTES = 107
+MAX_SOCKET_PATH_BYTES = paths.MAX_SOCKET_PATH_BYTES
 
 # llama-server options that mmd sets itself from the plan and the registry: a model's
 # ``args`` overriding them would break the placement or mmd's connection to the child.
@@ -247,12 +247,21 @@ def _path(value: Any) -> Path:
 
 
 def check_socket_path(path: Path, where: str) -> None:
-    """Raise ConfigError when ``path`` is too long to bind as a Unix socket."""
+    """Raise ConfigError when ``path``, or the children's sockets beside it, would be too
+    long to bind as a Unix socket."""
     size = len(os.fsencode(path.absolute()))
     if size > MAX_SOCKET_PATH_BYTES:
         raise ConfigError(
             f"{where}: socket path {path} is {size} bytes; a Unix socket path holds at most "
             f"{MAX_SOCKET_PATH_BYTES}"
+        )
+    longest_child = paths.child_socket(path.parent, "x" * 64)
+    size = len(os.fsencode(longest_child.absolute()))
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"{where}: socket directory {path.parent} is too long: the models' sockets in it "
+            f"(such as {longest_child.name}) would be {size} bytes; a Unix socket path holds "
+            f"at most {MAX_SOCKET_PATH_BYTES}"
         )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmd import paths
 from mmd.config import Config, ModelSpec, check_model_file
 from mmd.errors import ConfigError, MmdError, RuntimeFailed, StillBusy
 from mmd.events import AlertCrossed, EventBus, MemorySampled, ModelChanged, RequestFinished
@@ -257,7 +258,7 @@ class Engine:
         return LaunchSpec(
             model_id=spec.id,
             model_path=spec.path,
-            socket=self.runtime_dir / "children" / f"{spec.id}.sock",
+            socket=paths.child_socket(self.runtime_dir, spec.id),
             log_path=self.config.daemon.log_dir / f"{spec.id}.log",
             ctx=spec.ctx,
             parallel=spec.parallel,

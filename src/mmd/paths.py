@@ -7,6 +7,7 @@ $XDG_CONFIG_HOME/mmd.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -18,6 +19,20 @@ SYSTEM_CONFIG = Path("/etc/mmd/mmd.toml")
 
 def _is_root() -> bool:
     return os.geteuid() == 0
+
+
+MAX_SOCKET_PATH_BYTES = 107  # sun_path holds 108 bytes, the last one a NUL
+
+
+def child_socket(runtime: Path, model_id: str) -> Path:
+    """Where a model's llama-server listens: ``children/<id>.sock`` under the daemon's
+    socket directory, or a name made from the id's hash when that path is too long to
+    bind (model ids may have 64 characters)."""
+    path = runtime / "children" / f"{model_id}.sock"
+    if len(os.fsencode(path.absolute())) <= MAX_SOCKET_PATH_BYTES:
+        return path
+    digest = hashlib.sha256(model_id.encode()).hexdigest()[:16]
+    return runtime / "children" / f"{digest}.sock"
 
 
 def runtime_dir() -> Path:
