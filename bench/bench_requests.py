@@ -42,7 +42,7 @@ class Sizes:
     overhead_requests: int = 200
     overhead_cli: int = 40
     throughput_rounds: int = 3
-    swaps: int = 8
+    swaps: int = 20
     cli_runs: int = 20
 
     @classmethod

@@ -244,8 +244,9 @@ class Engine:
             self.load_tasks.pop(model_id, None)
         self._notify(model_id, "ready", f"pid {server.pid}")
         self._spawn(self._watch(model_id, server))
+        # The new child is measured by the next sample (within a second), not now: reading
+        # its PSS takes milliseconds of CPU that its first request's prompt needs more.
         self._apply(self.core.load_done(model_id, self.now()))
-        await self._measure(model_id, server)
 
     def _launch_spec(self, spec: ModelSpec, placement: Placement) -> LaunchSpec:
         gpus = sorted(d.id for d in self.core.devices if d.kind == "gpu")
@@ -307,11 +308,6 @@ class Engine:
         self.events.publish(ModelChanged(model_id, "failed", "crashed", detail=description))
         await server.stop(0.1)
         self._apply(self.core.crashed(model_id, self.now(), description))
-
-    async def _measure(self, model_id: str, server: LlamaServer) -> None:
-        usage = await asyncio.to_thread(self.probe.process_usage, server.pid)
-        if usage and self.servers.get(model_id) is server:
-            self.core.set_measured(model_id, usage)
 
     # --- memory ---------------------------------------------------------------------
 
