@@ -1,3 +1,3 @@
-from mmctl.cli import main
+from mmctl.entry import main
 
 main()
