@@ -30,7 +30,7 @@ from mmd.errors import ConfigError, MmdError
 from mmd.memory import MemoryProbe
 from mmd.metrics import start_metrics
 from mmd.reload import reload_config
-from mmd.runtime import probe_binary, resolve_llama_server
+from mmd.runtime import probe_binary, resolve_llama_server, watch_children_with_pidfd
 from mmd.sdnotify import Notifier, run_watchdog
 from mmd.service import ModelManager
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
@@ -84,6 +84,7 @@ def _take_lock(sock: Path) -> IO[bytes]:
 
 
 async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
+    watch_children_with_pidfd()
     binary = resolve_llama_server(config.daemon.llama_server)
     version, options = await asyncio.to_thread(probe_binary, binary)
     log.info("llama-server: %s (%s, %s)", binary.path, binary.source, version or "version unknown")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import httpx
 
 from mmd.errors import InvalidRequest, RuntimeFailed
+
+log = logging.getLogger("mmd.upstream")
 
 
 @dataclass(frozen=True)
@@ -76,19 +79,20 @@ def _chat_body(params: InferParams) -> dict[str, Any]:
     return body
 
 
-# llama-server sometimes accepts a connection and closes it without reading or answering
-# the request (about 1 in 100 under concurrent streams, also when talked to directly).
-# The request was not served, so it is sent again on a new connection, a few times.
+# llama-server sometimes closes a connection without reading or answering the request on
+# it (about 1 in 100 under concurrent streams, also when talked to directly; and a pooled
+# connection it closed as the request went out). The request was not served, so it is
+# sent again, a few times.
 _SEND_ATTEMPTS = 4
 
 
 async def _send(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
     """POST and return the response with its body still streaming."""
-    for _ in range(_SEND_ATTEMPTS - 1):
+    for attempt in range(1, _SEND_ATTEMPTS):
         try:
             return await client.send(client.build_request("POST", path, json=body), stream=True)
-        except httpx.RemoteProtocolError:
-            continue
+        except httpx.RemoteProtocolError as err:
+            log.debug("%s: sent again (attempt %d): %s", path, attempt + 1, err)
     return await client.send(client.build_request("POST", path, json=body), stream=True)
 
 
