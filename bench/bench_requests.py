@@ -41,7 +41,7 @@ class Sizes:
 
     overhead_requests: int = 200
     overhead_cli: int = 40
-    throughput_rounds: int = 3
+    throughput_rounds: int = 7
     swaps: int = 20
     cli_runs: int = 20
 
