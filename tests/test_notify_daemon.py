@@ -65,10 +65,20 @@ def notify_env(listener: NotifyListener) -> dict[str, str]:
     return {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": "400000"}
 
 
+def start_notifying(make_daemon: Any, listener: NotifyListener, config: str) -> Daemon:
+    """A daemon told to notify `listener`, started; returns once it said READY=1."""
+    daemon: Daemon = make_daemon(config, start=False, extra_env=notify_env(listener))
+    daemon.start(wait=False)
+    assert wait_until(lambda: listener.assignments("READY"), timeout=30)
+    return daemon
+
+
 def test_ready_status_watchdog_and_stopping(
     make_daemon: Any, model_files: dict[str, Path], listener: NotifyListener
 ) -> None:
-    daemon: Daemon = make_daemon(
+    daemon = start_notifying(
+        make_daemon,
+        listener,
         f"""
         [models.tiny]
         path = "{model_files["tiny"]}"
@@ -79,11 +89,7 @@ def test_ready_status_watchdog_and_stopping(
         path = "{model_files["tiny2"]}"
         ctx = 256
         """,
-        start=False,
-        extra_env=notify_env(listener),
     )
-    daemon.start(wait=False)
-    assert wait_until(lambda: listener.assignments("READY"), timeout=30)
     # READY=1 means the socket serves: a call made now succeeds.
     assert daemon.stub.GetHealth(pb.GetHealthRequest(), timeout=5).version
 
@@ -110,17 +116,9 @@ def test_ready_status_watchdog_and_stopping(
 def test_sighup_reload_is_bracketed_by_reloading_and_ready(
     make_daemon: Any, model_files: dict[str, Path], listener: NotifyListener
 ) -> None:
-    daemon: Daemon = make_daemon(
-        f"""
-        [models.tiny]
-        path = "{model_files["tiny"]}"
-        ctx = 256
-        """,
-        start=False,
-        extra_env=notify_env(listener),
+    daemon = start_notifying(
+        make_daemon, listener, f'[models.tiny]\npath = "{model_files["tiny"]}"\nctx = 256\n'
     )
-    daemon.start(wait=False)
-    assert wait_until(lambda: listener.assignments("READY"), timeout=30)
     assert daemon.process is not None
     daemon.process.send_signal(signal.SIGHUP)
     assert wait_until(lambda: len(listener.assignments("READY")) == 2, timeout=30)
