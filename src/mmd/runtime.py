@@ -247,7 +247,11 @@ class LlamaServer:
             # sooner than one on a new connection. A pooled connection that llama-server
             # closed just as a request went out on it is lost without an answer
             # ("disconnected without sending a response"); upstream sends that again.
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64),
+            # An idle kept-alive connection holds one of llama-server's HTTP threads (it
+            # has at least parallel + 2): keeping at most parallel + 1 leaves one free.
+            limits=httpx.Limits(
+                max_connections=1024, max_keepalive_connections=self.spec.parallel + 1
+            ),
         )
 
     @property
