@@ -396,6 +396,8 @@ def swap_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figur
             other = "swap_a" if target == "swap_b" else "swap_b"
             old, new = direct(other).start(), direct(target)
             try:
+                with old.client() as client:  # as mmd's victim, it has served a request
+                    infer_direct(client, max_tokens)
                 began = time.perf_counter()
                 old.kill()
                 new.spawn()
