@@ -80,11 +80,22 @@ async def test_an_error_comes_after_the_items_before_it() -> None:
     assert "".join(str(item) for item in received) == "xy"
 
 
+async def test_closing_after_the_first_piece_closes_the_source_at_once() -> None:
+    source = Source()
+    items = coalesce_text(source.run())
+    source.items.put_nowait("a")
+    assert await anext(items) == "a"
+    await items.aclose()  # a client that went away
+    assert source.closed.is_set()
+
+
 async def test_closing_early_cancels_the_source_and_runs_its_cleanup() -> None:
     source = Source()
     items = coalesce_text(source.run())
     source.items.put_nowait("a")
     assert await anext(items) == "a"
+    source.items.put_nowait("b")
+    assert await anext(items) == "b"  # the rest is read in a task of its own
     await items.aclose()  # a client that went away
     assert source.closed.is_set()
     assert source.cancelled

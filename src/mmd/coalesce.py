@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -40,14 +39,27 @@ def _drain(queue: deque[str | T]) -> list[str | T]:
 
 
 async def coalesce_text(
-    source: AsyncIterator[str | T], min_interval: float = 0.0
+    source: AsyncGenerator[str | T, None], min_interval: float = 0.0
 ) -> AsyncGenerator[str | T, None]:
     """The items of ``source`` in order, text that piles up joined into one piece.
 
+    The first item is awaited in the caller's task: a request still queued for
+    admission has no second task to cancel when its client goes away. The rest of
     ``source`` is iterated in a task of its own. Closing this generator (a client
     that went away) cancels that task, so ``source``'s own clean-up runs at once.
     An exception from ``source`` is raised here after the items before it.
     """
+    loop = asyncio.get_running_loop()
+    try:
+        first = await anext(source)
+    except StopAsyncIteration:
+        return
+    last_sent = loop.time()
+    try:
+        yield first
+    except GeneratorExit:
+        await source.aclose()
+        raise
     queue: deque[str | T] = deque()
     wake = asyncio.Event()  # something was queued, or the source ended
     finished = asyncio.Event()
@@ -66,9 +78,7 @@ async def coalesce_text(
             finished.set()
             wake.set()
 
-    loop = asyncio.get_running_loop()
     task = loop.create_task(pump())
-    last_sent = -math.inf
     try:
         while True:
             await wake.wait()

@@ -61,6 +61,11 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
+    @property
+    def stopping(self) -> bool:
+        """The daemon is shutting down: a handler cancelled now was cancelled by mmd."""
+        return self.engine.core.closed
+
     @unary
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> Any:
         entries = self.engine.model_entries()
