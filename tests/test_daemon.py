@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,25 @@ def test_infer_streams_over_grpc_and_autoloads(daemon: Daemon) -> None:
     assert models["tiny"].pid > 0
     assert models["embed"].state == pb.MODEL_STATE_UNLOADED
     assert len(daemon.children()) == 1
+
+
+def test_stream_interval_holds_the_middle_of_a_stream_but_not_its_ends(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    daemon: Daemon = make_daemon(
+        f'[models.tiny]\npath = "{model_files["tiny"]}"\nctx = 256\n',
+        daemon_extra='stream_interval = "30s"\n',
+    )
+    request = pb.InferRequest(model_id="tiny", prompt="hi", max_tokens=12)
+    list(daemon.stub.Infer(request, timeout=60))  # load first: timings below are the stream's
+    began = time.monotonic()
+    chunks = list(daemon.stub.Infer(request, timeout=60))
+    # The first piece at once; the rest held, then sent with the end: at most two pieces
+    # (one, when the first read already held every token).
+    kinds = [c.WhichOneof("kind") for c in chunks]
+    assert kinds in (["text", "text", "done"], ["text", "done"])
+    assert chunks[-1].done.completion_tokens == 12
+    assert time.monotonic() - began < 10  # the end is not held for the interval
 
 
 def test_chat_with_system_prompt_uses_chat_endpoint(daemon: Daemon) -> None:
