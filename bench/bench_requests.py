@@ -372,28 +372,28 @@ def swap_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figur
         current = "swap_a"
         infer_via_stub(daemon.stub, current, max_tokens)
         gpu_layers = daemon.model(current).placement.gpu_layers
+
+        def direct(name: str) -> DirectServer:
+            spec = runtime.spec(
+                name, models[name], work / "swap", ctx=ctx, parallel=1, layers=gpu_layers
+            )
+            return DirectServer(runtime, spec)
+
+        def first_token_ms(server: DirectServer, since: float) -> float:
+            with server.client() as client:
+                server.wait_ready(client)
+                body = completion_body(max_tokens)
+                with client.stream("POST", "/completion", json=body) as response:
+                    first_at, _ = read_stream(response.iter_lines())
+            return (first_at - since) * 1000
+
         for i in range(sizes.swaps + 1):
+            other = current
             target = "swap_b" if current == "swap_a" else "swap_a"
             _total, first, _tokens = infer_via_stub(daemon.stub, target, max_tokens)
             if i:  # the first swap warms the file cache and the code paths
                 swap_ms.append(first)
             current = target
-
-            def direct(name: str) -> DirectServer:
-                spec = runtime.spec(
-                    name, models[name], work / "swap", ctx=ctx, parallel=1, layers=gpu_layers
-                )
-                return DirectServer(runtime, spec)
-
-            def first_token_ms(server: DirectServer, since: float) -> float:
-                with server.client() as client:
-                    server.wait_ready(client)
-                    body = completion_body(max_tokens)
-                    with client.stream("POST", "/completion", json=body) as response:
-                        first_at, _ = read_stream(response.iter_lines())
-                return (first_at - since) * 1000
-
-            other = "swap_a" if target == "swap_b" else "swap_b"
             old, new = direct(other).start(), direct(target)
             try:
                 with old.client() as client:  # as mmd's victim, it has served a request

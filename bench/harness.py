@@ -121,13 +121,22 @@ def timed_run(
 
     With `terminal`, stdout is a pseudo-terminal, as when a person runs the command.
     """
-    if not terminal:
+    if terminal:
+        elapsed, returncode, stdout, stderr = _run_on_a_terminal(argv, env)
+    else:
         start = time.perf_counter()
         done = subprocess.run(argv, capture_output=True, env=env, timeout=120, check=False)
         elapsed = (time.perf_counter() - start) * 1000
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv[:3])} failed: {done.stderr.decode()[-500:]}")
-        return elapsed, done.stdout.decode()
+        returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} failed: {stderr.decode()[-500:]}")
+    return elapsed, stdout.decode(errors="replace")
+
+
+def _run_on_a_terminal(
+    argv: list[str], env: dict[str, str] | None
+) -> tuple[float, int, bytes, bytes]:
+    """(wall ms, exit status, stdout, stderr) with stdout on a pseudo-terminal."""
     master, slave = pty.openpty()
     try:
         start = time.perf_counter()
@@ -139,12 +148,10 @@ def timed_run(
                 chunks.append(chunk)
         returncode = proc.wait(timeout=120)
         elapsed = (time.perf_counter() - start) * 1000
-        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        stderr = proc.stderr.read() if proc.stderr else b""
     finally:
         os.close(master)
-    if returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:3])} failed: {stderr[-500:]}")
-    return elapsed, b"".join(chunks).decode(errors="replace")
+    return elapsed, returncode, b"".join(chunks), stderr
 
 
 @dataclass

@@ -458,18 +458,23 @@ def test_infer_runtime_failure_mid_stream(fake: FakeModelManager, socket_path: P
     assert "llama-server for 'chat' exited" in one_error_line(result)
 
 
+def mmctl_infer_process(socket_path: Path) -> subprocess.Popen[bytes]:
+    """`mmctl infer chat go` in a process of its own, its output on pipes."""
+    command = "from mmctl.cli import main; main()"
+    return subprocess.Popen(
+        [sys.executable, "-c", command, "--socket", str(socket_path), "infer", "chat", "go"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 def test_infer_streams_before_the_answer_is_complete(
     fake: FakeModelManager, socket_path: Path
 ) -> None:
     """The first piece reaches a pipe while the daemon still holds the rest back."""
     fake.infer_pieces = ["first ", "second"]
     fake.infer_gate = threading.Event()
-    command = "from mmctl.cli import main; main()"
-    with subprocess.Popen(
-        [sys.executable, "-c", command, "--socket", str(socket_path), "infer", "chat", "go"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    ) as proc:
+    with mmctl_infer_process(socket_path) as proc:
         assert proc.stdout is not None
         first = proc.stdout.read(len("first "))
         fake.infer_gate.set()
@@ -485,12 +490,7 @@ def test_interrupted_infer_exits_130_and_the_daemon_sees_the_cancel(
 ) -> None:
     fake.infer_pieces = ["first ", "never sent"]
     fake.infer_gate = threading.Event()
-    command = "from mmctl.cli import main; main()"
-    with subprocess.Popen(
-        [sys.executable, "-c", command, "--socket", str(socket_path), "infer", "chat", "go"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    ) as proc:
+    with mmctl_infer_process(socket_path) as proc:
         assert proc.stdout is not None
         assert proc.stdout.read(len("first ")) == b"first "
         proc.send_signal(signal.SIGINT)

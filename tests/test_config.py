@@ -15,7 +15,6 @@ import pytest
 
 from mmd import paths
 from mmd.config import (
-    MAX_SOCKET_PATH_BYTES,
     find_config,
     load_config,
     parse_config,
@@ -329,10 +328,10 @@ def test_bad_config_is_one_clear_error(
 
 
 def test_socket_path_too_long_to_bind(source: Path) -> None:
-    long_socket = "/run/" + "d" * MAX_SOCKET_PATH_BYTES + "/mmd.sock"
+    long_socket = "/run/" + "d" * paths.MAX_SOCKET_PATH_BYTES + "/mmd.sock"
     message = config_error(f'[daemon]\nsocket = "{long_socket}"\n', source)
     assert "daemon.socket" in message
-    assert f"at most {MAX_SOCKET_PATH_BYTES}" in message
+    assert f"at most {paths.MAX_SOCKET_PATH_BYTES}" in message
 
 
 # --- the model file itself -------------------------------------------------------------------

@@ -22,13 +22,13 @@ from mmd.footprint import GGUFError, is_gguf, read_shape
 from mmd.memory import BudgetSettings, parse_budget_setting
 from mmd.units import MIB, parse_duration, parse_size
 
-MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_MODEL_ID_CHARS = 64
+MODEL_ID_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_MODEL_ID_CHARS - 1}}}$")
 
 # A registry is a few KiB; anything this large is a mistake (or hostile), refused unread.
 MAX_CONFIG_BYTES = MIB
 
 # sun_path holds 108 bytes on Linux, including the terminating NUL.
-MAX_SOCKET_PATH_BYTES = paths.MAX_SOCKET_PATH_BYTES
 
 # llama-server options that mmd sets itself from the plan and the registry: a model's
 # ``args`` overriding them would break the placement or mmd's connection to the child.
@@ -249,19 +249,19 @@ def _path(value: Any) -> Path:
 def check_socket_path(path: Path, where: str) -> None:
     """Raise ConfigError when ``path``, or the children's sockets beside it, would be too
     long to bind as a Unix socket."""
-    size = len(os.fsencode(path.absolute()))
-    if size > MAX_SOCKET_PATH_BYTES:
+    limit = paths.MAX_SOCKET_PATH_BYTES
+    size = paths.socket_path_bytes(path)
+    if size > limit:
         raise ConfigError(
-            f"{where}: socket path {path} is {size} bytes; a Unix socket path holds at most "
-            f"{MAX_SOCKET_PATH_BYTES}"
+            f"{where}: socket path {path} is {size} bytes; a Unix socket path holds at most {limit}"
         )
-    longest_child = paths.child_socket(path.parent, "x" * 64)
-    size = len(os.fsencode(longest_child.absolute()))
-    if size > MAX_SOCKET_PATH_BYTES:
+    longest_child = paths.child_socket(path.parent, "x" * MAX_MODEL_ID_CHARS)
+    size = paths.socket_path_bytes(longest_child)
+    if size > limit:
         raise ConfigError(
             f"{where}: socket directory {path.parent} is too long: the models' sockets in it "
             f"(such as {longest_child.name}) would be {size} bytes; a Unix socket path holds "
-            f"at most {MAX_SOCKET_PATH_BYTES}"
+            f"at most {limit}"
         )
 
 

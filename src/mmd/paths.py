@@ -24,12 +24,17 @@ def _is_root() -> bool:
 MAX_SOCKET_PATH_BYTES = 107  # sun_path holds 108 bytes, the last one a NUL
 
 
+def socket_path_bytes(path: Path) -> int:
+    """The length bind() sees: the absolute path, encoded."""
+    return len(os.fsencode(path.absolute()))
+
+
 def child_socket(runtime: Path, model_id: str) -> Path:
     """Where a model's llama-server listens: ``children/<id>.sock`` under the daemon's
     socket directory, or a name made from the id's hash when that path is too long to
     bind (model ids may have 64 characters)."""
     path = runtime / "children" / f"{model_id}.sock"
-    if len(os.fsencode(path.absolute())) <= MAX_SOCKET_PATH_BYTES:
+    if socket_path_bytes(path) <= MAX_SOCKET_PATH_BYTES:
         return path
     digest = hashlib.sha256(model_id.encode()).hexdigest()[:16]
     return runtime / "children" / f"{digest}.sock"
