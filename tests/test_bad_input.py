@@ -482,18 +482,6 @@ def test_second_daemon_on_the_same_socket(served: Served, tmp_path: Path) -> Non
     assert_still_serves(daemon)
 
 
-def test_llama_server_that_fails_to_run(tmp_path: Path) -> None:
-    fake = tmp_path / "llama-server"
-    fake.write_text("#!/bin/sh\necho 'cannot open shared object file libggml.so' >&2\nexit 127\n")
-    fake.chmod(0o755)
-    status, lines = run_mmd(tmp_path / "d", f'[daemon]\nllama_server = "{fake}"\n')
-    assert status == 4
-    assert lines == [
-        f"mmd: llama-server at {fake} fails to start (exit 127): "
-        "cannot open shared object file libggml.so"
-    ]
-
-
 @pytest.mark.parametrize("problem", ["missing", "not-executable", "directory"])
 def test_configured_llama_server_that_is_not_there(tmp_path: Path, problem: str) -> None:
     binary = tmp_path / "bin" / "llama-server"

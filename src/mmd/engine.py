@@ -19,13 +19,15 @@ from typing import Any
 
 from mmd import paths
 from mmd.config import Config, ModelSpec, check_model_file
+from mmd.cpu import is_sigill, sigill_line
 from mmd.errors import ConfigError, MmdError, RuntimeFailed, StillBusy
 from mmd.events import AlertCrossed, EventBus, MemorySampled, ModelChanged, RequestFinished
 from mmd.footprint import Footprint, estimate, read_shape
 from mmd.memory import DeviceBudgetView, MemoryProbe, MemorySnapshot, compute_budgets
 from mmd.planner import DeviceBudget, Placement, Plan, Refusal
 from mmd.reload import ConfigDiff, diff_configs, keep_restart_settings
-from mmd.runtime import LaunchSpec, LlamaBinary, LlamaServer, read_log_tail
+from mmd.runtime import LaunchSpec, LlamaServer, read_log_tail
+from mmd.runtime_check import LlamaRuntime
 from mmd.scheduler import (
     AbortRunning,
     Admit,
@@ -63,7 +65,9 @@ def footprint_for(spec: ModelSpec) -> Footprint:
     return footprint
 
 
-def describe_exit(status: int) -> str:
+def describe_exit(status: int, binary: Path) -> str:
+    if is_sigill(status):
+        return sigill_line(binary)
     if status < 0:
         try:
             name = signal.Signals(-status).name
@@ -95,17 +99,15 @@ class Engine:
     def __init__(
         self,
         config: Config,
-        binary: LlamaBinary,
+        runtime: LlamaRuntime,
         probe: MemoryProbe,
         runtime_dir: Path,
-        supports_fit: bool = True,
         footprints: dict[str, Footprint] | None = None,
     ) -> None:
         self.config = config
-        self.binary = binary
+        self.runtime = runtime
         self.probe = probe
         self.runtime_dir = runtime_dir
-        self.supports_fit = supports_fit
         footprints = footprints or {m: footprint_for(s) for m, s in config.models.items()}
         self.core = Scheduler(
             config.scheduler, {m: (s, footprints[m]) for m, s in config.models.items()}
@@ -152,6 +154,7 @@ class Engine:
             self._sampler.cancel()
         for handle in self.timers.values():
             handle.cancel()
+        await self.runtime.close()
 
     def now(self) -> float:
         return self.loop.time()
@@ -229,7 +232,8 @@ class Engine:
                 check_model_file(entry.spec.path, f"model {model_id!r}")
             except ConfigError as err:
                 raise RuntimeFailed(str(err)) from None
-            server = LlamaServer(self.binary, self._launch_spec(entry.spec, placement))
+            binary = await self.runtime.ready()
+            server = LlamaServer(binary, self._launch_spec(entry.spec, placement))
             self.servers[model_id] = server
             self._notify(
                 model_id, "loading", f"{placement.kind}, {placement.gpu_layers} GPU layers"
@@ -267,7 +271,7 @@ class Engine:
             tensor_split=split,
             embedding=spec.embedding,
             extra_args=spec.args,
-            supports_fit=self.supports_fit,
+            supports_fit="--fit" in self.runtime.options,
         )
 
     async def _wait_memory_settled(self, placement: Placement) -> None:
@@ -303,7 +307,7 @@ class Engine:
         if self.servers.get(model_id) is not server:
             return  # a stop mmd asked for
         self.servers.pop(model_id, None)
-        description = describe_exit(status)
+        description = describe_exit(status, server.binary.path)
         log.error("model %s: llama-server %s", model_id, description)
         self.events.publish(ModelChanged(model_id, "failed", "crashed", detail=description))
         await server.stop(0.1)
@@ -479,7 +483,9 @@ class Engine:
             status = await asyncio.wait_for(asyncio.shield(server.wait()), 1.0)
         except TimeoutError:
             return None
-        return RuntimeFailed(f"model {model_id!r} crashed: {describe_exit(status)}")
+        return RuntimeFailed(
+            f"model {model_id!r} crashed: {describe_exit(status, server.binary.path)}"
+        )
 
     async def infer(
         self, model_id: str, params: InferParams, keep_alive: float | None = None

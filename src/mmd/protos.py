@@ -94,7 +94,7 @@ def health_proto(engine: Engine) -> pb.Health:
         active_inferences=engine.core.active_total,
         queued_requests=engine.core.queued_total,
         notes=notes,
-        llama_server=f"{engine.binary.path} ({engine.binary.source})",
+        llama_server=engine.runtime.describe(),
         max_concurrent=engine.config.scheduler.max_concurrent,
         max_queue=engine.config.scheduler.max_queue,
     )

