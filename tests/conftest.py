@@ -23,6 +23,16 @@ from mmd.v1 import mmd_pb2_grpc
 START_TIMEOUT_S = 30.0
 
 
+@pytest.fixture(autouse=True)
+def cpu_only_unless_gpu_marked(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tests mean CPU placement unless marked ``gpu``: on a machine with NVIDIA GPUs they
+    are hidden from mmd (and CUDA children) the documented way, CUDA_VISIBLE_DEVICES=""."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="session")
 def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Synthetic models shared by the session: tiny ones and three of ~40-60 MB."""

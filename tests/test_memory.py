@@ -22,6 +22,7 @@ from mmd.memory import (
     compute_budgets,
     devices_over_alert,
     parse_budget_setting,
+    visible_gpus,
 )
 from mmd.units import GIB, MIB
 
@@ -357,3 +358,25 @@ def test_budget_never_exceeds_live_memory_or_the_cap(
     if setting == "auto":
         assert view.budget <= total - reserve or view.budget == 0
     assert view.other_bytes + view.mmd_bytes == total - free
+
+
+UUIDS = ["GPU-aaaa1111", "GPU-bbbb2222", "GPU-abcd3333"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, [0, 1, 2]),  # unset: every GPU
+        ("", []),  # set and empty: none
+        ("-1", []),
+        ("1", [1]),
+        ("2,0", [2, 0]),  # CUDA's order, not NVML's
+        ("0,7,1", [0]),  # the list ends at the first entry that names no GPU
+        ("GPU-bbbb", [1]),  # a unique UUID prefix
+        ("GPU-a", []),  # ambiguous: names no single GPU
+        ("1, GPU-abcd3333", [1, 2]),
+        ("1,1", [1]),
+    ],
+)
+def test_cuda_visible_devices_is_read_as_cuda_does(value: str | None, expected: list[int]) -> None:
+    assert visible_gpus(value, UUIDS) == expected

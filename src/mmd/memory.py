@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import platform
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal
@@ -75,6 +76,34 @@ def read_ram(kind: Literal["ram", "unified"] = "ram") -> DeviceReading:
     return DeviceReading(RAM_ID, kind, name, int(vm.total), free, int(vm.total) - free)
 
 
+VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+def visible_gpus(value: str | None, uuids: Sequence[str]) -> list[int]:
+    """The NVML indices that ``CUDA_VISIBLE_DEVICES`` leaves visible, in its order.
+
+    CUDA's rules: unset shows every GPU; each entry is an index or a (prefix of a) UUID;
+    the list ends at the first entry that names no GPU, so "" and "-1" hide them all.
+    mmd's children inherit the variable, so a GPU hidden from them is hidden from mmd's
+    budget too.
+    """
+    if value is None:
+        return list(range(len(uuids)))
+    chosen: list[int] = []
+    for entry in (part.strip() for part in value.split(",")):
+        if entry.isdigit() and int(entry) < len(uuids):
+            index = int(entry)
+        else:
+            matches = [i for i, uuid in enumerate(uuids) if entry and uuid.startswith(entry)]
+            if len(matches) != 1:
+                break
+            index = matches[0]
+        if index in chosen:
+            break
+        chosen.append(index)
+    return chosen
+
+
 class _Nvml:
     """The NVML session: initialised once, then read under the probe's lock."""
 
@@ -84,14 +113,20 @@ class _Nvml:
         self._nvml: Any = pynvml
         pynvml.nvmlInit()
         try:
-            self.count = int(pynvml.nvmlDeviceGetCount())
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(self.count)]
-            self._names = [_as_text(pynvml.nvmlDeviceGetName(h)) for h in self._handles]
+            count = int(pynvml.nvmlDeviceGetCount())
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            uuids = [_as_text(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
+            # NVML numbers GPUs by PCI bus id; children use CUDA_DEVICE_ORDER=PCI_BUS_ID.
+            self.indices = visible_gpus(os.environ.get(VISIBLE_ENV), uuids)
+            self.count = len(self.indices)
+            self._handles = {i: handles[i] for i in self.indices}
+            self._names = {i: _as_text(pynvml.nvmlDeviceGetName(handles[i])) for i in self.indices}
         except BaseException:
             pynvml.nvmlShutdown()
             raise
 
     def read(self, index: int) -> DeviceReading:
+        """The GPU at NVML index ``index`` (one of ``self.indices``)."""
         nvml = self._nvml
         handle = self._handles[index]
         try:
@@ -257,7 +292,7 @@ class MemoryProbe:
         devices = [read_ram()]
         notes = list(self._setup_notes)
         if nvml is not None:
-            for index in range(nvml.count):
+            for index in nvml.indices:
                 try:
                     devices.append(nvml.read(index))
                 except Exception as exc:  # a lost GPU must not take the RAM budget down
@@ -280,7 +315,10 @@ class MemoryProbe:
                     self._nvml = session
                     return session
                 session.shutdown()
+                hidden = os.environ.get(VISIBLE_ENV)
                 reason = "NVML found no GPU"
+                if hidden is not None:
+                    reason = f"no GPU visible ({VISIBLE_ENV}={hidden!r})"
         self._setup_notes = (self._note_once(f"{reason}: {RAM_NOTE_SUFFIX}"),)
         return None
 
