@@ -217,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run several local LLMs (llama-server) within the machine's memory, "
         "served over gRPC on a Unix socket. Drive it with mmctl.",
         epilog="Exit status: 0 stopped cleanly; 2 invalid config or socket path; "
-        "3 another mmd serves the socket; 4 llama-server missing or broken.",
+        "3 another mmd serves the socket; 4 no llama-server found.",
     )
     parser.add_argument(
         "--config",
