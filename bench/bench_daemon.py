@@ -133,6 +133,8 @@ def estimate_error(work: Path, runtime: Runtime, sizes: ScaleSizes) -> tuple[lis
                 "within 10%",
                 abs(error) <= 10,
                 note=f"error {error:+.1f}%",
+                better="",  # an estimate may err either way: its measurement is no bound
+                floor_kind="llama-server's RSS, measured",
             )
         )
         raw[name] = {

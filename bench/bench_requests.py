@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 from harness import (
+    CPU_ONLY_ENV,
     PROMPT,
     Daemon,
     DirectServer,
@@ -26,9 +26,9 @@ from harness import (
     infer_via_stub,
     percentile,
     python_bin,
-    read_stream,
     timed_run,
 )
+from rawhttp import busy_rate, completion_async, request_bytes
 
 from mmd.synthetic import write_model
 from mmd.v1 import mmd_pb2 as pb
@@ -51,6 +51,9 @@ class Sizes:
 
 
 Raw = dict[str, Any]
+# What the request floors are: the same request to the same llama-server, read
+# by a client that costs less per token than mmd's path (bench/rawhttp.py).
+DIRECT_CLIENT = "llama-server, raw-socket client"
 
 
 # ---------------------------------------------------------------- 1. request overhead
@@ -127,6 +130,7 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
             "-",
             None,
             digits=2,
+            floor_kind=DIRECT_CLIENT,
         ),
         Figure(
             "overhead",
@@ -137,6 +141,8 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
             "< 1 ms",
             added_p50 < 1.0,
             digits=2,
+            added=True,
+            floor_kind=DIRECT_CLIENT,
         ),
         Figure(
             "overhead",
@@ -148,6 +154,8 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
             None,
             ratio=p95["stub"] / p95["direct"],
             digits=2,
+            added=True,
+            floor_kind=DIRECT_CLIENT,
         ),
         Figure(
             "overhead",
@@ -168,8 +176,19 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
             "-",
             None,
             digits=2,
+            added=True,
+            floor_kind="direct client + gRPC alone",
         ),
-        Figure("overhead", "latency via mmctl infer, p50", "ms", cli_s, direct_s, "-", None),
+        Figure(
+            "overhead",
+            "latency via mmctl infer, p50",
+            "ms",
+            cli_s,
+            direct_s,
+            "-",
+            None,
+            floor_kind=DIRECT_CLIENT,
+        ),
     ]
     raw = {
         "model": "embedding 64, 2 blocks",
@@ -239,31 +258,26 @@ async def _mmd_tokens(socket: Path, model_id: str, clients: int, requests: int, 
         return total
 
 
-async def _direct_tokens(socket: Path, clients: int, requests: int, n: int) -> int:
-    transport = httpx.AsyncHTTPTransport(uds=str(socket))
-    limits = httpx.Limits(max_connections=256, keepalive_expiry=2.0)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://llama-server", timeout=120, limits=limits
-    ) as client:
-        remaining = requests
-        total = 0
-        body = completion_body(n)
+async def _direct_tokens(
+    socket: Path, clients: int, requests: int, n: int
+) -> tuple[int, list[tuple[float, float, int]]]:
+    """(tokens, (end, busy s, tokens) per request by llama-server's timings) of one round."""
+    request = request_bytes("POST", "/completion", completion_body(n))
+    remaining = requests
+    total = 0
+    spans: list[tuple[float, float, int]] = []
 
-        async def worker() -> None:
-            nonlocal remaining, total
-            while remaining > 0:
-                remaining -= 1
-                async with client.stream("POST", "/completion", json=body) as response:
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data: "):
-                            continue
-                        event = json.loads(line[6:])
-                        if event.get("stop"):
-                            total += int(event.get("tokens_predicted", 0))
-                            break
+    async def worker() -> None:
+        nonlocal remaining, total
+        while remaining > 0:
+            remaining -= 1
+            done = await completion_async(socket, request)
+            total += done.tokens
+            busy_ms = done.timings.get("prompt_ms", 0.0) + done.timings.get("predicted_ms", 0.0)
+            spans.append((done.end_at, busy_ms / 1000, done.tokens))
 
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        return total
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return total, spans
 
 
 def throughput(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure], Raw]:
@@ -277,7 +291,13 @@ def throughput(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure]
     ).start()
     direct = None
     figures: list[Figure] = []
-    raw: Raw = {"model": "embedding 256, 4 blocks", "ctx": ctx, "parallel": parallel}
+    raw: Raw = {
+        "model": "embedding 256, 4 blocks",
+        "ctx": ctx,
+        "parallel": parallel,
+        "floor": "a raw-socket client of the same llama-server (bench/rawhttp.py); "
+        "llama_server_busy: its tokens over the union of its own prompt_ms + predicted_ms",
+    }
     try:
         loaded = daemon.load("gen")
         direct = DirectServer(
@@ -298,42 +318,67 @@ def throughput(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure]
             tokens = asyncio.run(_mmd_tokens(daemon.socket, "gen", clients, requests, max_tokens))
             return tokens / (time.perf_counter() - start)
 
+        server_tps: list[float] = []  # llama-server's own rate in the current level's rounds
+
         def run_direct(clients: int, requests: int) -> float:
             assert direct is not None
             start = time.perf_counter()
-            tokens = asyncio.run(_direct_tokens(direct.spec.socket, clients, requests, max_tokens))
-            return tokens / (time.perf_counter() - start)
+            tokens, spans = asyncio.run(
+                _direct_tokens(direct.spec.socket, clients, requests, max_tokens)
+            )
+            elapsed = time.perf_counter() - start
+            server_tps.append(busy_rate(spans))
+            return tokens / elapsed
 
         run_mmd(8, 8)  # warm-up
         run_direct(8, 8)
         for clients, requests in levels.items():
             mmd_tps: list[float] = []
             direct_tps: list[float] = []
+            server_tps.clear()
             for r in range(sizes.throughput_rounds):
                 order = (run_mmd, run_direct) if r % 2 == 0 else (run_direct, run_mmd)
                 for run in order:
                     value = run(clients, requests)
                     (mmd_tps if run is run_mmd else direct_tps).append(value)
             ratios = [m / d for m, d in zip(mmd_tps, direct_tps, strict=True)]
-            ratio = Spread.of(ratios)
-            figures.append(
+            of_server = [m / b for m, b in zip(mmd_tps, server_tps, strict=True) if b]
+            label = f"tokens/s, {clients} client{'s' if clients > 1 else ''}"
+            figures += [
                 Figure(
                     "throughput",
-                    f"tokens/s, {clients} client{'s' if clients > 1 else ''}",
+                    label,
                     "tok/s",
                     Spread.of(mmd_tps),
                     Spread.of(direct_tps),
                     ">= 0.97",
-                    ratio.median >= 0.97,
-                    ratio=ratio.median,
+                    Spread.of(ratios).median >= 0.97,
+                    ratio=Spread.of(ratios).median,
                     digits=0,
-                )
-            )
+                    better="higher",
+                    floor_kind=DIRECT_CLIENT,
+                ),
+                Figure(
+                    "throughput",
+                    f"{label}, vs llama-server's timings",
+                    "tok/s",
+                    Spread.of(mmd_tps),
+                    Spread.of(server_tps),
+                    "-",
+                    None,
+                    ratio=Spread.of(of_server).median if of_server else None,
+                    digits=0,
+                    better="higher",
+                    floor_kind="llama-server's own prompt_ms + predicted_ms, busy time only",
+                ),
+            ]
             raw[f"clients_{clients}"] = {
                 "requests_per_round": requests,
                 "mmd_tokens_per_s": mmd_tps,
                 "direct_tokens_per_s": direct_tps,
                 "ratios": ratios,
+                "llama_server_busy_tokens_per_s": list(server_tps),
+                "ratios_to_llama_server": of_server,
             }
     finally:
         if direct:
@@ -345,53 +390,149 @@ def throughput(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure]
 # ---------------------------------------------------------------- 3. swap latency
 
 
+SWAP_CTX = 2048
+
+
+def _plan(root: Path, tables: str, settings: str, cpu_only: bool) -> pb.LoadPlan:
+    """What mmd would do to load swap_a with these settings and nothing loaded."""
+    probe = Daemon(root, tables, settings, cpu_only=cpu_only).start()
+    try:
+        return probe.stub.PlanLoad(pb.PlanLoadRequest(model_id="swap_a"), timeout=30)
+    finally:
+        probe.stop()
+
+
+@dataclass
+class EventLog:
+    """``mmctl events --json`` of a daemon, written by a process of its own to a file
+    (a pipe left unread would fill, and a watcher that lags loses events)."""
+
+    process: subprocess.Popen[bytes]
+    path: Path
+
+    @classmethod
+    def start(cls, daemon: Daemon, path: Path) -> EventLog:
+        argv = [*python_bin("mmctl"), "events", "--json", "--no-memory", "--interval", "3600"]
+        with path.open("wb") as out:
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.DEVNULL, env=daemon.env()
+            )
+        log = cls(process, path)
+        deadline = time.monotonic() + 30
+        while not log.events():  # the snapshot: from here on, every event is seen
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.stop()
+                raise RuntimeError("mmctl events did not start")
+            time.sleep(0.02)
+        return log
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = self.path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.endswith("}")]
+
+    def evictions(self) -> list[dict[str, Any]]:
+        """Models that ended unloaded by an eviction (their stopping state says so too)."""
+        return [
+            e
+            for e in self.events()
+            if e.get("type") == "model"
+            and e.get("reason") == "evicted"
+            and e.get("state") == "unloaded"
+        ]
+
+    def wait_for_evictions(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The evictions seen once ``count`` have arrived, or when ``timeout`` is up."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.evictions()) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return found
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(10)
+
+
+def _swap_budget(plan: pb.LoadPlan, cpu: bool) -> str:
+    """A [budget] that holds one of the two models on the device the plan uses, not both.
+
+    1.5 times the model's share: the second load must evict the first. On the
+    CPU run the GPU budget is 0, so that the placement is the same on every
+    machine; on the GPU run only the GPU is limited, so that the RAM a GPU
+    child holds besides cannot change the outcome.
+    """
+    if cpu:
+        return f'[budget]\ngpu = "0"\nram = "{int(plan.footprint.total_bytes * 1.5)}"\n'
+    gpu_share = max(s.bytes for s in plan.placement.shares if s.device.startswith("gpu"))
+    return f'[budget]\ngpu = "{int(gpu_share * 1.5)}"\n'
+
+
 def swap_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure], Raw]:
     models = {
         name: write_model(work / "models" / f"{name}.gguf", embedding=512, blocks=4, seed=seed)
         for name, seed in (("swap_a", 11), ("swap_b", 12))
     }
-    ctx, max_tokens = 2048, 4
     tables = "".join(
-        f'[models.{name}]\npath = "{path}"\nctx = {ctx}\nparallel = 1\n'
+        f'[models.{name}]\npath = "{path}"\nctx = {SWAP_CTX}\nparallel = 1\n'
         for name, path in models.items()
     )
-    # First find the footprint, then restart with a budget that holds one model only.
-    probe = Daemon(work / "swap-plan", tables).start()
-    try:
-        plan = probe.stub.PlanLoad(pb.PlanLoadRequest(model_id="swap_a"), timeout=30)
-    finally:
-        probe.stop()
-    footprint = plan.footprint.total_bytes
-    budget = int(footprint * 1.5)
-    daemon = Daemon(work / "swap", tables, f'[budget]\nram = "{budget}"\n').start()
+    # Where a model goes on this machine without limits: a GPU run as well when it
+    # would go to a GPU. The CPU run is on every machine, its GPUs hidden.
+    runs = {"CPU": _plan(work / "swap-plan-cpu", tables, '[budget]\ngpu = "0"\n', True)}
+    gpu_plan = _plan(work / "swap-plan", tables, "", False)
+    if gpu_plan.placement.gpu_layers > 0:
+        runs["GPU"] = gpu_plan
+    figures: list[Figure] = []
+    raw: Raw = {"model": "embedding 512, 4 blocks", "ctx": SWAP_CTX}
+    for label, plan in runs.items():
+        found, raw[label] = _swap_run(work, runtime, sizes, models, tables, label, plan)
+        figures += found
+    return figures, raw
+
+
+def _swap_run(
+    work: Path,
+    runtime: Runtime,
+    sizes: Sizes,
+    models: dict[str, Path],
+    tables: str,
+    label: str,
+    plan: pb.LoadPlan,
+) -> tuple[list[Figure], Raw]:
+    cpu = label == "CPU"
+    max_tokens = 4
+    budget = _swap_budget(plan, cpu)
+    root = work / f"swap-{label.lower()}"
+    daemon = Daemon(root, tables, budget, cpu_only=cpu).start()
     swap_ms: list[float] = []
     floor_ms: list[float] = []  # start the target directly, request: the issue's floor
     floor_ready_ms: list[float] = []
     floor_swap_ms: list[float] = []  # kill the other one directly first, then the same
+    swaps = sizes.swaps + 1  # the first one warms the file cache and the code paths
+    events = None
     try:
         current = "swap_a"
         infer_via_stub(daemon.stub, current, max_tokens)
         gpu_layers = daemon.model(current).placement.gpu_layers
+        events = EventLog.start(daemon, root / "events.jsonl")
 
         def direct(name: str) -> DirectServer:
             spec = runtime.spec(
-                name, models[name], work / "swap", ctx=ctx, parallel=1, layers=gpu_layers
+                name, models[name], root, ctx=SWAP_CTX, parallel=1, layers=gpu_layers
             )
-            return DirectServer(runtime, spec)
+            return DirectServer(runtime, spec, cpu_only=cpu)
 
         def first_token_ms(server: DirectServer, since: float) -> float:
-            with server.client() as client:
+            with server.client() as client:  # polls, then asks on the same connection
                 server.wait_ready(client)
-                body = completion_body(max_tokens)
-                with client.stream("POST", "/completion", json=body) as response:
-                    first_at, _ = read_stream(response.iter_lines())
-            return (first_at - since) * 1000
+                done = client.completion(completion_body(max_tokens))
+            return (done.first_at - since) * 1000
 
-        for i in range(sizes.swaps + 1):
+        for i in range(swaps):
             other = current
             target = "swap_b" if current == "swap_a" else "swap_a"
             _total, first, _tokens = infer_via_stub(daemon.stub, target, max_tokens)
-            if i:  # the first swap warms the file cache and the code paths
+            if i:
                 swap_ms.append(first)
             current = target
             old, new = direct(other).start(), direct(target)
@@ -415,34 +556,53 @@ def swap_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figur
                 floor_ms.append(started)
                 floor_ready_ms.append((alone.ready_at - alone.started_at) * 1000)
                 floor_swap_ms.append(swapped)
+        evicted = events.wait_for_evictions(swaps)
         loaded = [m.id for m in daemon.health().models]
     finally:
+        if events:
+            events.stop()
         daemon.stop()
+    problems = []
+    if len(evicted) < swaps:
+        problems.append(f"{len(evicted)} evictions in {swaps} swaps: the budget held both")
+    if (gpu_layers > 0) == cpu:
+        problems.append(f"mmd placed {gpu_layers} layers on a GPU in the {label} run")
+    problem = "; ".join(problems)
     swap, floor = Spread.of(swap_ms), Spread.of(floor_ms)
     figures = [
         Figure(
             "swap",
-            "first token, evict one + load other",
+            f"first token, evict one + load other, {label}",
             "ms",
             swap,
             floor,
             "ratio <= 1.05",
             swap.median / floor.median <= 1.05,
+            problem=problem,
+            floor_kind="llama-server started directly, first token",
         ),
         Figure(
             "swap",
-            "same, floor also kills the other",
+            f"same, floor also kills the other, {label}",
             "ms",
             swap,
             Spread.of(floor_swap_ms),
             "-",
             None,
+            problem=problem,
+            floor_kind="llama-server killed, the other started directly, first token",
         ),
     ]
     raw = {
-        "model": "embedding 512, 4 blocks",
-        "footprint_bytes": footprint,
-        "budget_ram_bytes": budget,
+        "budget": budget,
+        "cpu_only_env": CPU_ONLY_ENV if cpu else {},
+        "footprint_bytes": plan.footprint.total_bytes,
+        "planned_shares": {s.device: s.bytes for s in plan.placement.shares},
+        "gpu_layers": gpu_layers,
+        "swaps": swaps,
+        "evictions": [
+            {"model": e.get("model_id"), "for_model": e.get("for_model")} for e in evicted
+        ],
         "loaded_at_end": loaded,
         "swap_first_token_ms": swap_ms,
         "floor_first_token_ms": floor_ms,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pty
 import signal
@@ -12,14 +11,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import psutil
+from rawhttp import RawClient
+from verdicts import Better, Verdict, verdict
 
 from mmd.runtime import LaunchSpec, LlamaBinary, build_argv, probe_binary, resolve_llama_server
 from mmd.upstream import InferParams, _completion_body
@@ -28,6 +28,11 @@ from mmd.v1 import mmd_pb2_grpc
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 START_TIMEOUT_S = 60.0
+# A benchmark that means CPU placement says so. CUDA_VISIBLE_DEVICES="" hides every
+# NVIDIA GPU from mmd's budget and from CUDA children; a Vulkan llama-server (the
+# bundled one) reads GGML_VK_VISIBLE_DEVICES instead, and without it a CPU child
+# still opens a context on the GPU. Its config also sets [budget] gpu = "0".
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "GGML_VK_VISIBLE_DEVICES": ""}
 
 
 # ---------------------------------------------------------------- statistics and figures
@@ -82,25 +87,43 @@ class Figure:
     mmd: Spread
     floor: Spread | None
     target: str
-    passed: bool | None  # None: informational
+    passed: bool | None  # the target compared; None: informational
     ratio: float | None = None  # mmd / floor unless given
     digits: int = 1
     note: str = ""
+    better: Better = "lower"  # which way the ratio should go ("": the floor is no bound)
+    added: bool = False  # the mmd value is what mmd adds to its floor: never below 0
+    problem: str = ""  # why the benchmark's floor did not hold, found by the benchmark
+    floor_kind: str = ""  # what the floor is, where the metric does not say
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.floor is not None and self.floor.median:
             self.ratio = self.mmd.median / self.floor.median
 
+    def judged(self) -> tuple[Verdict, str]:
+        """(met / missed / info / floor invalid, why the floor is invalid)."""
+        return verdict(
+            self.passed,
+            ratio=self.ratio,
+            better=self.better,
+            added=self.mmd.median if self.added else None,
+            problem=self.problem,
+        )
+
     def as_dict(self) -> dict[str, Any]:
+        judged, why = self.judged()
         return {
             "benchmark": self.benchmark,
             "metric": self.metric,
             "unit": self.unit,
             "mmd": vars(self.mmd),
             "floor": vars(self.floor) if self.floor else None,
+            "floor_kind": self.floor_kind,
             "ratio": self.ratio,
             "target": self.target,
-            "passed": self.passed,
+            "target_met": self.passed,
+            "verdict": judged,
+            "verdict_reason": why,
             "note": self.note,
         }
 
@@ -161,6 +184,7 @@ class Daemon:
     root: Path
     models_toml: str
     settings_toml: str = ""
+    cpu_only: bool = False  # hide GPUs (CPU_ONLY_ENV); the caller's config sets gpu = "0"
     process: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
     start_ms: float = 0.0
@@ -177,6 +201,8 @@ class Daemon:
         env = dict(os.environ)
         env.pop("MMD_CONFIG", None)
         env["MMD_SOCKET"] = str(self.socket)
+        if self.cpu_only:
+            env.update(CPU_ONLY_ENV)
         return env
 
     def start(self) -> Daemon:
@@ -282,45 +308,10 @@ def completion_body(max_tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
     return _completion_body(InferParams(prompt=prompt, max_tokens=max_tokens))
 
 
-def read_stream(lines: Iterator[str]) -> tuple[float, int]:
-    """Consume an SSE /completion stream: (perf_counter at the first text, tokens predicted)."""
-    first = 0.0
-    tokens = 0
-    for line in lines:
-        if not line.startswith("data: "):
-            continue
-        event = json.loads(line[6:])
-        if event.get("content") and not first:
-            first = time.perf_counter()
-        if event.get("stop"):
-            tokens = int(event.get("tokens_predicted", 0))
-            break
-    return first, tokens
-
-
-def uds_client(socket: Path, **kw: Any) -> httpx.Client:
-    return httpx.Client(
-        transport=httpx.HTTPTransport(uds=str(socket)),
-        base_url="http://llama-server",
-        timeout=httpx.Timeout(120.0),
-        **kw,
-    )
-
-
-def infer_direct(client: httpx.Client, max_tokens: int) -> tuple[float, float, int]:
+def infer_direct(client: RawClient, max_tokens: int) -> tuple[float, float, int]:
     """(total ms, first-token ms, tokens) of the same request sent straight to llama-server."""
-    body = completion_body(max_tokens)
-    start = time.perf_counter()
-    for attempt in range(2):  # a keep-alive connection the server just closed: once more
-        try:
-            with client.stream("POST", "/completion", json=body) as response:
-                first, tokens = read_stream(response.iter_lines())
-            break
-        except httpx.RemoteProtocolError:
-            if attempt:
-                raise
-    end = time.perf_counter()
-    return (end - start) * 1000, (first - start) * 1000 if first else 0.0, tokens
+    done = client.completion(completion_body(max_tokens))
+    return done.total_ms, done.first_ms, done.tokens
 
 
 @dataclass
@@ -358,6 +349,7 @@ class DirectServer:
 
     runtime: Runtime
     spec: LaunchSpec
+    cpu_only: bool = False  # the environment a cpu_only Daemon gives its children
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     ready_at: float = 0.0
@@ -365,6 +357,9 @@ class DirectServer:
 
     def spawn(self) -> None:
         self.argv = build_argv(self.runtime.binary.path, self.spec)
+        env = dict(self.runtime.binary.env)
+        if self.cpu_only:
+            env.update(CPU_ONLY_ENV)
         with self.spec.log_path.open("ab") as log:
             self.started_at = time.perf_counter()
             self.process = subprocess.Popen(
@@ -372,11 +367,11 @@ class DirectServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.runtime.binary.env,
+                env=env,
                 start_new_session=True,
             )
 
-    def wait_ready(self, client: httpx.Client, poll_s: float = 0.005) -> None:
+    def wait_ready(self, client: RawClient, poll_s: float = 0.005) -> None:
         """Poll /health until 200, as mmd does (every 5 ms)."""
         assert self.process is not None
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -384,8 +379,8 @@ class DirectServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"llama-server exited {self.process.returncode}")
             if self.spec.socket.exists():
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get("/health").status_code == 200:
+                with contextlib.suppress(OSError):
+                    if client.status("/health") == 200:
                         self.ready_at = time.perf_counter()
                         return
             time.sleep(poll_s)
@@ -393,12 +388,12 @@ class DirectServer:
 
     def start(self) -> DirectServer:
         self.spawn()
-        with uds_client(self.spec.socket) as client:
+        with self.client() as client:
             self.wait_ready(client)
         return self
 
-    def client(self, **kw: Any) -> httpx.Client:
-        return uds_client(self.spec.socket, **kw)
+    def client(self) -> RawClient:
+        return RawClient(self.spec.socket)
 
     def kill(self) -> None:
         """SIGKILL and reap, as mmd stops an idle model it evicts."""

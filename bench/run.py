@@ -4,7 +4,10 @@ Runs a real mmd (``python -m mmd``) and real llama-server children on synthetic
 models in a temporary directory; the floor of each figure is the same work done
 without mmd (llama-server started directly with the argv mmd builds, a bare
 interpreter, ...). Prints a table and writes every number to
-``bench/results/latest.json``. Timings are informational: nothing here fails.
+``bench/results/latest.json``. Each row's verdict is met, missed, info (no target)
+or "floor invalid": mmd beat its floor by more than 2%, or added less than
+nothing, so the floor was not one (bench/verdicts.py). Timings are
+informational: nothing here fails.
 
     .venv/bin/python bench/run.py [--quick] [--only NAME ...]
 """
@@ -82,7 +85,7 @@ def cell(figure: Figure, which: str) -> str:
 def table(figures: list[Figure]) -> str:
     rows = [("benchmark", "metric", "mmd", "floor", "ratio", "target", "result")]
     for f in figures:
-        verdict = "info" if f.passed is None else ("pass" if f.passed else "MISS")
+        verdict, _ = f.judged()
         ratio = f"{f.ratio:.3f}" if f.ratio is not None else "-"
         if f.note:
             ratio += f" ({f.note})"
@@ -95,6 +98,20 @@ def table(figures: list[Figure]) -> str:
         for row in rows
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def footnotes(figures: list[Figure]) -> str:
+    """What each floor is, and why a row's floor is invalid."""
+    kinds: dict[str, list[str]] = {}
+    for f in figures:
+        if f.floor_kind and f.floor_kind not in kinds.setdefault(f.benchmark, []):
+            kinds[f.benchmark].append(f.floor_kind)
+    lines = [f"floors, {name}: {'; '.join(found)}" for name, found in kinds.items() if found]
+    for f in figures:
+        verdict, why = f.judged()
+        if verdict == "floor invalid":
+            lines.append(f"floor invalid, {f.benchmark} / {f.metric}: {why}")
     return "\n".join(lines)
 
 
@@ -138,6 +155,7 @@ def main() -> None:
             figures += found
             report["raw"][name] = raw
             print(table(found), file=sys.stderr, flush=True)
+            print(footnotes(found), file=sys.stderr, flush=True)
     report["machine"]["load_average_end"] = list(os.getloadavg())
     report["figures"] = [figure.as_dict() for figure in figures]
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +163,7 @@ def main() -> None:
     m = report["machine"]
     print(f"\n{m['cpu']}, {m['cores']} cores, {report['date']}; mmd {report['versions']['mmd']}")
     print(table(figures))
+    print(footnotes(figures))
     print(f"\nmedian [spread]; every number in {args.out}")
     if report["errors"]:
         print(f"errors: {report['errors']}")
