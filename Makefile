@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv proto check-proto check-runtime lint typecheck test test-gpu demo bench llama clean
+.PHONY: help venv proto check-proto check-runtime lint typecheck test test-gpu demo bench llama device-prep clean
 
 help:
 	@echo "make demo        install, start mmd, load a small real model, stream an answer"
@@ -12,6 +12,7 @@ help:
 	@echo "make test-gpu    run the GPU-marked tests (needs an NVIDIA GPU)"
 	@echo "make proto       regenerate the gRPC stubs from proto/"
 	@echo "make bench       run the benchmarks (writes bench/results/*.json)"
+	@echo "make device-prep pack .device/ for a run on a lent GPU machine (README: GPU machines)"
 	@echo "make llama       build llama-server from pinned source for every CPU (BACKEND=cpu|cuda|vulkan)"
 
 $(STAMP): pyproject.toml
@@ -59,9 +60,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
+device-prep: $(STAMP)
+	bash scripts/device/prepare.sh
+
 # ~25-40 min on 2 cores; see the README's "The llama-server runtime".
 llama:
 	BACKEND=$(or $(BACKEND),cpu) PYTHON=$(PYTHON) bash scripts/build_llama.sh
 
 clean:
-	rm -rf $(VENV) .demo build/llama .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .demo .device build/llama .mypy_cache .pytest_cache .ruff_cache
