@@ -7,6 +7,7 @@ llama-server abort the generation and free its slot.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -79,11 +80,18 @@ def _chat_body(params: InferParams) -> dict[str, Any]:
     return body
 
 
-# llama-server sometimes closes a connection without reading or answering the request on
-# it (about 1 in 100 under concurrent streams, also when talked to directly; and a pooled
-# connection it closed as the request went out). The request was not served, so it is
-# sent again, a few times.
-_SEND_ATTEMPTS = 4
+# A request is sent again when its connection failed before any response began: then
+# llama-server did not serve it (or aborts it, its connection gone), so sending it again
+# cannot answer twice. This happens under concurrent streams (about 1 in 100-200):
+# - RemoteProtocolError: the child closed the connection without answering, also a pooled
+#   connection that it closed just as the request went out;
+# - ReadError / WriteError: the connection was reset while the request went out or while
+#   waiting for the status line (httpx's BrokenResourceError);
+# - ConnectError: the socket's accept queue was full for a moment (EAGAIN).
+# A failure once the status line is in is never resent: the answer has begun.
+_SEND_ATTEMPTS = 5
+_RESENDABLE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ConnectError)
+_RESEND_PAUSE_S = 0.005  # grows with each attempt: a full accept queue needs a moment
 
 
 async def _send(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
@@ -91,8 +99,10 @@ async def _send(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> h
     for attempt in range(1, _SEND_ATTEMPTS):
         try:
             return await client.send(client.build_request("POST", path, json=body), stream=True)
-        except httpx.RemoteProtocolError as err:
-            log.debug("%s: sent again (attempt %d): %s", path, attempt + 1, err)
+        except _RESENDABLE as err:
+            log.debug("%s: sent again (attempt %d): %r", path, attempt + 1, err)
+            if isinstance(err, httpx.ConnectError):
+                await asyncio.sleep(_RESEND_PAUSE_S * attempt)
     return await client.send(client.build_request("POST", path, json=body), stream=True)
 
 
@@ -169,6 +179,11 @@ def _read_chat(event: dict[str, Any], final: Final) -> str:
     return "".join(pieces)
 
 
+def _lost(model_id: str, err: httpx.TransportError) -> RuntimeFailed:
+    why = str(err) or type(err).__name__  # some transport errors carry no message
+    return RuntimeFailed(f"model {model_id!r}: connection to llama-server lost: {why}")
+
+
 async def stream_infer(
     client: httpx.AsyncClient, model_id: str, params: InferParams
 ) -> AsyncGenerator[str | Final, None]:
@@ -189,7 +204,7 @@ async def stream_infer(
                 if text:
                     yield text
     except httpx.TransportError as err:
-        raise RuntimeFailed(f"model {model_id!r}: connection to llama-server lost: {err}") from None
+        raise _lost(model_id, err) from None
     if not final.finished:
         # A child that is stopped mid-generation may close the stream cleanly.
         raise RuntimeFailed(f"model {model_id!r}: llama-server ended the stream early")
@@ -204,7 +219,7 @@ async def embed(
         response = await _send(client, "/v1/embeddings", {"input": list(inputs)})
         await response.aread()
     except httpx.TransportError as err:
-        raise RuntimeFailed(f"model {model_id!r}: connection to llama-server lost: {err}") from None
+        raise _lost(model_id, err) from None
     await _raise_for_status(model_id, response)
     payload = response.json()
     data = sorted(payload.get("data", []), key=lambda item: item.get("index", 0))
