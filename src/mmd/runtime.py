@@ -21,6 +21,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -320,9 +321,8 @@ class LlamaServer:
         """
         with contextlib.suppress(FileNotFoundError):
             self.spec.socket.unlink()
-        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = build_argv(self.binary.path, self.spec)
-        with self.spec.log_path.open("ab") as log:
+        with self._open_log() as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log.write(f"--- mmd {stamp}: starting {' '.join(argv)}\n".encode())
             log.flush()
@@ -353,6 +353,19 @@ class LlamaServer:
             await self.stop(grace=1.0)
             raise
         self.ready_at = time.monotonic()
+
+    def _open_log(self) -> IO[bytes]:
+        """The child's log, for appending; a load that cannot write it fails, saying why."""
+        path = self.spec.log_path
+        try:
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            # Prompts can show up in a child's log: not for other users to read.
+            return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640), "ab")
+        except OSError as err:
+            raise RuntimeFailed(
+                f"model {self.spec.model_id!r}: cannot write its log {path}: "
+                f"{err.strerror or err}"
+            ) from None
 
     def _tail_text(self) -> str:
         return " | ".join(line for line in self.log_tail(5) if not line.startswith("--- mmd"))
