@@ -393,13 +393,41 @@ def throughput(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure]
 SWAP_CTX = 2048
 
 
-def _plan(root: Path, tables: str, settings: str, cpu_only: bool) -> pb.LoadPlan:
-    """What mmd would do to load swap_a with these settings and nothing loaded."""
+@dataclass(frozen=True)
+class Held:
+    """What mmd plans for swap_a, and counts once its child is measured, per device."""
+
+    gpu_layers: int
+    planned: dict[str, int]
+    counted: dict[str, int]
+
+
+def _held(root: Path, tables: str, settings: str, cpu_only: bool) -> Held:
     probe = Daemon(root, tables, settings, cpu_only=cpu_only).start()
     try:
-        return probe.stub.PlanLoad(pb.PlanLoadRequest(model_id="swap_a"), timeout=30)
+        plan = probe.stub.PlanLoad(pb.PlanLoadRequest(model_id="swap_a"), timeout=30)
+        infer_via_stub(probe.stub, "swap_a", 4)
+        deadline = time.monotonic() + 10
+        while not probe.model("swap_a").measured_bytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return Held(
+            probe.model("swap_a").placement.gpu_layers,
+            {share.device: share.bytes for share in plan.placement.shares},
+            {device.id: device.mmd_bytes for device in probe.health().devices},
+        )
     finally:
         probe.stop()
+
+
+def one_not_two(planned: int, counted: int) -> int:
+    """A budget that holds one model but not two, given what mmd plans for a model
+    and what it counts for a loaded one (after measuring; either may be larger).
+
+    At least the larger, or a load is refused as larger than the whole budget (or
+    does not fit after the eviction); less than one counted plus one planned, or
+    the second load fits beside the first. Halfway between the two.
+    """
+    return (max(planned, counted) + planned + counted) // 2
 
 
 @dataclass
@@ -453,18 +481,22 @@ class EventLog:
         self.process.wait(10)
 
 
-def _swap_budget(plan: pb.LoadPlan, cpu: bool) -> str:
-    """A [budget] that holds one of the two models on the device the plan uses, not both.
+def _swap_budget(held: Held, cpu: bool) -> str:
+    """A [budget] under which the second model's load must evict the first.
 
-    1.5 times the model's share: the second load must evict the first. On the
-    CPU run the GPU budget is 0, so that the placement is the same on every
-    machine; on the GPU run only the GPU is limited, so that the RAM a GPU
+    On the CPU run the GPU budget is 0, so that the placement is the same on
+    every machine; on the GPU run only the GPU is limited, so that the RAM a GPU
     child holds besides cannot change the outcome.
     """
     if cpu:
-        return f'[budget]\ngpu = "0"\nram = "{int(plan.footprint.total_bytes * 1.5)}"\n'
-    gpu_share = max(s.bytes for s in plan.placement.shares if s.device.startswith("gpu"))
-    return f'[budget]\ngpu = "{int(gpu_share * 1.5)}"\n'
+        ram = one_not_two(held.planned.get("ram", 0), held.counted.get("ram", 0))
+        return f'[budget]\ngpu = "0"\nram = "{ram}"\n'
+    gpu = max(
+        one_not_two(held.planned.get(device, 0), held.counted.get(device, 0))
+        for device in {*held.planned, *held.counted}
+        if device.startswith("gpu")
+    )
+    return f'[budget]\ngpu = "{gpu}"\n'
 
 
 def swap_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure], Raw]:
@@ -478,14 +510,14 @@ def swap_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figur
     )
     # Where a model goes on this machine without limits: a GPU run as well when it
     # would go to a GPU. The CPU run is on every machine, its GPUs hidden.
-    runs = {"CPU": _plan(work / "swap-plan-cpu", tables, '[budget]\ngpu = "0"\n', True)}
-    gpu_plan = _plan(work / "swap-plan", tables, "", False)
-    if gpu_plan.placement.gpu_layers > 0:
-        runs["GPU"] = gpu_plan
+    runs = {"CPU": _held(work / "swap-probe-cpu", tables, '[budget]\ngpu = "0"\n', True)}
+    on_gpu = _held(work / "swap-probe", tables, "", False)
+    if on_gpu.gpu_layers > 0:
+        runs["GPU"] = on_gpu
     figures: list[Figure] = []
     raw: Raw = {"model": "embedding 512, 4 blocks", "ctx": SWAP_CTX}
-    for label, plan in runs.items():
-        found, raw[label] = _swap_run(work, runtime, sizes, models, tables, label, plan)
+    for label, held in runs.items():
+        found, raw[label] = _swap_run(work, runtime, sizes, models, tables, label, held)
         figures += found
     return figures, raw
 
@@ -497,11 +529,11 @@ def _swap_run(
     models: dict[str, Path],
     tables: str,
     label: str,
-    plan: pb.LoadPlan,
+    held: Held,
 ) -> tuple[list[Figure], Raw]:
     cpu = label == "CPU"
     max_tokens = 4
-    budget = _swap_budget(plan, cpu)
+    budget = _swap_budget(held, cpu)
     root = work / f"swap-{label.lower()}"
     daemon = Daemon(root, tables, budget, cpu_only=cpu).start()
     swap_ms: list[float] = []
@@ -596,8 +628,8 @@ def _swap_run(
     raw = {
         "budget": budget,
         "cpu_only_env": CPU_ONLY_ENV if cpu else {},
-        "footprint_bytes": plan.footprint.total_bytes,
-        "planned_shares": {s.device: s.bytes for s in plan.placement.shares},
+        "one_model_planned_bytes": held.planned,
+        "one_model_counted_bytes": held.counted,
         "gpu_layers": gpu_layers,
         "swaps": swaps,
         "evictions": [

@@ -283,3 +283,18 @@ def test_a_connection_closed_mid_answer_is_not_sent_again(tmp_path: Path) -> Non
         _close(listener)
         thread.join(5)
     assert accepted == [1]
+
+
+# ---------------------------------------------------------------- the swap benchmark's budget
+
+
+@pytest.mark.parametrize(
+    ("planned", "counted"),
+    [(100, 100), (100, 70), (70, 100), (100_602_215, 69_975_040), (1, 1)],
+)
+def test_the_swap_budget_holds_one_model_and_not_two(planned: int, counted: int) -> None:
+    from bench_requests import one_not_two  # imports mmd and grpc: only here
+
+    budget = one_not_two(planned, counted)
+    assert max(planned, counted) <= budget  # a load is never refused, and fits once alone
+    assert counted + planned > budget  # beside a loaded one, the next must evict it
