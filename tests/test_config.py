@@ -463,11 +463,13 @@ def test_check_config_on_a_missing_file(tmp_path: Path) -> None:
 
 
 def test_child_sockets_use_the_id_or_a_hash_that_fits(tmp_path: Path) -> None:
-    assert paths.child_socket(Path("/run/mmd"), "coder") == Path("/run/mmd/children/coder.sock")
-    runtime = Path("/run/user/1000/" + "r" * 50)
+    system = paths.children_dir(Path("/run/mmd/mmd.sock"))
+    assert system == Path("/run/mmd/mmd.sock.d")
+    assert paths.child_socket(system, "coder") == Path("/run/mmd/mmd.sock.d/coder.sock")
+    runtime = paths.children_dir(Path("/run/user/1000/" + "r" * 50) / "mmd.sock")
     long_a, long_b = "a" * 64, "b" * 64
     hashed = paths.child_socket(runtime, long_a)
-    assert hashed.parent == runtime / "children"
+    assert hashed.parent == runtime
     assert len(str(hashed)) <= paths.MAX_SOCKET_PATH_BYTES
     assert hashed == paths.child_socket(runtime, long_a)  # stable across loads
     assert hashed != paths.child_socket(runtime, long_b)

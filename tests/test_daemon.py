@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 from conftest import Daemon, wait_until
 
@@ -48,9 +50,9 @@ def test_a_64_character_model_id_gets_a_socket_it_can_bind(
     daemon: Daemon = make_daemon(f'[models.{long_id}]\npath = "{model_files["tiny"]}"\nctx = 256\n')
     chunks = list(daemon.stub.Infer(pb.InferRequest(model_id=long_id, prompt="hi", max_tokens=2)))
     assert chunks[-1].done.completion_tokens == 2
-    (child_socket,) = (daemon.socket.parent / "children").iterdir()
+    (child_socket,) = paths.children_dir(daemon.socket).iterdir()
     assert len(str(child_socket)) <= 107
-    assert child_socket.name == paths.child_socket(daemon.socket.parent, long_id).name
+    assert child_socket == paths.child_socket(paths.children_dir(daemon.socket), long_id)
 
 
 def test_infer_streams_over_grpc_and_autoloads(daemon: Daemon) -> None:
@@ -219,5 +221,67 @@ def test_second_daemon_exits_and_first_keeps_serving(daemon: Daemon) -> None:
     assert second.process is not None
     assert second.process.wait(30) == 3
     assert "another mmd is already serving" in daemon.log_path.read_text()
+    chunks = list(daemon.stub.Infer(pb.InferRequest(model_id="tiny", prompt="x", max_tokens=2)))
+    assert chunks[-1].done.completion_tokens == 2
+
+
+class _Neighbour(Daemon):
+    """A second daemon with its socket beside the first one's, in the same directory."""
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "run" / "mmd2.sock"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "mmd2.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "daemon2.log"
+
+
+def _served_by(daemon: Daemon) -> int:
+    """Infer with model a through mmctl; the pid of the child that daemon shows for a."""
+    result = daemon.mmctl("infer", "a", "hi", "--max-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    (model,) = json.loads(daemon.mmctl("ps", "--json").stdout)
+    pid: int = model["pid"]
+    return pid
+
+
+def test_two_daemons_in_one_directory_each_use_their_own_children(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    config = f'[models.a]\npath = "{model_files["tiny"]}"\nctx = 256\n'
+    first: Daemon = make_daemon(config)
+    second = _Neighbour(first.root, config)
+    try:
+        second.start()
+        pids = {}
+        for daemon in (first, second):
+            pid = _served_by(daemon)
+            assert daemon.process is not None
+            assert psutil.Process(pid).ppid() == daemon.process.pid
+            argv = psutil.Process(pid).cmdline()
+            listening = Path(argv[argv.index("--host") + 1])
+            assert listening.parent == paths.children_dir(daemon.socket)
+            assert stat.S_IMODE(listening.parent.stat().st_mode) == 0o700
+            pids[daemon.socket.name] = pid
+        assert pids["mmd.sock"] != pids["mmd2.sock"]
+        assert second.stop() == 0
+        # The first daemon's model still answers, from the same child.
+        assert _served_by(first) == pids["mmd.sock"]
+        assert not paths.children_dir(second.socket).exists()
+    finally:
+        second.stop()
+
+
+def test_stale_children_are_cleared_at_start(daemon: Daemon) -> None:
+    daemon.stop(signal.SIGKILL)
+    children = paths.children_dir(daemon.socket)
+    (children / "tiny.sock").write_text("left by a killed daemon")
+    daemon.start()
+    assert list(children.iterdir()) == []
     chunks = list(daemon.stub.Infer(pb.InferRequest(model_id="tiny", prompt="x", max_tokens=2)))
     assert chunks[-1].done.completion_tokens == 2

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from conftest import Daemon, wait_until
 
+from mmd import paths
 from mmd.runtime import resolve_llama_server
 from mmd.v1 import mmd_pb2 as pb
 
@@ -122,7 +123,7 @@ def test_client_cancel_aborts_the_upstream_generation(
         if pieces == 5:
             break
     call.cancel()
-    child_socket = daemon.root / "run" / "children" / "b.sock"
+    child_socket = paths.child_socket(paths.children_dir(daemon.socket), "b")
     transport = httpx.HTTPTransport(uds=str(child_socket))
 
     def slot_idle() -> bool:

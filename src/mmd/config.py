@@ -255,7 +255,7 @@ def check_socket_path(path: Path, where: str) -> None:
         raise ConfigError(
             f"{where}: socket path {path} is {size} bytes; a Unix socket path holds at most {limit}"
         )
-    longest_child = paths.child_socket(path.parent, "x" * MAX_MODEL_ID_CHARS)
+    longest_child = paths.child_socket(paths.children_dir(path), "x" * MAX_MODEL_ID_CHARS)
     size = paths.socket_path_bytes(longest_child)
     if size > limit:
         raise ConfigError(

@@ -14,7 +14,6 @@ import fcntl
 import logging
 import os
 import signal
-import stat
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -23,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mmd import __version__, paths
+from mmd import __version__, paths, rundir
 from mmd.config import Config, check_socket_path, load_config
 from mmd.engine import Engine, footprint_for
 from mmd.errors import ConfigError, MmdError
@@ -52,26 +51,17 @@ class StartupError(Exception):
         self.code = code
 
 
-def _prepare_socket_dir(sock: Path) -> None:
-    directory = sock.parent
-    try:
-        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-    except OSError as err:
-        raise StartupError(
-            f"cannot create socket directory {directory}: {err.strerror}", EXIT_CONFIG
-        ) from None
-    info = directory.stat()
-    if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o007:
-        # Access control is the filesystem: nobody outside the owner and group.
-        directory.chmod(stat.S_IMODE(info.st_mode) & ~0o007)
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise StartupError(f"socket directory {directory} is not writable", EXIT_CONFIG)
-
-
 def _take_lock(sock: Path) -> IO[bytes]:
     """An exclusive lock next to the socket: grpcio would silently take over a live path."""
     lock_path = sock.with_name(sock.name + ".lock")
-    handle = lock_path.open("ab")
+    try:
+        # O_NOFOLLOW: in a shared (sticky) directory the name may be another user's link.
+        fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    except OSError as err:
+        raise StartupError(
+            f"cannot open the lock {lock_path}: {err.strerror}", EXIT_CONFIG
+        ) from None
+    handle = os.fdopen(fd, "ab")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -79,8 +69,13 @@ def _take_lock(sock: Path) -> IO[bytes]:
         raise StartupError(
             f"another mmd is already serving {sock} (lock {lock_path} is held)", EXIT_IN_USE
         ) from None
-    with contextlib.suppress(FileNotFoundError):
+    try:
         sock.unlink()  # stale: its daemon is gone, since we hold the lock
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        handle.close()
+        raise StartupError(f"cannot remove the stale {sock}: {err.strerror}", EXIT_CONFIG) from None
     return handle
 
 
@@ -89,13 +84,12 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
     candidates, explicit = llama_server_candidates(config.daemon.llama_server)
     runtime = LlamaRuntime(candidates, explicit, VerdictCache(config.daemon.state_dir))
     footprints = {m: footprint_for(spec) for m, spec in config.models.items()}
-    _prepare_socket_dir(sock)
+    rundir.prepare_socket_dir(sock)
     lock = _take_lock(sock)
-    runtime_dir = sock.parent
-    (runtime_dir / "children").mkdir(mode=0o700, exist_ok=True)
+    children = rundir.fresh_children_dir(sock)
     config.daemon.log_dir.mkdir(parents=True, exist_ok=True)
     probe = MemoryProbe()
-    engine = Engine(config, runtime, probe, runtime_dir, footprints=footprints)
+    engine = Engine(config, runtime, probe, children, footprints=footprints)
     metrics = await start_metrics(engine, config.metrics.listen)
     runtime.start()  # proves the binary in the background when no verdict is cached
     await engine.start()
@@ -192,6 +186,7 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
         probe.close()
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
+        rundir.remove_children_dir(sock)
         lock.close()
         log.info("stopped")
 
@@ -216,7 +211,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="mmd",
         description="Run several local LLMs (llama-server) within the machine's memory, "
         "served over gRPC on a Unix socket. Drive it with mmctl.",
-        epilog="Exit status: 0 stopped cleanly; 2 invalid config or socket path; "
+        epilog="Exit status: 0 stopped cleanly; 2 invalid config, or a socket path or "
+        "directory that is unusable or that another user could control; "
         "3 another mmd serves the socket; 4 no llama-server found.",
     )
     parser.add_argument(

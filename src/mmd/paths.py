@@ -1,4 +1,4 @@
-"""Default locations, shared by the daemon and mmctl.
+"""Default locations, shared by the daemon and mmctl so that both agree.
 
 root (a system service): /run/mmd, /var/lib/mmd, /var/log/mmd, /etc/mmd.
 a user: $XDG_RUNTIME_DIR/mmd (or /tmp/mmd-$UID), $XDG_STATE_HOME/mmd,
@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
+import stat
 from pathlib import Path
 
 SOCKET_ENV = "MMD_SOCKET"
 CONFIG_ENV = "MMD_CONFIG"
 LLAMA_SERVER_ENV = "MMD_LLAMA_SERVER"
 SYSTEM_CONFIG = Path("/etc/mmd/mmd.toml")
+# The system service's socket (systemd/mmd.service), reachable by the group mmd.
+SYSTEM_SOCKET = Path("/run/mmd/mmd.sock")
 
 
 def _is_root() -> bool:
@@ -29,15 +33,28 @@ def socket_path_bytes(path: Path) -> int:
     return len(os.fsencode(path.absolute()))
 
 
-def child_socket(runtime: Path, model_id: str) -> Path:
-    """Where a model's llama-server listens: ``children/<id>.sock`` under the daemon's
-    socket directory, or a name made from the id's hash when that path is too long to
-    bind (model ids may have 64 characters)."""
-    path = runtime / "children" / f"{model_id}.sock"
+def children_dir(sock: Path) -> Path:
+    """The directory of a daemon's children's sockets: ``<socket>.d`` beside its own socket,
+    so that two daemons sharing a directory never reach each other's children. (A short
+    suffix: every byte of it is one less for the socket path, which holds 107.)"""
+    return sock.with_name(sock.name + ".d")
+
+
+def child_socket(children: Path, model_id: str) -> Path:
+    """Where a model's llama-server listens: ``<id>.sock`` in the daemon's ``children``
+    directory, or a name made from the id's hash when that path is too long to bind
+    (model ids may have 64 characters)."""
+    path = children / f"{model_id}.sock"
     if socket_path_bytes(path) <= MAX_SOCKET_PATH_BYTES:
         return path
     digest = hashlib.sha256(model_id.encode()).hexdigest()[:16]
-    return runtime / "children" / f"{digest}.sock"
+    return children / f"{digest}.sock"
+
+
+def fallback_runtime_dir() -> Path:
+    """A user's runtime directory without $XDG_RUNTIME_DIR. It lies in /tmp, where any user
+    can create it first: see check_private_dir."""
+    return Path(f"/tmp/mmd-{os.getuid()}")
 
 
 def runtime_dir() -> Path:
@@ -46,15 +63,58 @@ def runtime_dir() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "mmd"
-    return Path(f"/tmp/mmd-{os.getuid()}")
+    return fallback_runtime_dir()
 
 
 def default_socket() -> Path:
-    """The socket both mmd and mmctl use when neither --socket nor $MMD_SOCKET says."""
+    """The socket mmd serves when neither --socket, $MMD_SOCKET nor its config says."""
     env = os.environ.get(SOCKET_ENV)
     if env:
         return Path(env)
     return runtime_dir() / "mmd.sock"
+
+
+def socket_candidates() -> list[Path]:
+    """The sockets mmctl tries, in order, when neither --socket nor $MMD_SOCKET names one:
+    the user's own daemon, then the system service (which its group's members may use)."""
+    env = os.environ.get(SOCKET_ENV)
+    if env:
+        return [Path(env)]
+    own = runtime_dir() / "mmd.sock"
+    return [own] if own == SYSTEM_SOCKET else [own, SYSTEM_SOCKET]
+
+
+class UnsafeDirectory(Exception):
+    """A directory another user could have made or could change: its sockets are not ours."""
+
+
+def user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_private_dir(path: Path) -> None:
+    """Raise UnsafeDirectory unless ``path`` is a real directory (not a symbolic link) owned
+    by this user and writable by nobody else, as ssh-agent and tmux check theirs: a
+    directory in /tmp may have been made first by another user, who could then put a
+    socket of their own in mmd's place and read every prompt. FileNotFoundError when it
+    does not exist."""
+    info = os.lstat(path)
+    why = ""
+    if stat.S_ISLNK(info.st_mode):
+        why = "it is a symbolic link"
+    elif not stat.S_ISDIR(info.st_mode):
+        why = "it is not a directory"
+    elif info.st_uid != os.geteuid():
+        why = f"it is owned by {user_name(info.st_uid)}, not by you ({user_name(os.geteuid())})"
+    elif info.st_mode & 0o022:
+        why = f"it is writable by group or others (mode {stat.S_IMODE(info.st_mode):04o})"
+    if why:
+        raise UnsafeDirectory(
+            f"unsafe runtime directory {path}: {why}; remove it, or set XDG_RUNTIME_DIR"
+        )
 
 
 def default_state_dir() -> Path:
