@@ -137,11 +137,11 @@ class FakeModelManager(mmd_pb2_grpc.ModelManagerServicer):
 
 
 @contextmanager
-def serve(servicer: FakeModelManager) -> Iterator[Path]:
-    """Serve `servicer` on a fresh Unix socket; yields the socket path."""
+def serve(servicer: FakeModelManager, socket_path: Path | None = None) -> Iterator[Path]:
+    """Serve `servicer` on a Unix socket (a fresh one unless given); yields its path."""
     # A short directory: Unix socket paths are limited to about 100 bytes.
     directory = Path(tempfile.mkdtemp(prefix="mmctl-"))
-    socket_path = directory / "mmd.sock"
+    socket_path = socket_path or directory / "mmd.sock"
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
     mmd_pb2_grpc.add_ModelManagerServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix:{socket_path}")

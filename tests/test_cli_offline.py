@@ -100,6 +100,7 @@ def test_help_documents_exit_codes() -> None:
         ("5", "not enough memory"),
         ("6", "the model's runtime"),
         ("130", "interrupted"),
+        ("141", "the output was closed early"),
     ]:
         assert f"{code}: {words}" in text
 

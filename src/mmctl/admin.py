@@ -10,15 +10,15 @@ import typer
 
 from mmctl import render
 from mmctl.client import EXIT_ERROR, QUERY_TIMEOUT_S, MmdClient, cli_error_for
-from mmd import paths
 from mmd.v1 import mmd_pb2
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
-def _socket_of(ctx: typer.Context) -> Path:
+def _socket_of(ctx: typer.Context) -> Path | None:
+    """--socket or $MMD_SOCKET; None: MmdClient tries paths.socket_candidates()."""
     socket = ctx.find_root().obj
-    return socket if isinstance(socket, Path) else paths.default_socket()
+    return socket if isinstance(socket, Path) else None
 
 
 def reload(ctx: typer.Context, json_out: JsonFlag = False) -> None:

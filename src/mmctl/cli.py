@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -15,6 +14,7 @@ from typer.core import TyperGroup
 
 from mmctl import observe, render, top
 from mmctl.client import (
+    EXIT_BROKEN_PIPE,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_NO_ROOM,
@@ -47,6 +47,8 @@ Exit codes:
 * 6: the model's runtime (llama-server) failed
 
 * 130: interrupted (Ctrl-C)
+
+* 141: the output was closed early (`mmctl ... | head`), as when killed by SIGPIPE
 """
 
 
@@ -79,6 +81,8 @@ def run_guarded(call: Callable[[], Any]) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # nobody is left to read a message
+        return EXIT_BROKEN_PIPE
     except grpc.RpcError as err:  # the client maps these; this is a safety net
         _report(err.details() or "request failed")
         return exit_code_for(err)
@@ -110,6 +114,13 @@ class MmctlGroup(TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # Click would turn it into exit 1; scripts with `set -o pipefail` expect 141.
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
 
 
 app = typer.Typer(
@@ -160,9 +171,12 @@ def _root(
             "--socket",
             envvar=paths.SOCKET_ENV,
             metavar="PATH",
-            help="The daemon's Unix socket [default: the one mmd uses, "
-            "$XDG_RUNTIME_DIR/mmd/mmd.sock or /run/mmd/mmd.sock as root].",
+            help="The daemon's Unix socket [default: the user's own, "
+            "$XDG_RUNTIME_DIR/mmd/mmd.sock (else /tmp/mmd-UID/mmd.sock), "
+            "when it exists, else the system's, /run/mmd/mmd.sock].",
             show_default=False,
+            # Access is checked when connecting, where it is reported as exit 3.
+            readable=False,
         ),
     ] = None,
     version: Annotated[
@@ -172,12 +186,12 @@ def _root(
         ),
     ] = False,
 ) -> None:
-    ctx.obj = socket if socket is not None else paths.default_socket()
+    ctx.obj = socket  # None: MmdClient tries paths.socket_candidates()
 
 
 def _client(ctx: typer.Context) -> MmdClient:
     socket = ctx.find_root().obj
-    return MmdClient(socket if isinstance(socket, Path) else paths.default_socket())
+    return MmdClient(socket if isinstance(socket, Path) else None)
 
 
 def _read_input(value: str | None, what: str) -> str:
@@ -492,8 +506,12 @@ def main() -> None:
     """
     code = app(standalone_mode=False)
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError):  # a reader that went away: nothing left to say
+        try:
             stream.flush()
+        except BrokenPipeError:  # the reader went away before the last of the output
+            code = EXIT_BROKEN_PIPE
+        except OSError:  # nothing left to say it on
+            pass
     os._exit(code if isinstance(code, int) else 0)
 
 

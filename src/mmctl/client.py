@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from mmd import paths
 from mmd.errors import ERROR_KIND_KEY
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
 
@@ -23,6 +25,9 @@ EXIT_UNKNOWN_MODEL = 4
 EXIT_NO_ROOM = 5
 EXIT_RUNTIME_FAILED = 6
 EXIT_INTERRUPTED = 130
+# The reader of mmctl's output went away (`mmctl ... | head`): what a process killed by
+# SIGPIPE reports to a shell (128 + 13), so that `set -o pipefail` scripts see the usual code.
+EXIT_BROKEN_PIPE = 141
 
 # Short queries get a deadline so a wedged daemon cannot hang a script forever;
 # loads, unloads and inference may legitimately take minutes and get none.
@@ -88,11 +93,76 @@ def exit_code_for(err: grpc.RpcError) -> int:
     return EXIT_ERROR
 
 
-def unreachable_message(socket_path: Path) -> str:
+def unreachable_message(*tried: Path) -> str:
+    where = " or ".join(str(path) for path in tried)
     return (
-        f"no mmd daemon at {socket_path} "
-        "(start it with 'mmd' or 'systemctl start mmd', or pass --socket)"
+        f"no mmd daemon at {where} (start it with 'mmd' or 'systemctl start mmd', or pass --socket)"
     )
+
+
+def permission_message(socket_path: Path) -> str:
+    return f"permission denied on {socket_path} (are you in group {_group_of(socket_path)}?)"
+
+
+def _group_of(socket_path: Path) -> str:
+    """The group that grants access: the socket's, else its directory's (when the directory
+    is what keeps us out); "mmd", the system service's group, when neither can be read."""
+    for path in (socket_path, socket_path.parent):
+        try:
+            gid = os.stat(path).st_gid
+        except OSError:
+            continue
+        try:
+            return grp.getgrgid(gid).gr_name
+        except KeyError:
+            return str(gid)
+    return "mmd"
+
+
+def locate_socket(candidates: list[Path]) -> Path | None:
+    """The first candidate that exists, or that we may not even look at (its directory is
+    closed to us, and the daemon may well be there); None when none does."""
+    for candidate in candidates:
+        try:
+            os.stat(candidate)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            pass
+        return candidate
+    return None
+
+
+def check_runtime_dir(socket_path: Path) -> None:
+    """CliError (exit 3) when the socket lies in the per-user /tmp/mmd-UID and that is not
+    this user's alone: whoever made it could serve a socket of their own there."""
+    if socket_path.parent != paths.fallback_runtime_dir():
+        return
+    try:
+        paths.check_private_dir(socket_path.parent)
+    except FileNotFoundError:
+        pass
+    except paths.UnsafeDirectory as err:
+        raise CliError(str(err), EXIT_UNREACHABLE) from None
+
+
+def choose_socket(candidates: list[Path]) -> Path:
+    """The socket to connect to, or CliError (exit 3) saying why there is none to use."""
+    absolute = [Path(os.path.abspath(candidate)) for candidate in candidates]
+    for candidate in absolute:
+        check_runtime_dir(candidate)
+    found = locate_socket(absolute)
+    if found is None:
+        raise CliError(unreachable_message(*absolute), EXIT_UNREACHABLE)
+    try:
+        os.stat(found)
+    except OSError as err:
+        if isinstance(err, PermissionError):
+            raise CliError(permission_message(found), EXIT_UNREACHABLE) from None
+        raise CliError(f"cannot use {found}: {err.strerror}", EXIT_UNREACHABLE) from None
+    if not os.access(found, os.R_OK | os.W_OK):
+        raise CliError(permission_message(found), EXIT_UNREACHABLE)
+    return found
 
 
 def cli_error_for(err: grpc.RpcError, socket_path: Path) -> CliError:
@@ -119,15 +189,22 @@ def _safe_details(err: grpc.RpcError) -> str | None:
 
 
 class MmdClient:
-    """A connection to the daemon's socket; use as a context manager."""
+    """A connection to the daemon's socket; use as a context manager.
 
-    def __init__(self, socket_path: Path) -> None:
-        self.socket_path = Path(os.path.abspath(socket_path))
+    ``socket_path`` is the one given (--socket, $MMD_SOCKET); without one, the first of
+    paths.socket_candidates() that exists: the user's own daemon, then the system's.
+    """
+
+    def __init__(self, socket_path: Path | None = None) -> None:
+        self._candidates = [socket_path] if socket_path else paths.socket_candidates()
+        self.socket_path = Path(os.path.abspath(self._candidates[0]))
         self._channel: grpc.Channel | None = None
         self._stub: mmd_pb2_grpc.ModelManagerStub | None = None
 
     def __enter__(self) -> MmdClient:
-        self._check_socket()
+        # grpc's own messages for a missing or forbidden socket are long and say nothing
+        # about mmd.
+        self.socket_path = choose_socket(self._candidates)
         self._channel = grpc.insecure_channel(
             f"unix:{self.socket_path}",
             options=[
@@ -148,17 +225,6 @@ class MmdClient:
             self._channel.close()
         self._channel = None
         self._stub = None
-
-    def _check_socket(self) -> None:
-        # grpc's own message for a missing socket is long and says nothing about mmd.
-        if not self.socket_path.exists():
-            raise CliError(unreachable_message(self.socket_path), EXIT_UNREACHABLE)
-        if not os.access(self.socket_path, os.R_OK | os.W_OK):
-            raise CliError(
-                f"permission denied on {self.socket_path} "
-                "(mmctl needs read and write access: join the daemon's group or use sudo)",
-                EXIT_UNREACHABLE,
-            )
 
     @property
     def stub(self) -> mmd_pb2_grpc.ModelManagerStub:

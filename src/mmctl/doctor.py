@@ -18,6 +18,7 @@ import grpc
 import typer
 
 from mmctl import render
+from mmctl.client import CliError, check_runtime_dir, locate_socket, permission_message
 from mmd import paths
 from mmd.config import Config, ModelSpec, check_model_file, find_config, load_config
 from mmd.cpu import BUILD_HINT
@@ -180,17 +181,33 @@ def _check_models(config: Config | None, explicit: Path | None, probe: MemoryPro
     return checks
 
 
+_GROUP_HINT = "join the daemon's group (usermod -aG mmd $USER, then log in again) or use sudo"
+
+
 def _check_socket(socket: Path) -> list[Check]:
-    if not socket.exists():
+    try:
+        check_runtime_dir(socket)
+    except CliError as err:
+        hint = f"remove {socket.parent} (mmd makes it anew, for you alone)"
+        return [Check("socket", "fail", err.message, hint)]
+    try:
+        info = socket.stat()
+        dir_mode = stat.S_IMODE(socket.parent.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
         hint = "start the daemon ('systemctl start mmd' or 'mmd'), or pass --socket"
         return [
             Check("socket", "fail", f"{socket} does not exist", hint),
             Check("daemon", "fail", "not reachable: no socket", hint),
         ]
-    if not stat.S_ISSOCK(socket.stat().st_mode):
+    except OSError as err:  # a directory on the way is closed to us
+        detail = permission_message(socket) if isinstance(err, PermissionError) else str(err)
+        return [
+            Check("socket", "fail", detail, _GROUP_HINT),
+            Check("daemon", "fail", "not reachable: no access to the socket", _GROUP_HINT),
+        ]
+    if not stat.S_ISSOCK(info.st_mode):
         return [Check("socket", "fail", f"{socket} is not a socket", "remove it; restart mmd")]
-    mode = stat.S_IMODE(socket.stat().st_mode)
-    dir_mode = stat.S_IMODE(socket.parent.stat().st_mode)
+    mode = stat.S_IMODE(info.st_mode)
     checks = []
     if mode & 0o007 and dir_mode & 0o001:
         detail = f"{socket} mode {mode:04o}, directory {dir_mode:04o}: anyone can use it"
@@ -203,8 +220,7 @@ def _check_socket(socket: Path) -> list[Check]:
     else:
         checks.append(Check("socket", "ok", f"{socket} (mode {mode:04o}, dir {dir_mode:04o})"))
     if not os.access(socket, os.R_OK | os.W_OK):
-        hint = "join the daemon's group (usermod -aG mmd $USER, then log in again) or use sudo"
-        checks.append(Check("daemon", "fail", f"permission denied on {socket}", hint))
+        checks.append(Check("daemon", "fail", permission_message(socket), _GROUP_HINT))
         return checks
     checks.append(_check_daemon(socket))
     return checks
@@ -236,9 +252,11 @@ def run_checks(config: Path | None, socket: Path | None) -> list[Check]:
         checks.append(_check_gpus(probe))
         checks.append(config_check)
         checks += _check_models(loaded, config, probe)
-    if socket is None:
-        # What the daemon binds (it honours $MMD_SOCKET too).
-        socket = loaded.daemon.socket if loaded is not None else paths.default_socket()
+    if socket is None and loaded is not None and loaded.source is not None:
+        socket = loaded.daemon.socket  # what the daemon binds (it honours $MMD_SOCKET too)
+    elif socket is None:
+        candidates = paths.socket_candidates()  # as the other commands find it
+        socket = locate_socket(candidates) or candidates[0]
     return checks + _check_socket(socket.absolute())
 
 

@@ -16,7 +16,6 @@ from google.protobuf.message import Message
 from mmctl import render
 from mmctl.client import EXIT_UNREACHABLE, CliError, MmdClient, cli_error_for
 from mmctl.options import finite
-from mmd import paths
 from mmd.units import format_size
 from mmd.v1 import mmd_pb2 as pb
 
@@ -38,7 +37,7 @@ Interval = Annotated[
 
 def client_for(ctx: typer.Context) -> MmdClient:
     socket = ctx.find_root().obj
-    return MmdClient(socket if isinstance(socket, Path) else paths.default_socket())
+    return MmdClient(socket if isinstance(socket, Path) else None)
 
 
 def open_watch(client: MmdClient, interval: float = 1.0) -> grpc.CallIterator[pb.Event]:
