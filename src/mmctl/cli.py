@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -115,12 +116,37 @@ class MmctlGroup(TyperGroup):
             sys.exit(code)
         return code
 
+    # Help and --version are printed while parsing, commands (and their help) while invoking.
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        with _broken_pipe_exits_141():
+            return super().parse_args(ctx, args)
+
     def invoke(self, ctx: Any) -> Any:
-        try:
+        with _broken_pipe_exits_141():
             return super().invoke(ctx)
-        except BrokenPipeError:
-            # Click would turn it into exit 1; scripts with `set -o pipefail` expect 141.
+
+
+@contextlib.contextmanager
+def _broken_pipe_exits_141() -> Iterator[None]:
+    """Click ends a broken pipe with exit 1, and so does rich (which draws typer's help);
+    scripts with `set -o pipefail` expect what a process killed by SIGPIPE gives, 141."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
+    except SystemExit as exit:
+        # rich's Console.on_broken_pipe points stdout at /dev/null, then exits 1.
+        if exit.code == 1 and _stdout_is_devnull():
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        raise
+
+
+def _stdout_is_devnull() -> bool:
+    try:
+        out, null = os.fstat(sys.stdout.fileno()), os.stat(os.devnull)
+    except (OSError, ValueError):
+        return False
+    return (out.st_dev, out.st_ino) == (null.st_dev, null.st_ino)
 
 
 app = typer.Typer(
