@@ -36,9 +36,7 @@ def outcome(daemon: Daemon, n: int) -> str:
 
 
 @pytest.mark.parametrize("clients", [8, 32])
-def test_none_lost(
-    make_daemon: Any, model_files: dict[str, Path], clients: int
-) -> None:
+def test_none_lost(make_daemon: Any, model_files: dict[str, Path], clients: int) -> None:
     config = (
         "[scheduler]\nmax_concurrent = 64\nmax_queue = 4096\n"
         f'[models.a]\npath = "{model_files["tiny"]}"\nctx = 1024\nparallel = 4\n'

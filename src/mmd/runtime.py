@@ -363,8 +363,7 @@ class LlamaServer:
             return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640), "ab")
         except OSError as err:
             raise RuntimeFailed(
-                f"model {self.spec.model_id!r}: cannot write its log {path}: "
-                f"{err.strerror or err}"
+                f"model {self.spec.model_id!r}: cannot write its log {path}: {err.strerror or err}"
             ) from None
 
     def _tail_text(self) -> str:
