@@ -459,6 +459,21 @@ def test_infer_runtime_failure_mid_stream(fake: FakeModelManager, socket_path: P
     assert "llama-server for 'chat' exited" in one_error_line(result)
 
 
+def test_infer_connection_lost_mid_stream_is_not_no_daemon(
+    fake: FakeModelManager, socket_path: Path
+) -> None:
+    """A stream the transport ended (no mmd error kind) after the daemon had answered: the
+    daemon went away, it was not absent."""
+    fake.infer_pieces = ["partial"]
+    fake.infer_failure_after_pieces = Failure(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    result = invoke(socket_path, "infer", "chat", "go")
+    assert result.exit_code == 3
+    assert result.stdout == "partial\n"
+    assert one_error_line(result) == (
+        f"mmctl: lost the connection to mmd at {socket_path} (Socket closed)"
+    )
+
+
 def mmctl_infer_process(socket_path: Path) -> subprocess.Popen[bytes]:
     """`mmctl infer chat go` in a process of its own, its output on pipes."""
     command = "from mmctl.cli import main; main()"

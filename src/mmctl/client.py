@@ -313,12 +313,20 @@ class MmdClient:
         except grpc.RpcError as err:
             raise cli_error_for(err, self.socket_path) from None
         finished = False
+        received = False
         try:
-            yield from call
+            for message in call:
+                received = True
+                yield message
             finished = True
         except grpc.RpcError as err:
             finished = True
-            raise cli_error_for(err, self.socket_path) from None
+            error = cli_error_for(err, self.socket_path)
+            if received and error.exit_code == EXIT_UNREACHABLE:
+                # It answered, so it was there: "no mmd daemon at" would mislead.
+                details = " ".join((_safe_details(err) or "no reason given").split())
+                error.message = f"lost the connection to mmd at {self.socket_path} ({details})"
+            raise error from None
         finally:
             if not finished:
                 call.cancel()  # type: ignore[no-untyped-call]

@@ -26,6 +26,7 @@ from mmd import __version__, paths, rundir
 from mmd.config import Config, check_socket_path, load_config
 from mmd.engine import Engine, footprint_for
 from mmd.errors import ConfigError, MmdError
+from mmd.grpc_errors import interrupt_calls
 from mmd.memory import MemoryProbe
 from mmd.metrics import start_metrics
 from mmd.reload import reload_config
@@ -39,6 +40,8 @@ log = logging.getLogger("mmd")
 
 # Calls the transport holds before mmd's handlers pick them up (see serve()).
 _MAX_PENDING_CALLS = 1_000_000
+# At shutdown, how often serve() looks whether the drain is over.
+_CLOSED_POLL_S = 0.02
 
 EXIT_CONFIG = 2
 EXIT_IN_USE = 3
@@ -105,7 +108,8 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
             ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
         ]
     )
-    mmd_pb2_grpc.add_ModelManagerServicer_to_server(ModelManager(engine), server)
+    servicer = ModelManager(engine)
+    mmd_pb2_grpc.add_ModelManagerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = (
@@ -178,7 +182,15 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
         drain = config.daemon.drain_timeout
         # Stop taking new RPCs; running ones finish within the drain period.
         server_stopped = loop.create_task(server.stop(drain + config.daemon.stop_grace))
-        await engine.close(drain)
+        closing = loop.create_task(engine.close(drain))
+        # Once the drain is over (the scheduler is closed), what still runs is told ABORTED
+        # at once instead of waiting for its child to stop (up to stop_grace), past which
+        # grpc would end it as UNAVAILABLE "Cancelling all calls". Watch and Logs streams
+        # end by themselves, with their own status.
+        while not engine.core.closed and not closing.done():
+            await asyncio.sleep(_CLOSED_POLL_S)
+        await interrupt_calls(servicer.calls, spare=frozenset({"Watch", "Logs"}))
+        await closing
         await server_stopped
         if metrics is not None:
             await metrics.close()

@@ -60,6 +60,8 @@ def _require_id(model_id: str) -> str:
 class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Running handlers -> method name (grpc_errors keeps it), for interrupt_calls.
+        self.calls: dict[asyncio.Task[Any], str] = {}
 
     @property
     def stopping(self) -> bool:
