@@ -19,7 +19,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mmd.footprint import (
+    BASE_OVERHEAD_BYTES,
     GPU_CONTEXT_BYTES,
+    GPU_RUNTIME_HOST_BYTES,
     Footprint,
     GGUFError,
     ModelShape,
@@ -234,7 +236,7 @@ def test_unknown_sliding_window_architecture_gets_full_context_cache(tmp_path: P
 # --- placement ---------------------------------------------------------------
 
 footprints = st.builds(
-    lambda layers, other, compute, host, overhead, gpu_overhead: Footprint(
+    lambda layers, other, compute, host, overhead, gpu_overhead, gpu_host: Footprint(
         layer_bytes=tuple(layers),
         fixed_bytes=other + compute,
         overhead_bytes=overhead,
@@ -243,6 +245,7 @@ footprints = st.builds(
         compute_bytes=compute,
         host_fixed_bytes=min(host, other),
         gpu_overhead_bytes=gpu_overhead,
+        gpu_host_bytes=gpu_host,
     ),
     st.lists(st.integers(0, 10**10), min_size=1, max_size=64),
     st.integers(0, 10**10),
@@ -250,7 +253,15 @@ footprints = st.builds(
     st.integers(0, 10**10),
     st.integers(0, 10**9),
     st.integers(0, 10**9),
+    st.integers(0, 10**9),
 )
+
+
+def _offload_extras(fp: Footprint, gpu_layers: int) -> int:
+    """Bytes an offload adds to the model's own: the GPU context, the GPU runtime's host
+    memory, and in a split a second compute buffer for the layers left on the CPU."""
+    split = 0 < gpu_layers < len(fp.layer_bytes)
+    return fp.gpu_overhead_bytes + fp.gpu_host_bytes + (fp.compute_bytes if split else 0)
 
 
 @given(footprints)
@@ -259,10 +270,13 @@ def test_split_adds_up_and_grows_with_offloaded_layers(fp: Footprint) -> None:
     splits = [fp.split(g) for g in range(n + 1)]
 
     assert splits[0] == (0, fp.total)
-    # Any offload adds the GPU context on top of the model's own bytes.
-    assert all(gpu + ram == fp.total + fp.gpu_overhead_bytes for gpu, ram in splits[1:])
+    assert all(
+        gpu + ram == fp.total + _offload_extras(fp, g)
+        for g, (gpu, ram) in enumerate(splits)
+        if g > 0
+    )
     assert [gpu for gpu, _ in splits] == sorted(gpu for gpu, _ in splits)
-    assert splits[n][1] == fp.overhead_bytes + fp.host_fixed_bytes
+    assert splits[n][1] == fp.overhead_bytes + fp.host_fixed_bytes + fp.gpu_host_bytes
 
 
 def test_split_of_a_real_estimate(small_model: Path) -> None:
@@ -271,15 +285,37 @@ def test_split_of_a_real_estimate(small_model: Path) -> None:
 
     gpu, ram = fp.split(1)
     assert gpu == fp.layer_bytes[-1] + fp.compute_bytes + GPU_CONTEXT_BYTES
+    # The CPU keeps the other layers, the non-layer weights, its own compute buffer,
+    # the process and the GPU runtime's host memory.
+    assert ram == fp.total - fp.layer_bytes[-1] + fp.gpu_host_bytes
     gpu, ram = fp.split(shape.n_layers)
-    assert ram == fp.overhead_bytes + shape.token_embd_bytes
+    assert ram == fp.overhead_bytes + shape.token_embd_bytes + fp.gpu_host_bytes
     with pytest.raises(ValueError, match="gpu_layers"):
         fp.split(shape.n_layers + 1)
 
 
 def test_a_tied_embedding_moves_to_the_gpu_as_the_output_layer() -> None:
     fp = estimate(gemma3_like(), ctx=4096, parallel=1)
-    assert fp.split(18)[1] == fp.overhead_bytes
+    assert fp.split(18)[1] == fp.overhead_bytes + fp.gpu_host_bytes
+
+
+def test_a_gpu_placed_model_holds_the_gpu_runtime_in_ram() -> None:
+    """Host RAM measured of GPU-placed children was 80-115 MiB above the former estimate
+    (overhead and host copies alone): the GPU runtime's libraries and driver state."""
+    fp = estimate(gemma3_like(), ctx=4096, parallel=1)
+    assert fp.gpu_host_bytes == GPU_RUNTIME_HOST_BYTES - BASE_OVERHEAD_BYTES
+    # Fully offloaded: the process, its tokenizer tables and the GPU runtime, which
+    # together are at least the measured 116 MiB of a --no-mmap child.
+    full_ram = fp.split(18)[1]
+    assert full_ram == fp.overhead_bytes + fp.gpu_host_bytes
+    assert full_ram >= GPU_RUNTIME_HOST_BYTES
+    # A CPU placement pays none of it.
+    assert fp.split(0) == (0, fp.total)
+    # A split keeps the CPU's layers and a compute buffer for them besides.
+    gpu, ram = fp.split(9)
+    cpu_layers = sum(fp.layer_bytes[:9])
+    assert ram == cpu_layers + fp.fixed_bytes + fp.overhead_bytes + fp.gpu_host_bytes
+    assert gpu == sum(fp.layer_bytes[9:]) + fp.compute_bytes + GPU_CONTEXT_BYTES
 
 
 @given(footprints, st.integers(1, 10**11))
@@ -291,7 +327,11 @@ def test_scaled_to_hits_the_total_and_keeps_the_invariants(fp: Footprint, total:
     assert len(scaled.layer_bytes) == len(fp.layer_bytes)
     splits = [scaled.split(g) for g in range(len(fp.layer_bytes) + 1)]
     assert splits[0] == (0, total)
-    assert all(gpu + ram == total + scaled.gpu_overhead_bytes for gpu, ram in splits[1:])
+    assert all(
+        gpu + ram == total + _offload_extras(scaled, g)
+        for g, (gpu, ram) in enumerate(splits)
+        if g > 0
+    )
     assert [gpu for gpu, _ in splits] == sorted(gpu for gpu, _ in splits)
 
 

@@ -440,7 +440,7 @@ def test_plans_respect_budgets_protection_and_minimal_eviction(
     assert evict <= evictable  # never pinned, never busy
     room = room_after(devices, residents, evict)
     assert fits(placement.usage, room)
-    assert sum(placement.usage.values()) == fp.total
+    assert sum(placement.usage.values()) == sum(fp.split(placement.gpu_layers))
     assert sum(placement.layers.values()) == placement.gpu_layers
     assert all(count > 0 for count in placement.layers.values())
     if gpu_layers is not None:

@@ -96,6 +96,9 @@ class Footprint:
     # GPU memory a process takes as soon as it uses a GPU at all (driver context,
     # runtime buffers): on top of ``total``, which counts the model's own bytes.
     gpu_overhead_bytes: int = 0
+    # Host RAM the same process takes for its GPU runtime (libraries, driver state,
+    # staging buffers), also on top of ``total``.
+    gpu_host_bytes: int = 0
 
     @property
     def total(self) -> int:
@@ -106,20 +109,26 @@ class Footprint:
 
         ``gpu_layers == 0`` -> ``(0, total)``. Any offload puts the compute buffer on the
         GPU (llama.cpp reserves its main compute buffer there even for a partial split),
-        and the process's GPU context (``gpu_overhead_bytes``, on top of ``total``).
-        When all layers are offloaded the rest of the fixed part (output layer, norms)
-        follows; RAM keeps the overhead and the token embedding (always on the host).
+        and the process's GPU context (``gpu_overhead_bytes``) and the GPU runtime's host
+        memory (``gpu_host_bytes``) come on top of ``total``. In a split the layers left
+        on the CPU get a compute buffer of their own in RAM. When all layers are
+        offloaded the rest of the fixed part (output layer, norms) follows; RAM keeps
+        the overhead and the token embedding (always on the host).
         """
         n_layers = len(self.layer_bytes)
         if not 0 <= gpu_layers <= n_layers:
             raise ValueError(f"gpu_layers must be in 0..{n_layers}, not {gpu_layers}")
         if gpu_layers == 0:
             return 0, self.total
+        host_compute = 0
         gpu = sum(self.layer_bytes[n_layers - gpu_layers :]) + self.compute_bytes
         if gpu_layers == n_layers:
             gpu = sum(self.layer_bytes) + self.fixed_bytes - self.host_fixed_bytes
+        else:
+            host_compute = self.compute_bytes
         gpu = min(gpu, self.total - self.overhead_bytes)
-        return gpu + self.gpu_overhead_bytes, self.total - gpu
+        ram = self.total - gpu + host_compute + self.gpu_host_bytes
+        return gpu + self.gpu_overhead_bytes, ram
 
     def scaled_to(self, total: int) -> Footprint:
         """The same shape scaled so that ``.total == total``, with ``overridden=True``."""
@@ -410,12 +419,22 @@ def estimate(
         compute_bytes=compute,
         host_fixed_bytes=host_fixed,
         gpu_overhead_bytes=GPU_CONTEXT_BYTES,
+        # The process itself is in the overhead already; the GPU runtime adds the rest.
+        gpu_host_bytes=max(0, GPU_RUNTIME_HOST_BYTES - BASE_OVERHEAD_BYTES),
     )
 
 
 # A CUDA context with cuBLAS holds a few hundred MiB of VRAM per process before any
 # model buffer; counted whenever a model touches a GPU. Measured VRAM replaces it.
 GPU_CONTEXT_BYTES = 320 * 1024 * 1024
+
+# Host RAM of a llama-server that uses a GPU, beyond the model's own host buffers: the
+# process (BASE_OVERHEAD_BYTES) plus the GPU runtime's libraries, driver state and
+# staging buffers. Measured on an NVIDIA H200 with the bundled Vulkan build, a 337 MB
+# F32 model fully offloaded (-ngl 99, ctx 2048): 122 MB RSS with --no-mmap; with mmap
+# (the default) 215 MB, the rest being weight pages touched while loading (file-backed,
+# reclaimable). The same model on the CPU with -dev none: 483 MB RSS.
+GPU_RUNTIME_HOST_BYTES = 120 * MIB
 
 
 def default_overhead(shape: ModelShape) -> int:
