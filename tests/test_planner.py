@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmd.footprint import Footprint
+from mmd.footprint import Footprint, LearnedBytes
 from mmd.planner import DeviceBudget, Placement, Plan, Refusal, Resident, plan_load
 from mmd.units import GIB, MIB, format_size
 
@@ -327,6 +328,76 @@ def test_total_layers_must_agree_with_the_footprint() -> None:
         plan_load("m", EIGHT_1G, [ram(GIB)], [], total_layers=7)
 
 
+# --- learned footprints ----------------------------------------------------------------
+
+
+def learned(fp: Footprint, *entries: tuple[int, int, int]) -> Footprint:
+    """``fp`` with measurements of earlier loads: (gpu_layers, gpu bytes, ram bytes)."""
+    return dataclasses.replace(fp, learned=tuple(LearnedBytes(*e) for e in entries))
+
+
+def test_a_learned_footprint_replaces_the_estimate_for_its_layer_count() -> None:
+    # Estimated 9 GiB on the GPU, which an 8 GiB GPU cannot hold; measured 7.5 GiB.
+    fp = learned(EIGHT_1G, (8, 7 * GIB + 512 * MIB, 400 * MIB))
+    placement = plan("m", fp, [ram(32 * GIB), gpu(0, 8 * GIB)], []).placement
+    assert placement.kind == "gpu"
+    assert placement.usage == {"gpu0": 7 * GIB + 512 * MIB, "ram": 400 * MIB}
+    assert placement.source == "learned"
+    # Without the measurement the same GPU only takes a split.
+    estimated = plan("m", EIGHT_1G, [ram(32 * GIB), gpu(0, 8 * GIB)], []).placement
+    assert (estimated.kind, estimated.source) == ("split", "estimated")
+
+
+def test_a_learned_footprint_larger_than_the_estimate_moves_the_model_off_the_gpu() -> None:
+    fp = learned(EIGHT_1G, (8, 11 * GIB, 300 * MIB))
+    placement = plan("m", fp, [ram(32 * GIB), gpu(0, 10 * GIB)], []).placement
+    # The whole model no longer fits: the best split (7 layers, 7 GiB), whose figures
+    # are still estimated.
+    assert placement.kind == "split"
+    assert placement.gpu_layers == 7
+    assert placement.source == "estimated"
+
+
+def test_a_learned_cpu_load_counts_no_gpu_bytes() -> None:
+    # A CPU-only child that made a GPU context anyway (a binary without --device):
+    # the placement has no GPU to put it on, the running child's measurement counts it.
+    fp = learned(EIGHT_1G, (0, 82 * MIB, 8 * GIB))
+    placement = plan("m", fp, [ram(32 * GIB)], []).placement
+    assert placement.usage == {"ram": 8 * GIB}
+    assert placement.source == "learned"
+
+
+def test_a_learned_figure_spreads_over_several_gpus_as_the_estimate_does() -> None:
+    fp = learned(EIGHT_1G, (8, 9 * GIB - 900 * MIB, 300 * MIB))
+    devices = [ram(32 * GIB), gpu(0, 5 * GIB), gpu(1, 5 * GIB)]
+    placement = plan("m", fp, devices, []).placement
+    assert placement.kind == "gpu"
+    assert len(placement.layers) == 2
+    assert sum(v for d, v in placement.usage.items() if d != "ram") == 9 * GIB - 900 * MIB
+    assert placement.usage["ram"] == 300 * MIB
+    estimated = plan("m", EIGHT_1G, devices, []).placement
+    assert placement.layers == estimated.layers
+    for device in placement.layers:  # each GPU's share shrinks by the same factor
+        ratio = placement.usage[device] / estimated.usage[device]
+        assert ratio == pytest.approx((9 * GIB - 900 * MIB) / (9 * GIB), rel=1e-6)
+
+
+def test_learned_figures_for_other_layer_counts_do_not_apply() -> None:
+    fp = learned(EIGHT_1G, (4, GIB, GIB))
+    placement = plan("m", fp, [ram(32 * GIB), gpu(0, 24 * GIB)], []).placement
+    assert placement.gpu_layers == 8
+    assert placement.source == "estimated"
+    assert plan("m", fp, [ram(32 * GIB), gpu(0, 24 * GIB)], [], gpu_layers=4).placement.usage == {
+        "gpu0": GIB,
+        "ram": GIB,
+    }
+
+
+def test_a_memory_override_is_configured() -> None:
+    placement = plan("m", EIGHT_1G.scaled_to(4 * GIB), [ram(32 * GIB)], []).placement
+    assert placement.source == "configured"
+
+
 # --- properties ------------------------------------------------------------------------
 # Small integer sizes keep the brute-force oracle below exhaustive.
 
@@ -441,6 +512,7 @@ def test_plans_respect_budgets_protection_and_minimal_eviction(
     room = room_after(devices, residents, evict)
     assert fits(placement.usage, room)
     assert sum(placement.usage.values()) == sum(fp.split(placement.gpu_layers))
+    assert placement.source == "estimated"
     assert sum(placement.layers.values()) == placement.gpu_layers
     assert all(count > 0 for count in placement.layers.values())
     if gpu_layers is not None:
@@ -476,3 +548,35 @@ def test_plans_respect_budgets_protection_and_minimal_eviction(
             assert len(placement.layers) == 1
             (chosen,) = placement.layers
             assert room[chosen] == max(room[g] for g in singles)
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenarios(), st.data())
+def test_learned_plans_fit_and_use_the_learned_figures(
+    scenario: tuple[Footprint, list[DeviceBudget], list[Resident], int | None],
+    data: st.DataObject,
+) -> None:
+    fp, devices, residents, gpu_layers = scenario
+    n = len(fp.layer_bytes)
+    entries = data.draw(
+        st.lists(
+            st.tuples(st.integers(0, n), st.integers(0, 40), st.integers(0, 40)),
+            unique_by=lambda e: e[0],
+        )
+    )
+    fp = learned(fp, *entries)
+    result = plan_load("m", fp, devices, residents, gpu_layers=gpu_layers)
+    if isinstance(result, Refusal):
+        return
+    placement = result.placement
+    assert fits(placement.usage, room_after(devices, residents, set(result.evict)))
+    assert all(size >= 0 for size in placement.usage.values())
+    measured = fp.learned_for(placement.gpu_layers)
+    gpu_total = sum(size for device, size in placement.usage.items() if device != "ram")
+    if measured is None:
+        assert placement.source == "estimated"
+        assert (gpu_total, placement.usage["ram"]) == fp.split(placement.gpu_layers)
+    else:
+        assert placement.source == "learned"
+        assert placement.usage["ram"] == measured.ram_bytes
+        assert gpu_total == (measured.gpu_bytes if placement.gpu_layers else 0)

@@ -25,7 +25,7 @@ from mmd.errors import (
     RuntimeFailed,
     UnknownModel,
 )
-from mmd.footprint import Footprint
+from mmd.footprint import Footprint, LearnedBytes
 from mmd.planner import DeviceBudget
 from mmd.scheduler import (
     AbortRunning,
@@ -430,6 +430,51 @@ def test_cancelled_waiter_releases_the_draining_model() -> None:
     assert admitted(core.request_done(running, 6.0)) == a_queued[:1]
     assert admitted(core.request_done(a_queued[0], 7.0)) == a_queued[1:]  # nobody waits now
     assert core.models["a"].drain_for is None
+
+
+# --- learned footprints and runtime figures -----------------------------------------------
+
+
+def test_a_learned_footprint_places_a_model_the_estimate_would_refuse() -> None:
+    core = make({"a": 12}, budget=10)
+    ticket, effects = core.submit("a", Kind.LOAD, 0.0)
+    assert isinstance(failed(effects)[ticket], InsufficientMemory)
+
+    core.set_learned("a", (LearnedBytes(0, 0, 8 * GIB),))
+    _ticket, effects = core.submit("a", Kind.LOAD, 1.0)
+    (start,) = loads(effects)
+    assert start.placement.usage == {"ram": 8 * GIB}
+    assert start.placement.source == "learned"
+
+
+def test_learned_figures_for_a_pending_spec_wait_for_it() -> None:
+    core = make({"a": 4})
+    load(core, "a")
+    changed = ModelSpec(id="a", path=Path("a.gguf"), ctx=8192)
+    core.update_spec(changed, footprint(6))
+    core.set_learned("a", (LearnedBytes(0, 0, 5 * GIB),), pending=True)
+    assert core.models["a"].footprint.learned == ()  # the running child's settings
+    core.unload("a", 1.0, force=False)
+    core.stopped("a", 2.0)
+    _ticket, effects = core.submit("a", Kind.LOAD, 3.0)
+    assert loads(effects)[0].placement.usage == {"ram": 5 * GIB}
+    assert core.models["a"].spec.ctx == 8192
+
+
+def test_runtime_figures_last_as_long_as_the_process() -> None:
+    core = make({"a": 4})
+    core.set_runtime("a", {"ram": GIB})
+    assert core.models["a"].runtime == {}  # nothing loaded: nothing to report
+    load(core, "a")
+    core.set_runtime("a", {"ram": 3 * GIB})
+    assert core.models["a"].runtime == {"ram": 3 * GIB}
+    core.unload("a", 1.0, force=False)
+    core.stopped("a", 2.0)
+    assert core.models["a"].runtime == {}
+    load(core, "a", 3.0)
+    core.set_runtime("a", {"ram": 3 * GIB})
+    core.crashed("a", 4.0, "killed by SIGKILL")
+    assert core.models["a"].runtime == {}
 
 
 # --- keep-alive ---------------------------------------------------------------------------

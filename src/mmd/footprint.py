@@ -19,7 +19,7 @@ import math
 import re
 import struct
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,15 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
+class LearnedBytes:
+    """Bytes a loaded model held, as measured, with ``gpu_layers`` layers offloaded."""
+
+    gpu_layers: int  # the planner's count (the output layer not counted)
+    gpu_bytes: int  # all GPUs together (NVML, per process)
+    ram_bytes: int  # RSS: shared pages in full, whatever else runs beside it
+
+
+@dataclass(frozen=True)
 class Footprint:
     """Bytes a loaded model holds, split so that a planner can place layers."""
 
@@ -99,6 +108,10 @@ class Footprint:
     # Host RAM the same process takes for its GPU runtime (libraries, driver state,
     # staging buffers), also on top of ``total``.
     gpu_host_bytes: int = 0
+    # What earlier loads of this model (same file and settings) measured, per number of
+    # offloaded layers. Not part of a footprint's identity: a reload compares footprints
+    # to see whether a model's file or settings changed, and measuring changes neither.
+    learned: tuple[LearnedBytes, ...] = field(default=(), compare=False)
 
     @property
     def total(self) -> int:
@@ -129,6 +142,10 @@ class Footprint:
         gpu = min(gpu, self.total - self.overhead_bytes)
         ram = self.total - gpu + host_compute + self.gpu_host_bytes
         return gpu + self.gpu_overhead_bytes, ram
+
+    def learned_for(self, gpu_layers: int) -> LearnedBytes | None:
+        """The measured bytes of an earlier load with ``gpu_layers`` offloaded, if any."""
+        return next((m for m in self.learned if m.gpu_layers == gpu_layers), None)
 
     def scaled_to(self, total: int) -> Footprint:
         """The same shape scaled so that ``.total == total``, with ``overridden=True``."""

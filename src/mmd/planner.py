@@ -12,6 +12,12 @@ Placements, best first:
 
 With an explicit ``gpu_layers`` only placements with exactly that many offloaded layers exist.
 
+Figures. A placement's bytes come from the footprint's estimate, or, where an earlier load
+of the same model with the same number of offloaded layers was measured
+(``Footprint.learned``), from that measurement: the GPU bytes (all GPUs together; spread
+over several GPUs as the estimate spreads them) and the RAM bytes. ``Placement.source``
+says which: "estimated", "learned", or "configured" (the registry's ``memory`` setting).
+
 Eviction. Unloading another model costs its next request a reload, so it is only worth it
 where it buys a lot:
 
@@ -62,12 +68,16 @@ class Resident:
     busy: bool  # requests in flight, loading or unloading: never evicted
 
 
+Source = Literal["estimated", "learned", "configured"]
+
+
 @dataclass(frozen=True)
 class Placement:
     gpu_layers: int  # total layers offloaded (the -ngl mmd passes)
     layers: Mapping[str, int]  # gpu device id -> layers on it, device order; empty for CPU
     usage: Mapping[str, int]  # device id -> bytes (always includes the RAM device)
     total_layers: int | None = None  # the model's layer count; None: gpu_layers is all
+    source: Source = "estimated"  # where the bytes in usage come from
 
     @property
     def kind(self) -> Literal["gpu", "split", "cpu"]:
@@ -106,13 +116,30 @@ class _Job:
     gpu_ids: tuple[str, ...]
 
     def split(self, k: int) -> tuple[int, int]:
-        """(GPU bytes, RAM bytes) with the last ``k`` layers offloaded."""
+        """(GPU bytes, RAM bytes) with the last ``k`` layers offloaded: learned or estimated."""
+        learned = self.footprint.learned_for(k)
+        if learned is not None:
+            # GPU memory a CPU-only load held (a GPU context it should not have made) has no
+            # GPU to be placed on; measuring the running child accounts for it.
+            return (learned.gpu_bytes if k else 0), learned.ram_bytes
+        return self.estimated_split(k)
+
+    def estimated_split(self, k: int) -> tuple[int, int]:
         if self.per_layer:
             return self.footprint.split(k)
         total = self.footprint.total
         if k == 0:
             return 0, total
         return total - self.footprint.overhead_bytes, self.footprint.overhead_bytes
+
+    def gpu_extra(self, k: int) -> int:
+        """GPU bytes beyond the offloaded layers' own (they sit with the final layer)."""
+        return max(self.split(k)[0] - sum(self.offloaded(k)), 0)
+
+    def source(self, k: int) -> Source:
+        if self.footprint.learned_for(k) is not None:
+            return "learned"
+        return "configured" if self.footprint.overridden else "estimated"
 
     def offloaded(self, k: int) -> Sequence[int]:
         """Sizes of the last ``k`` layers (zeros when the footprint has no per-layer sizes)."""
@@ -288,8 +315,9 @@ def _most_split_layers(job: _Job, room: Mapping[str, int]) -> int:
         gpu_bytes = job.split(k)[0]
         if gpu_bytes > total_room:
             continue
-        sizes = job.offloaded(k)
-        if _pack(sizes, gpu_bytes - sum(sizes), gpus, room) is not None:
+        if job.footprint.learned_for(k) and any(room[g] >= gpu_bytes for g in gpus):
+            return k  # measured as a whole: one GPU with room for it will do
+        if _pack(job.offloaded(k), job.gpu_extra(k), gpus, room) is not None:
             return k
     return 0
 
@@ -304,7 +332,7 @@ def _layouts(job: _Job, room: Mapping[str, int], k: int) -> Iterator[Chunks]:
     gpus = _gpus_with_room(job, room)
     if len(gpus) > 1:
         sizes = job.offloaded(k)
-        fixed = job.split(k)[0] - sum(sizes)
+        fixed = job.gpu_extra(k)
         for chunks in (_proportional(sizes, fixed, gpus, room), _pack(sizes, fixed, gpus, room)):
             if chunks:
                 yield chunks
@@ -363,6 +391,7 @@ def _pack(
 
 
 def _placement(job: _Job, chunks: Chunks, k: int) -> Placement:
+    estimated_gpu = job.estimated_split(k)[0]
     gpu_bytes, ram_bytes = job.split(k)
     sizes = job.offloaded(k)
     usage: dict[str, int] = {}
@@ -372,9 +401,21 @@ def _placement(job: _Job, chunks: Chunks, k: int) -> Placement:
         start += count
     if chunks:  # the fixed part (if offloaded) sits with the final layer
         last = chunks[-1][0]
-        usage[last] += gpu_bytes - sum(sizes)
+        usage[last] += estimated_gpu - sum(sizes)
+        if gpu_bytes != estimated_gpu:  # learned: spread as the estimate spreads
+            usage = _rescaled(usage, gpu_bytes, last)
     usage[job.ram_id] = ram_bytes
-    return Placement(k, dict(chunks), usage, job.layer_count)
+    return Placement(k, dict(chunks), usage, job.layer_count, job.source(k))
+
+
+def _rescaled(usage: Mapping[str, int], total: int, last: str) -> dict[str, int]:
+    """``usage`` scaled to add up to ``total``; rounding leftovers go to ``last``."""
+    before = sum(usage.values())
+    if before <= 0:
+        return {gpu: (total if gpu == last else 0) for gpu in usage}
+    scaled = {gpu: size * total // before for gpu, size in usage.items()}
+    scaled[last] += total - sum(scaled.values())
+    return scaled
 
 
 def _fits(usage: Mapping[str, int], room: Mapping[str, int], skip: str | None = None) -> bool:

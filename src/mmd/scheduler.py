@@ -39,7 +39,7 @@ import enum
 import itertools
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mmd.config import ModelSpec, SchedulerSettings
 from mmd.errors import (
@@ -51,7 +51,7 @@ from mmd.errors import (
     RuntimeFailed,
     UnknownModel,
 )
-from mmd.footprint import Footprint
+from mmd.footprint import Footprint, LearnedBytes
 from mmd.planner import DeviceBudget, Placement, Plan, Refusal, Resident, plan_load
 
 
@@ -140,6 +140,7 @@ class ModelEntry:
     ready_since: float = 0.0
     placement: Placement | None = None
     measured: dict[str, int] = field(default_factory=dict)
+    runtime: dict[str, int] = field(default_factory=dict)  # buffers llama-server reported
     gpu_layers_override: int | None = None
     idle_keep_alive: float | None = None  # the finished request's own keep-alive
     idle_deadline: float | None = None
@@ -356,6 +357,7 @@ class Scheduler:
             entry.state = State.LOADING
             entry.placement = plan.placement
             entry.measured = {}
+            entry.runtime = {}
             entry.last_error = ""
             entry.stop_reason = ""
             effects.append(StartLoad(entry.spec.id, plan.placement, plan.evict))
@@ -415,6 +417,7 @@ class Scheduler:
             entry.state = State.FAILED
             entry.placement = None
             entry.measured = {}
+            entry.runtime = {}
             entry.last_error = error.message
             entry.drain_for = None
             self._note_failure(entry, now)
@@ -435,6 +438,25 @@ class Scheduler:
         entry = self.entry(model_id)
         if entry.state in (State.LOADING, State.READY):
             entry.measured = dict(usage)
+
+    def set_runtime(self, model_id: str, usage: Mapping[str, int]) -> None:
+        """The buffer sizes the model's llama-server reported, per device."""
+        entry = self.entry(model_id)
+        if entry.state in (State.LOADING, State.READY):
+            entry.runtime = dict(usage)
+
+    def set_learned(
+        self, model_id: str, learned: tuple[LearnedBytes, ...], *, pending: bool = False
+    ) -> None:
+        """What has been measured of the model as configured now (``pending``: as it will
+        be configured at its next load, after a reload changed it)."""
+        entry = self.entry(model_id)
+        if pending:
+            if model_id in self.pending_specs:
+                spec, footprint = self.pending_specs[model_id]
+                self.pending_specs[model_id] = (spec, replace(footprint, learned=learned))
+            return
+        entry.footprint = replace(entry.footprint, learned=learned)
 
     def request_done(self, ticket_id: int, now: float) -> list[Effect]:
         ticket = self.tickets.pop(ticket_id, None)
@@ -516,6 +538,7 @@ class Scheduler:
         entry.state = State.UNLOADED
         entry.placement = None
         entry.measured = {}
+        entry.runtime = {}
         effects: list[Effect] = []
         if entry.queue or entry.load_waiters:
             effects += self._start_load(entry, now)
@@ -534,6 +557,7 @@ class Scheduler:
         entry.state = State.FAILED
         entry.placement = None
         entry.measured = {}
+        entry.runtime = {}
         entry.last_error = error.message
         entry.idle_deadline = None
         entry.drain_for = None
