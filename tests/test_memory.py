@@ -19,6 +19,7 @@ from mmd.memory import (
     DeviceReading,
     MemoryProbe,
     MemorySnapshot,
+    ProcessMemory,
     compute_budgets,
     devices_over_alert,
     parse_budget_setting,
@@ -202,6 +203,21 @@ def test_process_usage_of_an_exited_process_is_empty() -> None:
     proc.wait()
     with MemoryProbe(use_nvml=False) as probe:
         assert probe.process_usage(proc.pid) == {}
+        assert probe.measure_process(proc.pid) == ProcessMemory({}, 0)
+
+
+def test_a_process_tree_is_measured_with_its_resident_set(
+    shell_with_two_sleeps: psutil.Process,
+) -> None:
+    """RSS counts the pages the three processes share (the C library) in each of them;
+    PSS splits them, so the tree's RSS is the larger and does not depend on the sharing."""
+    with MemoryProbe(use_nvml=False) as probe:
+        reading = probe.measure_process(shell_with_two_sleeps.pid)
+    rss = sum(
+        p.memory_info().rss for p in [shell_with_two_sleeps, *shell_with_two_sleeps.children()]
+    )
+    assert reading.usage["ram"] < reading.ram_rss
+    assert reading.ram_rss == pytest.approx(rss, rel=0.2)
 
 
 # --- budget settings ------------------------------------------------------------

@@ -59,6 +59,14 @@ class DeviceReading:
 
 
 @dataclass(frozen=True)
+class ProcessMemory:
+    """What a process tree holds: per device as mmd accounts it, and its resident set."""
+
+    usage: dict[str, int]  # device id -> bytes ({} once it has exited)
+    ram_rss: int  # RSS: shared pages counted in full, whatever else maps them
+
+
+@dataclass(frozen=True)
 class MemorySnapshot:
     devices: tuple[DeviceReading, ...]
     taken_at: float
@@ -238,18 +246,22 @@ class MemoryProbe:
         RAM is PSS where the kernel reports it (shared pages split fairly between
         processes), else RSS; each GPU is NVML's per-process used memory.
         """
+        return self.measure_process(pid).usage
+
+    def measure_process(self, pid: int) -> ProcessMemory:
+        """:meth:`process_usage` and the resident set of the same processes."""
         try:
             root = psutil.Process(pid)
             tree = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return {}
-        ram = sum(_process_ram(proc) for proc in tree)
+            return ProcessMemory({}, 0)
+        readings = [_process_ram(proc) for proc in tree]
         pids = {proc.pid for proc in tree}
-        usage = {RAM_ID: ram}
+        usage = {RAM_ID: sum(ram for ram, _ in readings)}
         for device in self.read().devices:
             if device.kind == "gpu":
                 usage[device.id] = sum(device.process_bytes.get(p, 0) for p in pids)
-        return usage
+        return ProcessMemory(usage, sum(rss for _, rss in readings))
 
     async def process_usage_async(self, pid: int) -> dict[str, int]:
         return await asyncio.to_thread(self.process_usage, pid)
@@ -330,16 +342,19 @@ class MemoryProbe:
         return note
 
 
-def _process_ram(proc: psutil.Process) -> int:
+def _process_ram(proc: psutil.Process) -> tuple[int, int]:
+    """(PSS, else RSS; RSS) of one process: one read of smaps where PSS is available."""
     try:
         with proc.oneshot():
             try:
-                pss = getattr(proc.memory_full_info(), "pss", None)
+                full = proc.memory_full_info()
             except psutil.AccessDenied:
-                pss = None
-            return int(pss) if pss is not None else int(proc.memory_info().rss)
+                rss = int(proc.memory_info().rss)
+                return rss, rss
+            pss = getattr(full, "pss", None)
+            return (int(pss) if pss is not None else int(full.rss)), int(full.rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return 0  # exited (or hidden) between listing and reading: it holds nothing of ours
+        return 0, 0  # exited (or hidden) between listing and reading: it holds nothing of ours
 
 
 # ---------------------------------------------------------------------------
