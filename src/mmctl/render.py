@@ -382,6 +382,8 @@ def plan_lines(plan: mmd_pb2.LoadPlan) -> list[str]:
         lines.append(f"  placement:  {placement_text(plan.placement)}")
         if plan.placement.shares:
             lines.append(f"  devices:    {shares_text(plan.placement)}")
+            if any(share.source == "learned" for share in plan.placement.shares):
+                lines.append("              (measured on an earlier load with these settings)")
     if plan.HasField("footprint"):
         fp = plan.footprint
         lines.append(

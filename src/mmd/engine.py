@@ -18,12 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from mmd import paths
+from mmd.buffers import buffer_sizes
 from mmd.config import Config, ModelSpec, check_model_file
 from mmd.cpu import is_sigill, sigill_line
 from mmd.errors import ConfigError, MmdError, RuntimeFailed, StillBusy
 from mmd.events import AlertCrossed, EventBus, MemorySampled, ModelChanged, RequestFinished
-from mmd.footprint import Footprint, estimate, read_shape
-from mmd.memory import DeviceBudgetView, MemoryProbe, MemorySnapshot, compute_budgets
+from mmd.footprint import Footprint, LearnedBytes, estimate, read_shape
+from mmd.learned import LearnedStore, ModelIdentity, model_identity
+from mmd.memory import (
+    RAM_ID,
+    DeviceBudgetView,
+    MemoryProbe,
+    MemorySnapshot,
+    ProcessMemory,
+    compute_budgets,
+)
 from mmd.planner import DeviceBudget, Placement, Plan, Refusal
 from mmd.reload import ConfigDiff, diff_configs, keep_restart_settings
 from mmd.runtime import LaunchSpec, LlamaServer, read_log_tail
@@ -52,6 +61,15 @@ _STATE_STAGES = frozenset({"loading", "ready", "failed", "unloading", "unloaded"
 _SETTLE_TIMEOUT_S = 5.0
 _SETTLE_POLL_S = 0.01
 
+# llama-server logs its buffer sizes (model, KV, compute per device) from verbosity 4 on;
+# its default, 3, leaves them out. Level 4 adds about 1 KB of log per request (sampler
+# settings, prompt-cache state), never the prompt or the generated text.
+RUNTIME_LOG_VERBOSITY = 4
+# After a child is ready its log is read for those lines, again after these pauses
+# while the compute buffer's line (the last one) is missing.
+_BUFFER_LOG_RETRIES_S = (0.2, 0.5, 1.0, 2.0)
+_BUFFER_LOG_MAX_BYTES = 4 * 1024 * 1024
+
 
 def footprint_for(spec: ModelSpec) -> Footprint:
     """The model's estimated footprint (or its ``memory`` override)."""
@@ -63,6 +81,35 @@ def footprint_for(spec: ModelSpec) -> Footprint:
     if spec.memory is not None:
         footprint = footprint.scaled_to(spec.memory)
     return footprint
+
+
+def launch_flags(options: frozenset[str], gpu_layers: int) -> tuple[bool, int | None]:
+    """(``--device none``, ``--verbosity``) for a child with ``gpu_layers`` offloaded, from
+    the long options its binary's ``--help`` lists.
+
+    A CPU placement gets no GPU backend at all: with ``-ngl 0`` alone llama-server still
+    makes a GPU context (42-82 MiB of VRAM measured on an NVIDIA H200, Vulkan build).
+    """
+    no_devices = gpu_layers == 0 and "--device" in options
+    verbosity = RUNTIME_LOG_VERBOSITY if "--verbosity" in options else None
+    return no_devices, verbosity
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    """The text of ``path`` from ``offset`` on (at most _BUFFER_LOG_MAX_BYTES)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            return handle.read(_BUFFER_LOG_MAX_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def describe_exit(status: int, binary: Path) -> str:
@@ -129,10 +176,16 @@ class Engine:
         self.started = time.time()
         self._background: set[asyncio.Task[Any]] = set()
         self._sampler: asyncio.Task[None] | None = None
+        self.learned = LearnedStore(config.daemon.state_dir)
+        # model -> (identity, offloaded layers) of its running child, for what it measures
+        self._learning: dict[str, tuple[ModelIdentity, int]] = {}
+        self._learned_runtime: Path | None = None  # the binary the learned figures are for
 
     # --- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.learned.load)
+        self._attach_learned()
         await self.refresh_memory()
         self._sampler = self.loop.create_task(self._sample_forever())
 
@@ -233,14 +286,21 @@ class Engine:
             except ConfigError as err:
                 raise RuntimeFailed(str(err)) from None
             binary = await self.runtime.ready()
+            if binary.path != self._learned_runtime:
+                self._attach_learned()  # the figures learned with this binary
             server = LlamaServer(binary, self._launch_spec(entry.spec, placement))
             self.servers[model_id] = server
             self._notify(
                 model_id, "loading", f"{placement.kind}, {placement.gpu_layers} GPU layers"
             )
+            log_start = _log_size(server.spec.log_path)
+            identity = model_identity(entry.spec, binary.path)
+            if identity is not None:
+                self._learning[model_id] = (identity, placement.gpu_layers)
             await server.start(self.config.daemon.load_timeout)
         except MmdError as err:
             self.servers.pop(model_id, None)
+            self._learning.pop(model_id, None)
             self._notify(model_id, "failed", err.message)
             self._apply(self.core.load_done(model_id, self.now(), err))
             return
@@ -248,6 +308,7 @@ class Engine:
             self.load_tasks.pop(model_id, None)
         self._notify(model_id, "ready", f"pid {server.pid}")
         self._spawn(self._watch(model_id, server))
+        self._spawn(self._read_buffer_sizes(model_id, server, log_start))
         # The new child is measured by the next sample (within a second), not now: reading
         # its PSS takes milliseconds of CPU that its first request's prompt needs more.
         self._apply(self.core.load_done(model_id, self.now()))
@@ -258,6 +319,7 @@ class Engine:
         if len(gpus) > 1 and placement.gpu_layers:
             split = tuple(float(placement.layers.get(g, 0)) for g in gpus)
         layers = placement.gpu_layers
+        no_devices, verbosity = launch_flags(self.runtime.options, layers)
         if layers and layers >= len(self.core.models[spec.id].footprint.layer_bytes):
             layers += 1  # llama.cpp counts the output layer as one more to offload
         return LaunchSpec(
@@ -272,6 +334,8 @@ class Engine:
             embedding=spec.embedding,
             extra_args=spec.args,
             supports_fit="--fit" in self.runtime.options,
+            no_devices=no_devices,
+            log_verbosity=verbosity,
         )
 
     async def _wait_memory_settled(self, placement: Placement) -> None:
@@ -294,6 +358,7 @@ class Engine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await load
             server = self.servers.pop(model_id, None)
+            self._learning.pop(model_id, None)
             self._notify(model_id, "unloading", reason)
             if server:
                 await server.stop(grace)
@@ -307,11 +372,67 @@ class Engine:
         if self.servers.get(model_id) is not server:
             return  # a stop mmd asked for
         self.servers.pop(model_id, None)
+        self._learning.pop(model_id, None)
         description = describe_exit(status, server.binary.path)
         log.error("model %s: llama-server %s", model_id, description)
         self.events.publish(ModelChanged(model_id, "failed", "crashed", detail=description))
         await server.stop(0.1)
         self._apply(self.core.crashed(model_id, self.now(), description))
+
+    async def _read_buffer_sizes(self, model_id: str, server: LlamaServer, offset: int) -> None:
+        """Read the buffer sizes the ready child logged (from ``offset``, where its start
+        is in the log) and keep them per device next to the estimate and the measurement."""
+        sizes: dict[str, dict[str, int]] = {}
+        for pause in (0.0, *_BUFFER_LOG_RETRIES_S):
+            await asyncio.sleep(pause)
+            if self.servers.get(model_id) is not server:
+                return
+            text = await asyncio.to_thread(_read_from, server.spec.log_path, offset)
+            sizes = buffer_sizes(text)
+            if any("compute" in kinds for kinds in sizes.values()):
+                break
+        if sizes and self.servers.get(model_id) is server:
+            self.core.set_runtime(model_id, {d: sum(k.values()) for d, k in sizes.items()})
+
+    # --- learned footprints ---------------------------------------------------------
+
+    def _learned_for(self, spec: ModelSpec) -> tuple[LearnedBytes, ...]:
+        """What was measured of ``spec``'s model with the current binary (nothing when the
+        registry's ``memory`` setting replaces the footprint)."""
+        if spec.memory is not None:
+            return ()
+        return self.learned.for_model(model_identity(spec, self.runtime.binary.path))
+
+    def _attach_learned(self, model_ids: Sequence[str] | None = None) -> None:
+        """Give the scheduler what was learned about these models (all by default)."""
+        self._learned_runtime = self.runtime.binary.path
+        for model_id in self.core.models if model_ids is None else model_ids:
+            entry = self.core.models.get(model_id)
+            if entry is None:
+                continue
+            self.core.set_learned(model_id, self._learned_for(entry.spec))
+            pending = self.core.pending_specs.get(model_id)
+            if pending is not None:
+                self.core.set_learned(model_id, self._learned_for(pending[0]), pending=True)
+
+    def _learn(self, model_id: str, reading: ProcessMemory) -> None:
+        """Keep a ready child's measurement; save and apply it when it is new or larger.
+
+        RAM is learned as RSS, not PSS: a figure that does not depend on which other
+        models happen to share library pages with it (and is never below what the
+        process has resident, as the estimate is calibrated to be).
+        """
+        key = self._learning.get(model_id)
+        if key is None or RAM_ID not in reading.usage:
+            return  # no identity, or the child is gone
+        identity, layers = key
+        gpu = sum(size for device, size in reading.usage.items() if device != RAM_ID)
+        if not self.learned.record(identity, layers, gpu, reading.ram_rss):
+            return
+        text, generation = self.learned.dumps(), self.learned.generation
+        self._spawn(asyncio.to_thread(self.learned.write, text, generation))
+        if identity.runtime == str(self._learned_runtime):
+            self._attach_learned([model_id])
 
     # --- memory ---------------------------------------------------------------------
 
@@ -323,11 +444,13 @@ class Engine:
         which only makes the budget smaller).
         """
         snapshot = await self.probe.read_async()
+        measured: dict[str, ProcessMemory] = {}
         if measure_children:
             children = {m: s.pid for m, s in self.servers.items() if s.pid}
-            self._children_usage = await asyncio.to_thread(
-                lambda: {m: self.probe.process_usage(pid) for m, pid in children.items()}
+            measured = await asyncio.to_thread(
+                lambda: {m: self.probe.measure_process(pid) for m, pid in children.items()}
             )
+            self._children_usage = {m: reading.usage for m, reading in measured.items()}
         usages = {m: u for m, u in self._children_usage.items() if m in self.servers}
         mmd_usage: dict[str, int] = {}
         for model_id, usage in usages.items():
@@ -335,6 +458,8 @@ class Engine:
                 entry = self.core.models[model_id]
                 if entry.state == State.READY:
                     self.core.set_measured(model_id, usage)
+                    if model_id in measured:
+                        self._learn(model_id, measured[model_id])
             for device, used in usage.items():
                 mmd_usage[device] = mmd_usage.get(device, 0) + used
         self.snapshot = snapshot
@@ -604,6 +729,7 @@ class Engine:
             self.core.add_model(new_config.models[model_id], footprints[model_id])
         for model_id in diff.changed:
             self.core.update_spec(new_config.models[model_id], footprints[model_id])
+        self._attach_learned([*diff.added, *diff.changed])
         effects: list[Effect] = []
         for model_id in diff.removed:
             timer = self.timers.pop(model_id, None)

@@ -7,7 +7,7 @@ import time
 from mmd import __version__
 from mmd.engine import Engine
 from mmd.footprint import Footprint
-from mmd.memory import DeviceBudgetView
+from mmd.memory import RAM_ID, DeviceBudgetView
 from mmd.planner import Placement
 from mmd.scheduler import ModelEntry, State
 from mmd.v1 import mmd_pb2 as pb
@@ -28,10 +28,39 @@ def placement_proto(placement: Placement | None, total_layers: int) -> pb.Placem
         gpu_layers=placement.gpu_layers,
         total_layers=total_layers,
         shares=[
-            pb.DeviceShare(device=device, bytes=size, layers=placement.layers.get(device, 0))
+            pb.DeviceShare(
+                device=device,
+                bytes=size,
+                layers=placement.layers.get(device, 0),
+                source=placement.source,
+            )
             for device, size in sorted(placement.usage.items())
         ],
     )
+
+
+def memory_protos(entry: ModelEntry) -> list[pb.DeviceMemory]:
+    """Per device: the plan's figure, llama-server's own buffer sizes and the measurement.
+
+    Devices with any figure, "ram" first; none for a model that holds no process.
+    """
+    if not entry.holds_memory:
+        return []
+    planned = dict(entry.placement.usage) if entry.placement else {}
+    source = entry.placement.source if entry.placement else "estimated"
+    devices = {RAM_ID} | {
+        d for figures in (planned, entry.runtime, entry.measured) for d, b in figures.items() if b
+    }
+    return [
+        pb.DeviceMemory(
+            device=device,
+            estimated_bytes=planned.get(device, 0),
+            estimate_source=source,
+            runtime_bytes=entry.runtime.get(device, 0),
+            measured_bytes=entry.measured.get(device, 0),
+        )
+        for device in sorted(devices, key=lambda d: (d != RAM_ID, len(d), d))
+    ]
 
 
 def footprint_proto(fp: Footprint) -> pb.Footprint:
@@ -75,6 +104,7 @@ def model_proto(engine: Engine, entry: ModelEntry) -> pb.Model:
         unloads_at_unix=_wall(engine, entry.idle_deadline or 0.0),
         last_error=entry.last_error,
         footprint=footprint_proto(entry.footprint),
+        memory=memory_protos(entry),
     )
     if entry.state == State.FAILED:
         model.log_tail.extend(engine.log_tail(spec.id))

@@ -55,24 +55,69 @@ class DeviceShare(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
     LAYERS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """"ram", "gpu0", "gpu1", ..."""
     bytes: _builtins.int
     layers: _builtins.int
+    source: _builtins.str
+    """Where `bytes` comes from: "estimated" (the GGUF header), "learned" (measured on an
+    earlier load of the same file and settings with as many layers offloaded), or
+    "configured" (the registry's `memory` setting).
+    """
     def __init__(
         self,
         *,
         device: _builtins.str = ...,
         bytes: _builtins.int = ...,
         layers: _builtins.int = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device", b"device", "layers", b"layers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "device", b"device", "layers", b"layers", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeviceShare: _TypeAlias = DeviceShare  # noqa: Y015
+
+@_typing.final
+class DeviceMemory(_message.Message):
+    """One device's memory for a model that holds a process: planned, reported, measured."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    ESTIMATED_BYTES_FIELD_NUMBER: _builtins.int
+    ESTIMATE_SOURCE_FIELD_NUMBER: _builtins.int
+    RUNTIME_BYTES_FIELD_NUMBER: _builtins.int
+    MEASURED_BYTES_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """"ram", "gpu0", ..."""
+    estimated_bytes: _builtins.int
+    """what the plan counted for this device (see estimate_source)"""
+    estimate_source: _builtins.str
+    """"estimated", "learned" or "configured", as DeviceShare.source"""
+    runtime_bytes: _builtins.int
+    """The buffers llama-server logged at load (model, KV cache, compute, output); 0 until read."""
+    measured_bytes: _builtins.int
+    """The process as measured: PSS (else RSS) for RAM, NVML per process for a GPU; 0 until measured."""
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        estimated_bytes: _builtins.int = ...,
+        estimate_source: _builtins.str = ...,
+        runtime_bytes: _builtins.int = ...,
+        measured_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "estimate_source", b"estimate_source", "estimated_bytes", b"estimated_bytes", "measured_bytes", b"measured_bytes", "runtime_bytes", b"runtime_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceMemory: _TypeAlias = DeviceMemory  # noqa: Y015
 
 @_typing.final
 class Placement(_message.Message):
@@ -163,6 +208,7 @@ class Model(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     LOG_TAIL_FIELD_NUMBER: _builtins.int
     FOOTPRINT_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     role: _builtins.str
     path: _builtins.str
@@ -193,6 +239,10 @@ class Model(_message.Message):
     def log_tail(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def footprint(self) -> Global___Footprint: ...
+    @_builtins.property
+    def memory(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceMemory]:
+        """per device, "ram" first; empty when no process"""
+
     def __init__(
         self,
         *,
@@ -218,10 +268,11 @@ class Model(_message.Message):
         last_error: _builtins.str = ...,
         log_tail: _abc.Iterable[_builtins.str] | None = ...,
         footprint: Global___Footprint | None = ...,
+        memory: _abc.Iterable[Global___DeviceMemory] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["footprint", b"footprint", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "ctx", b"ctx", "embedding", b"embedding", "estimated_bytes", b"estimated_bytes", "footprint", b"footprint", "id", b"id", "keep_alive_seconds", b"keep_alive_seconds", "last_error", b"last_error", "last_used_unix", b"last_used_unix", "log_tail", b"log_tail", "measured_bytes", b"measured_bytes", "parallel", b"parallel", "path", b"path", "pid", b"pid", "pinned", b"pinned", "placement", b"placement", "priority", b"priority", "queued_requests", b"queued_requests", "ready_since_unix", b"ready_since_unix", "role", b"role", "state", b"state", "unloads_at_unix", b"unloads_at_unix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "ctx", b"ctx", "embedding", b"embedding", "estimated_bytes", b"estimated_bytes", "footprint", b"footprint", "id", b"id", "keep_alive_seconds", b"keep_alive_seconds", "last_error", b"last_error", "last_used_unix", b"last_used_unix", "log_tail", b"log_tail", "measured_bytes", b"measured_bytes", "memory", b"memory", "parallel", b"parallel", "path", b"path", "pid", b"pid", "pinned", b"pinned", "placement", b"placement", "priority", b"priority", "queued_requests", b"queued_requests", "ready_since_unix", b"ready_since_unix", "role", b"role", "state", b"state", "unloads_at_unix", b"unloads_at_unix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
