@@ -440,6 +440,36 @@ def test_socket_directory_under_a_file(tmp_path: Path) -> None:
     assert lines == [f"mmd: cannot create socket directory {sock.parent}: Not a directory"]
 
 
+def test_log_dir_that_cannot_be_made_exits_2_before_the_socket_directory(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    logs = tmp_path / "a-file" / "logs"
+    status, lines = run_mmd(tmp_path / "d", f'[daemon]\nlog_dir = "{logs}"\n')
+    assert status == 2
+    assert lines == [f"mmd: cannot create log directory {logs} (daemon.log_dir): Not a directory"]
+    assert not (tmp_path / "d" / "run").exists()
+    status, lines = run_mmd(tmp_path / "e", f'[daemon]\nlog_dir = "{tmp_path / "a-file"}"\n')
+    assert status == 2
+    assert lines == [
+        f"mmd: log directory {tmp_path / 'a-file'} (daemon.log_dir) is not a directory"
+    ]
+    assert not (tmp_path / "e" / "run").exists()
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root writes into any directory whatever its mode")
+def test_unwritable_log_dir_exits_2_before_the_socket_directory(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o555)
+    try:
+        status, lines = run_mmd(tmp_path / "d", f'[daemon]\nlog_dir = "{logs}"\n')
+    finally:
+        logs.chmod(0o755)
+    assert status == 2
+    assert lines == [f"mmd: log directory {logs} (daemon.log_dir) is not writable"]
+    assert not (tmp_path / "d" / "run").exists()
+
+
 @pytest.mark.skipif(IS_ROOT, reason="root writes into any directory whatever its mode")
 def test_unwritable_socket_directory(tmp_path: Path) -> None:
     locked = tmp_path / "locked"

@@ -116,6 +116,8 @@ def test_help_documents_exit_codes() -> None:
         (["infer", "chat", "hi", "--max-tokens", "-1"], None, "--max-tokens"),
         (["infer", "chat", "hi", "--temperature", "6"], None, "--temperature"),
         (["infer", "chat", "hi", "--keep-alive", "soon"], None, "--keep-alive"),
+        (["infer", "chat", "hi", "--keep-alive", "-5s"], None, "0 or more, or -1 to never"),
+        (["embed", "chat", "hi", "--keep-alive", "-2"], None, "0 or more, or -1 to never"),
         (["embed", "chat"], b"\xff", "not valid UTF-8"),
         (["unload", "chat", "--timeout", "-3"], None, "--timeout"),
         (["nosuchcommand"], None, "nosuchcommand"),
@@ -425,6 +427,17 @@ def test_infer_with_system_sends_a_chat(fake: FakeModelManager, socket_path: Pat
     assert request.prompt == ""
     assert request.system == "be brief"
     assert [(m.role, m.content) for m in request.messages] == [("user", "hi")]
+
+
+def test_keep_alive_minus_one_still_means_forever(
+    fake: FakeModelManager, socket_path: Path
+) -> None:
+    fake.infer_pieces = ["a"]
+    for forever in ("-1", "-1s"):
+        assert invoke(socket_path, "infer", "chat", "x", "--keep-alive", forever).exit_code == 0
+        request = fake.requests[-1]
+        assert isinstance(request, mmd_pb2.InferRequest)
+        assert request.keep_alive_seconds == -1.0
 
 
 def test_infer_json(fake: FakeModelManager, socket_path: Path) -> None:

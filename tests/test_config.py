@@ -21,7 +21,7 @@ from mmd.config import (
 )
 from mmd.errors import ConfigError
 from mmd.synthetic import write_model
-from mmd.units import GIB, MIB
+from mmd.units import GIB, MIB, parse_keep_alive
 
 IS_ROOT = os.geteuid() == 0
 
@@ -95,7 +95,7 @@ def test_every_key_of_every_table_is_parsed(gguf: Path, source: Path) -> None:
     role = "coding"
     ctx = 8192
     parallel = 2
-    gpu_layers = 12
+    gpu_layers = 2
     priority = 3
     keep_alive = "1h"
     embedding = false
@@ -135,7 +135,7 @@ def test_every_key_of_every_table_is_parsed(gguf: Path, source: Path) -> None:
     assert scheduler.min_residency == 0.5
     coder = config.models["coder"]
     assert (coder.id, coder.path, coder.role) == ("coder", gguf, "coding")
-    assert (coder.ctx, coder.parallel, coder.gpu_layers, coder.priority) == (8192, 2, 12, 3)
+    assert (coder.ctx, coder.parallel, coder.gpu_layers, coder.priority) == (8192, 2, 2, 3)
     assert coder.keep_alive == 3600.0
     assert coder.args == ("--flash-attn", "on")
     assert coder.memory == int(1.5 * GIB)
@@ -242,6 +242,21 @@ def test_unreadable_config_file(source: Path) -> None:
         load_config(source)
 
 
+def test_keep_alive_is_0_or_more_or_minus_1() -> None:
+    assert [parse_keep_alive(v) for v in ("5m", 0, "0s", -1, "-1", "-1s", -1.0)] == [
+        300.0,
+        0.0,
+        0.0,
+        -1.0,
+        -1.0,
+        -1.0,
+        -1.0,
+    ]
+    for negative in ("-2s", -5, "-0.5", "-1m"):
+        with pytest.raises(ValueError, match="must be 0 or more, or -1 to never unload"):
+            parse_keep_alive(negative)
+
+
 # --- one error per mistake ----------------------------------------------------------------
 
 # (name, TOML with {gguf} for a valid model path, fragments the message must contain)
@@ -265,6 +280,21 @@ BAD_CONFIGS = [
     ("gpu-layers-negative", "gpu_layers = -1\n", ["models.m.gpu_layers", '"auto"']),
     ("gpu-layers-word", 'gpu_layers = "all"\n', ["models.m.gpu_layers", "'all'"]),
     ("keep-alive-word", 'keep_alive = "forever"\n', ["models.m.keep_alive", "not a duration"]),
+    (
+        "keep-alive-negative",
+        'keep_alive = "-2s"\n',
+        ["models.m.keep_alive: must be 0 or more, or -1 to never unload, got '-2s'"],
+    ),
+    (
+        "default-keep-alive-negative",
+        "[scheduler]\ndefault_keep_alive = -5\n",
+        ["scheduler.default_keep_alive: must be 0 or more, or -1"],
+    ),
+    (
+        "gpu-layers-beyond-the-model",
+        "gpu_layers = 999\n",
+        ["models.m.gpu_layers: 999, but tiny.gguf has only 2 layers"],
+    ),
     ("memory-negative", "memory = -1\n", ["models.m.memory", "must not be negative"]),
     ("memory-negative-size", 'memory = "-1GiB"\n', ["models.m.memory", "must not be negative"]),
     ("memory-zero", "memory = 0\n", ["models.m.memory", "more than 0 bytes"]),
@@ -419,7 +449,7 @@ def test_ten_megabyte_string_is_refused(source: Path) -> None:
 
 
 def check_config(path: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != paths.CONFIG_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (paths.CONFIG_ENV, paths.SOCKET_ENV)}
     return subprocess.run(
         [sys.executable, "-m", "mmd", "--check-config", "--config", str(path)],
         capture_output=True,
@@ -434,7 +464,8 @@ def test_check_config_accepts_a_good_file(gguf: Path, source: Path) -> None:
     source.write_text(f"[models.a]\npath = '{gguf}'\n[models.b]\npath = '{gguf}'\nctx = 256\n")
     result = check_config(source)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{source}: ok (2 models)"
+    assert result.stdout.startswith(f"{source}: ok (2 models), llama-server ")
+    assert result.stderr == ""
 
 
 def test_check_config_rejects_a_bad_file_with_one_line(gguf: Path, source: Path) -> None:
@@ -473,3 +504,102 @@ def test_child_sockets_use_the_id_or_a_hash_that_fits(tmp_path: Path) -> None:
     assert len(str(hashed)) <= paths.MAX_SOCKET_PATH_BYTES
     assert hashed == paths.child_socket(runtime, long_a)  # stable across loads
     assert hashed != paths.child_socket(runtime, long_b)
+
+
+def daemon_table(tmp_path: Path, **keys: str) -> str:
+    """A [daemon] table whose directories lie in tmp_path, with ``keys`` on top."""
+    values = {
+        "socket": str(tmp_path / "run" / "mmd.sock"),
+        "log_dir": str(tmp_path / "logs"),
+        "state_dir": str(tmp_path / "state"),
+        **keys,
+    }
+    return "[daemon]\n" + "".join(f'{key} = "{value}"\n' for key, value in values.items())
+
+
+def test_check_config_creates_nothing(gguf: Path, source: Path, tmp_path: Path) -> None:
+    source.write_text(daemon_table(tmp_path) + f"[models.a]\npath = '{gguf}'\n")
+    result = check_config(source)
+    assert result.returncode == 0, result.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p != source]
+
+
+def test_check_config_finds_a_missing_llama_server(source: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "bin" / "llama-server"
+    source.write_text(daemon_table(tmp_path, llama_server=str(missing)))
+    result = check_config(source)
+    assert result.returncode == 4  # as the daemon's start
+    assert result.stderr.splitlines() == [
+        f"mmd: llama-server not found; tried config daemon.llama_server={missing} "
+        "(not an executable file)"
+    ]
+
+
+def test_check_config_runs_the_llama_server_check(source: Path, tmp_path: Path) -> None:
+    """/bin/sh is an executable, but no llama-server: the daemon would serve and fail
+    every load; --check-config says so now."""
+    source.write_text(daemon_table(tmp_path, llama_server="/bin/sh"))
+    result = check_config(source)
+    assert result.returncode == 4
+    [line] = result.stderr.splitlines()
+    assert line.startswith("mmd: llama-server /bin/sh cannot load a model: "), line
+    assert result.stdout == ""
+
+
+def test_check_config_refuses_gpu_layers_beyond_the_model(
+    gguf: Path, source: Path, tmp_path: Path
+) -> None:
+    source.write_text(daemon_table(tmp_path) + f"[models.a]\npath = '{gguf}'\ngpu_layers = 999\n")
+    result = check_config(source)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"mmd: {source}: models.a.gpu_layers: 999, but tiny.gguf has only 2 layers"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("snippet", "message"),
+    [
+        ('keep_alive = "-2s"', "models.a.keep_alive: must be 0 or more, or -1 to never unload"),
+        ("keep_alive = -5", "models.a.keep_alive: must be 0 or more, or -1 to never unload"),
+    ],
+)
+def test_check_config_refuses_negative_keep_alive(
+    gguf: Path, source: Path, tmp_path: Path, snippet: str, message: str
+) -> None:
+    source.write_text(daemon_table(tmp_path) + f"[models.a]\npath = '{gguf}'\n{snippet}\n")
+    result = check_config(source)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"mmd: {source}: {message}"), line
+
+
+def test_check_config_refuses_directories_under_a_file(source: Path, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    sockets = tmp_path / "a-file" / "run"
+    source.write_text(daemon_table(tmp_path, socket=str(sockets / "mmd.sock")))
+    result = check_config(source)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"mmd: cannot create socket directory {sockets}: Not a directory"
+    ]
+    logs = tmp_path / "a-file" / "logs"
+    source.write_text(daemon_table(tmp_path, log_dir=str(logs)))
+    result = check_config(source)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"mmd: cannot create log directory {logs} (daemon.log_dir): Not a directory"
+    ]
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root writes into any directory whatever its mode")
+def test_check_config_refuses_an_unwritable_socket_directory(source: Path, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        source.write_text(daemon_table(tmp_path, socket=str(locked / "mmd.sock")))
+        result = check_config(source)
+    finally:
+        locked.chmod(0o700)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"mmd: socket directory {locked} is not writable"]

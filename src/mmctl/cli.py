@@ -26,7 +26,7 @@ from mmctl.client import (
 )
 from mmctl.options import finite
 from mmd import paths
-from mmd.units import parse_duration
+from mmd.units import parse_keep_alive
 from mmd.v1 import mmd_pb2
 
 EXIT_CODES_HELP = """\
@@ -250,7 +250,7 @@ def _keep_alive_seconds(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return parse_duration(value)
+        return parse_keep_alive(value)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="'--keep-alive'") from None
 

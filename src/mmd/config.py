@@ -20,7 +20,7 @@ from mmd import paths
 from mmd.errors import ConfigError
 from mmd.footprint import GGUFError, is_gguf, read_shape
 from mmd.memory import BudgetSettings, parse_budget_setting
-from mmd.units import MIB, parse_duration, parse_size
+from mmd.units import MIB, parse_duration, parse_keep_alive, parse_size
 
 MAX_MODEL_ID_CHARS = 64
 MODEL_ID_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_MODEL_ID_CHARS - 1}}}$")
@@ -197,8 +197,9 @@ def _non_negative_duration(value: Any) -> float:
 
 
 def _keep_alive(value: Any) -> float:
-    seconds = _duration(value)
-    return -1.0 if seconds < 0 else seconds
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError(f"expected a duration such as '5m', got {value!r}")
+    return parse_keep_alive(value)
 
 
 def _budget(value: Any) -> str:
@@ -351,9 +352,16 @@ def _model(source: str, base_dir: Path, model_id: str, raw: Any) -> ModelSpec:
     where = f"{source}: {name}.path"
     check_model_file(path, where)
     try:
-        read_shape(path)  # the header must be readable now, not at the first request
+        shape = read_shape(path)  # the header must be readable now, not at the first request
     except GGUFError as err:
         raise ConfigError(f"{where}: {err}") from None
+    gpu_layers = values.get("gpu_layers")
+    if gpu_layers is not None and gpu_layers > shape.n_layers:
+        # Honoured exactly or refused: every load of it would be refused.
+        raise ConfigError(
+            f"{source}: {name}.gpu_layers: {gpu_layers}, but {path.name} has only "
+            f"{shape.n_layers} layers"
+        )
     return ModelSpec(id=model_id, path=path, **values)
 
 

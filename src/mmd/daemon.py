@@ -31,7 +31,7 @@ from mmd.memory import MemoryProbe
 from mmd.metrics import start_metrics
 from mmd.reload import reload_config
 from mmd.runtime import llama_server_candidates, watch_children_with_pidfd
-from mmd.runtime_check import LlamaRuntime, VerdictCache
+from mmd.runtime_check import LlamaRuntime, VerdictCache, first_working
 from mmd.sdnotify import Notifier, run_watchdog
 from mmd.service import ModelManager
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
@@ -87,10 +87,10 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
     candidates, explicit = llama_server_candidates(config.daemon.llama_server)
     runtime = LlamaRuntime(candidates, explicit, VerdictCache(config.daemon.state_dir))
     footprints = {m: footprint_for(spec) for m, spec in config.models.items()}
+    rundir.prepare_log_dir(config.daemon.log_dir)  # first: a bad one leaves nothing behind
     rundir.prepare_socket_dir(sock)
     lock = _take_lock(sock)
     children = rundir.fresh_children_dir(sock)
-    config.daemon.log_dir.mkdir(parents=True, exist_ok=True)
     probe = MemoryProbe()
     engine = Engine(config, runtime, probe, children, footprints=footprints)
     metrics = await start_metrics(engine, config.metrics.listen)
@@ -225,7 +225,8 @@ def _parser() -> argparse.ArgumentParser:
         "served over gRPC on a Unix socket. Drive it with mmctl.",
         epilog="Exit status: 0 stopped cleanly; 2 invalid config, or a socket path or "
         "directory that is unusable or that another user could control; "
-        "3 another mmd serves the socket; 4 no llama-server found.",
+        "3 another mmd serves the socket; 4 no llama-server found (with --check-config: "
+        "or none that passes the daemon's check).",
     )
     parser.add_argument(
         "--config",
@@ -248,10 +249,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=os.environ.get("MMD_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
+        choices=["trace", "debug", "info", "warning", "error"],
+        help="mmd's own messages from this level up (default: info, or $MMD_LOG_LEVEL); "
+        "libraries log warnings only, except at trace (debug for everything)",
     )
     parser.add_argument("--version", action="version", version=f"mmd {__version__}")
     return parser
+
+
+def _setup_logging(level: str) -> None:
+    """One line per event on stderr (journald adds the timestamps): mmd's own loggers at
+    ``level``; the libraries' (httpx, httpcore, grpc, gguf, asyncio) at warnings only,
+    except at ``trace``, which is ``debug`` for everyone. (At debug, httpcore alone wrote
+    ~600 lines a second about the children's health polls.)"""
+    logging.basicConfig(
+        level=logging.DEBUG if level == "trace" else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("mmd").setLevel(logging.DEBUG if level == "trace" else level.upper())
 
 
 def _socket_path(args: argparse.Namespace, config: Config) -> Path:
@@ -266,26 +282,35 @@ def _socket_path(args: argparse.Namespace, config: Config) -> Path:
     return sock
 
 
+def _check_config(config: Config, sock: Path) -> str:
+    """``--check-config``: what a start would refuse or fail on, without starting or
+    creating anything (ConfigError, exit 2; RuntimeFailed, exit 4). The line to print."""
+    for spec in config.models.values():
+        footprint_for(spec)
+    rundir.check_log_dir(config.daemon.log_dir)
+    rundir.check_socket_dir(sock)
+    candidates, _ = llama_server_candidates(config.daemon.llama_server)  # an explicit one alone
+    # The daemon's own check (a tiny model loaded and run, 0.1-0.3 s, or a cached verdict);
+    # a chosen binary that fails it would serve, but fail every load.
+    binary, verdict = asyncio.run(first_working(candidates, VerdictCache(config.daemon.state_dir)))
+    where = config.source or "built-in defaults"
+    return (
+        f"{where}: ok ({len(config.models)} models), llama-server {binary.path} "
+        f"({binary.source}): {verdict.detail or 'works'}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    # One line per event; journald adds the timestamps.
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    _setup_logging(args.log_level)
     try:
         if isinstance(args.check_config, str):
             args.config = Path(args.check_config)
         config = load_config(args.config)
-        if args.check_config:
-            for spec in config.models.values():
-                footprint_for(spec)
-            where = config.source or "built-in defaults"
-            print(f"{where}: ok ({len(config.models)} models)")
-            return
         sock = _socket_path(args, config)
+        if args.check_config:
+            print(_check_config(config, sock))
+            return
         notifier = Notifier()
         try:
             asyncio.run(serve(config, sock, notifier))

@@ -8,6 +8,7 @@ a directory another user could control instead of serving from it.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -18,6 +19,63 @@ from mmd.errors import ConfigError
 
 SOCKET_DIR_MODE = 0o750  # the owner and the group (mmctl's users) reach the socket
 CHILDREN_DIR_MODE = 0o700  # llama-server's sockets: mmd alone
+LOG_DIR_MODE = 0o750  # children's logs (0640): the owner writes, the group (mmctl logs) reads
+
+
+def prepare_log_dir(directory: Path) -> None:
+    """Create the children's log directory (``daemon.log_dir``) or check the one there;
+    ConfigError, one line, when mmd could not write its children's logs in it. Called
+    before anything else is created, so that a bad one leaves nothing behind."""
+    name = f"log directory {directory} (daemon.log_dir)"
+    try:
+        directory.mkdir(mode=LOG_DIR_MODE, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{name} is not a directory") from None
+    except OSError as err:
+        raise ConfigError(f"cannot create {name}: {err.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} is not writable")
+
+
+def check_dir_usable(directory: Path, name: str) -> None:
+    """For ``mmd --check-config``, which creates nothing: ConfigError unless ``directory``
+    is a directory this user can write in, or could be created (its nearest existing
+    ancestor is one). ``name`` is how the message names it (as the daemon's start does)."""
+    step = directory
+    while not os.path.lexists(step):
+        step = step.parent
+    if step == directory:
+        if not directory.is_dir():
+            raise ConfigError(f"{name} is not a directory")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(f"{name} is not writable")
+        return
+    if not step.is_dir():
+        reason = os.strerror(errno.ENOTDIR)
+    elif not os.access(step, os.W_OK | os.X_OK):
+        reason = os.strerror(errno.EACCES)
+    else:
+        return
+    raise ConfigError(f"cannot create {name}: {reason}")
+
+
+def check_log_dir(directory: Path) -> None:
+    """check_dir_usable for ``daemon.log_dir``, in prepare_log_dir's words."""
+    check_dir_usable(directory, f"log directory {directory} (daemon.log_dir)")
+
+
+def check_socket_dir(sock: Path) -> None:
+    """check_dir_usable for the directory ``sock`` will be bound in, in
+    prepare_socket_dir's words; the per-user /tmp/mmd-UID must be this user's alone."""
+    directory = sock.parent
+    if directory == paths.fallback_runtime_dir():
+        try:
+            paths.check_private_dir(directory)
+        except FileNotFoundError:
+            pass
+        except paths.UnsafeDirectory as err:
+            raise ConfigError(str(err)) from None
+    check_dir_usable(directory, f"socket directory {directory}")
 
 
 def prepare_socket_dir(sock: Path) -> None:

@@ -175,6 +175,24 @@ async def _load_and_generate(server: LlamaServer, flags: frozenset[str]) -> str 
         return f"llama-server {path} loads a model but fails to generate: {err!r}"
 
 
+async def first_working(
+    candidates: list[LlamaBinary], cache: VerdictCache, flags: frozenset[str] | None = None
+) -> tuple[LlamaBinary, Verdict]:
+    """The first candidate that passes the check (a cached good verdict counts), as the
+    daemon chooses, without recording anything: for ``mmd --check-config``. RuntimeFailed,
+    in the words the daemon would use, when none does."""
+    flags = cpu_flags() if flags is None else flags
+    rejected: list[str] = []
+    for candidate in candidates:
+        verdict = cache.get(candidate, flags) or await check_binary(candidate, flags)
+        if verdict.ok:
+            return candidate, verdict
+        rejected.append(verdict.detail)
+    others = len(rejected) - 1
+    first = rejected[0] if rejected else "no llama-server to check"
+    raise RuntimeFailed(first if others < 1 else f"{first} ({others} other candidates fail too)")
+
+
 class LlamaRuntime:
     """The llama-server that children run: the first candidate proven to work here.
 

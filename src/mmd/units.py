@@ -51,6 +51,19 @@ def parse_duration(text: str | int | float) -> float:
     return float(number) * _DURATION_UNITS[unit or "s"]
 
 
+# A keep-alive of -1 keeps a model loaded for good; no other negative means anything.
+KEEP_FOREVER = -1.0
+
+
+def parse_keep_alive(text: str | int | float) -> float:
+    """A keep-alive: a duration of 0 or more, or -1 (``-1``, ``"-1"``, ``"-1s"``) for never
+    unloading. Any other negative is refused: ``"-2s"`` once silently meant forever."""
+    seconds = parse_duration(text)
+    if seconds < 0 and seconds != KEEP_FOREVER:
+        raise ValueError(f"must be 0 or more, or -1 to never unload, got {text!r}")
+    return seconds
+
+
 def format_size(num_bytes: int | float) -> str:
     """Bytes in the largest binary unit that keeps the number >= 1."""
     value = float(num_bytes)
