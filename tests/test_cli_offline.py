@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -276,24 +276,58 @@ def test_ps_shows_models_that_are_not_unloaded(socket_path: Path) -> None:
     chat_row = next(line for line in result.stdout.splitlines() if line.startswith("chat"))
     for cell in ("ready", "4242", "gpu 32/32", "5.0 GiB", "4.0 GiB", "4096", "1/2", "never"):
         assert cell in chat_row
-    assert "broken failed: exit code 1" in result.stdout
+    # Piped, stdout is the table alone: the failure is said on stderr.
+    assert "broken failed: exit code 1" in result.stderr
+    assert "broken failed" not in result.stdout
 
 
-def test_piped_tables_are_plain_aligned_columns() -> None:
+def test_piped_tables_are_tab_separated() -> None:
     table = render.TextTable(["ID", "STATE", "PATH"], state_column=1)
     table.rows.append(["chat[1]", "ready", "/models/a b.gguf"])
-    table.rows.append(["e", "failed", "-"])
+    table.rows.append(["e", "failed", "a\tb\nc"])
     text = render.plain_table(table)
-    assert text == (
-        "ID       STATE   PATH\nchat[1]  ready   /models/a b.gguf\ne        failed  -\n"
-    )
+    assert text == "ID\tSTATE\tPATH\nchat[1]\tready\t/models/a b.gguf\ne\tfailed\ta b c\n"
+
+
+def test_piped_models_split_into_columns_like_awk(
+    fake: FakeModelManager, socket_path: Path
+) -> None:
+    """Roles are free text and get flags: a space-separated view would shift every column
+    after ROLE."""
+    fake.models = [
+        mmd_pb2.Model(
+            id="coder", role="coding assistant", pinned=True, state=mmd_pb2.MODEL_STATE_READY
+        ),
+        mmd_pb2.Model(id="vectors", embedding=True, state=mmd_pb2.MODEL_STATE_UNLOADED),
+        mmd_pb2.Model(id="plain", role="chat", state=mmd_pb2.MODEL_STATE_FAILED),
+    ]
+    result = invoke(socket_path, "models")
+    assert result.exit_code == 0
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert rows[0] == ["ID", "ROLE", "STATE", "MEMORY EST", "PATH"]
+    assert [(row[0], row[1], row[2]) for row in rows[1:]] == [
+        ("coder", "coding assistant (pinned)", "ready"),
+        ("vectors", "- (embedding)", "unloaded"),
+        ("plain", "chat", "failed"),
+    ]
+    assert all(len(row) == 5 for row in rows)
+    awk = shutil.which("awk")
+    if awk is not None:  # the documented way: awk -F'\t'
+        printed = subprocess.run(
+            [awk, "-F\t", "NR > 1 {print $1, $3}"],
+            input=result.stdout,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert printed.splitlines() == ["coder ready", "vectors unloaded", "plain failed"]
 
 
 def test_piped_ps_has_no_escape_codes_and_is_not_cut_to_80_columns(socket_path: Path) -> None:
     result = invoke(socket_path, "ps")
     assert "\x1b[" not in result.stdout
     header = result.stdout.splitlines()[0]
-    assert re.split(r"\s{2,}", header) == [
+    assert header.split("\t") == [
         "ID",
         "STATE",
         "PID",

@@ -184,19 +184,28 @@ def model_summary(model: mmd_pb2.Model) -> str:
 # ---------------------------------------------------------------------------
 # Tables
 #
-# On a terminal tables are drawn with rich, in colour. Piped output goes to
-# scripts (`mmctl ps | awk ...`): it gets the same columns as plain text, never
-# wrapped or cut to a terminal width, with no escape codes, and without the
-# cost of importing rich on every call of a script's loop.
+# On a terminal tables are drawn with rich, in colour; columns that do not fit are
+# left out, least useful first, so that the id and the pid are never shortened.
+# Piped output goes to scripts (`mmctl ps | awk -F'\t' ...`): every column as
+# tab-separated values, never wrapped or cut to a terminal width, with no escape
+# codes, and without the cost of importing rich on every call of a script's loop.
+
+# Columns a wrapped cell (a path) may be narrowed to before the table is too wide.
+_WRAPPED_MIN_WIDTH = 16
 
 
 @dataclasses.dataclass
 class TextTable:
-    """Rows of plain cells; `state_column` is the column coloured by model state."""
+    """Rows of plain cells; `state_column` is the column coloured by model state.
+
+    `drop_first` names the columns a terminal too narrow for all of them loses, in that
+    order; the others (the id, the state, the pid) are never dropped or shortened.
+    """
 
     headers: Sequence[str]
     rows: list[Sequence[str]] = dataclasses.field(default_factory=list)
     state_column: int | None = None
+    drop_first: Sequence[str] = ()
 
 
 class _Output:
@@ -217,23 +226,84 @@ class _Output:
 
         self.console.print(Text(text, style=style))
 
+    def note(self, text: str, style: str = "") -> None:
+        """A line about a table (a failure, "no models"): on stdout on a terminal; piped,
+        on stderr, so that stdout holds nothing but the table's lines."""
+        if self.console is None:
+            sys.stdout.flush()
+            sys.stderr.write(text + "\n")
+            return
+        self.line(text, style)
+
     def table(self, table: TextTable) -> None:
         if self.console is None:
             sys.stdout.write(plain_table(table))
             return
-        self.console.print(_rich_table(table))
+        draw_table(self.console, table)
+
+
+def _clean_cell(cell: str) -> str:
+    return cell.replace("\t", " ").replace("\r", " ").replace("\n", " ")
 
 
 def plain_table(table: TextTable) -> str:
-    """Columns left-aligned and two spaces apart, as the terminal view draws them."""
-    widths = [len(header) for header in table.headers]
-    for row in table.rows:
-        widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+    """Tab-separated values: the header line, then a line per row, one field per column
+    (`awk -F'\\t'`, `cut -f`); a tab or line break inside a cell becomes a space."""
+    return "".join(
+        "\t".join(_clean_cell(cell) for cell in cells) + "\n"
         for cells in [table.headers, *table.rows]
-    ]
-    return "".join(line + "\n" for line in lines)
+    )
+
+
+def _wrapped(header: str) -> bool:
+    return header == "PATH"
+
+
+def table_width(table: TextTable) -> int:
+    """The width rich draws ``table`` in (see _rich_table), wrapped columns at their
+    narrowest."""
+    from rich.cells import cell_len
+
+    total = 0
+    for index, header in enumerate(table.headers):
+        width = max([cell_len(header)] + [cell_len(row[index]) for row in table.rows])
+        total += min(width, _WRAPPED_MIN_WIDTH) if _wrapped(header) else width
+    return total + 2 * (len(table.headers) - 1)  # one space of padding either side
+
+
+def fit_table(table: TextTable, width: int) -> TextTable:
+    """``table`` without the columns of ``drop_first`` that must go, in that order, for it
+    to fit in ``width``; the other columns stay whatever the width."""
+    fitted = table
+    for header in table.drop_first:
+        if table_width(fitted) <= width:
+            break
+        keep = [i for i, name in enumerate(fitted.headers) if name != header]
+        state = fitted.state_column
+        fitted = TextTable(
+            [fitted.headers[i] for i in keep],
+            [[row[i] for i in keep] for row in fitted.rows],
+            None if state is None or state not in keep else keep.index(state),
+            table.drop_first,
+        )
+    return fitted
+
+
+def draw_table(console: Console, table: TextTable) -> None:
+    """Draw ``table`` on a terminal: columns left out as fit_table says; when the id and
+    the other kept columns are still wider than the terminal, they are drawn whole and
+    the terminal wraps the lines."""
+    fitted = fit_table(table, console.width)
+    needed = table_width(fitted)
+    if needed <= console.width:
+        console.print(_rich_table(fitted))
+        return
+    terminal = console.width
+    console.width = needed
+    try:
+        console.print(_rich_table(fitted))
+    finally:
+        console.width = terminal
 
 
 def _rich_table(table: TextTable) -> Table:
@@ -242,7 +312,11 @@ def _rich_table(table: TextTable) -> Table:
 
     drawn = Table(box=None, pad_edge=False, header_style="bold")
     for header in table.headers:
-        drawn.add_column(header, no_wrap=header != "PATH")
+        drawn.add_column(
+            header,
+            no_wrap=not _wrapped(header),
+            overflow="fold" if _wrapped(header) else "ellipsis",
+        )
     for cells in table.rows:
         # Text cells: a model id or path containing "[...]" must not be read as rich markup.
         row = [Text(cell) for cell in cells]
@@ -257,9 +331,13 @@ def print_models(models: Sequence[mmd_pb2.Model]) -> None:
     """`mmctl models`: the registry."""
     out = _Output()
     if not models:
-        out.line("no models in the registry")
+        out.note("no models in the registry")
         return
-    table = TextTable(["ID", "ROLE", "STATE", "MEMORY EST", "PATH"], state_column=2)
+    table = TextTable(
+        ["ID", "ROLE", "STATE", "MEMORY EST", "PATH"],
+        state_column=2,
+        drop_first=("ROLE", "MEMORY EST", "PATH"),
+    )
     for model in models:
         flags = [name for name in ("pinned", "embedding") if getattr(model, name)]
         role = (model.role or "-") + (f" ({', '.join(flags)})" if flags else "")
@@ -290,6 +368,15 @@ def ps_table(models: Sequence[mmd_pb2.Model], now: float) -> TextTable:
             "LAST USED",
         ],
         state_column=1,
+        drop_first=(
+            "CTX",
+            "LAST USED",
+            "QUEUED",
+            "MEM EST",
+            "SLOTS",
+            "PLACEMENT",
+            "MEM MEASURED",
+        ),
     )
     for model in models:
         table.rows.append(
@@ -309,20 +396,21 @@ def ps_table(models: Sequence[mmd_pb2.Model], now: float) -> TextTable:
     return table
 
 
-def _print_failures(out: _Output, models: Sequence[mmd_pb2.Model]) -> None:
+def _print_failures(out: _Output, models: Sequence[mmd_pb2.Model], *, notes: bool) -> None:
     for model in models:
         if state_name(model.state) == "failed" and model.last_error:
-            out.line(f"{model.id} failed: {model.last_error}", style="red")
+            say = out.note if notes else out.line
+            say(f"{model.id} failed: {model.last_error}", style="red")
 
 
 def print_ps(models: Sequence[mmd_pb2.Model], now: float | None = None) -> None:
     """`mmctl ps`: models that are not unloaded."""
     out = _Output()
     if not models:
-        out.line("no models loaded")
+        out.note("no models loaded")
         return
     out.table(ps_table(models, time.time() if now is None else now))
-    _print_failures(out, models)
+    _print_failures(out, models, notes=True)
 
 
 def print_health(health: mmd_pb2.Health, now: float | None = None) -> None:
@@ -334,7 +422,10 @@ def print_health(health: mmd_pb2.Health, now: float | None = None) -> None:
     out.line(header, style="bold")
     out.line()
 
-    devices = TextTable(["DEVICE", "KIND", "NAME", "TOTAL", "BUDGET", "MMD", "OTHER", "FREE"])
+    devices = TextTable(
+        ["DEVICE", "KIND", "NAME", "TOTAL", "BUDGET", "MMD", "OTHER", "FREE"],
+        drop_first=("KIND", "NAME", "OTHER", "TOTAL", "MMD", "BUDGET"),
+    )
     for device in health.devices:
         devices.rows.append(
             [
@@ -353,7 +444,7 @@ def print_health(health: mmd_pb2.Health, now: float | None = None) -> None:
 
     if health.models:
         out.table(ps_table(health.models, time.time() if now is None else now))
-        _print_failures(out, health.models)
+        _print_failures(out, health.models, notes=False)
     else:
         out.line("no models loaded")
     out.line()
