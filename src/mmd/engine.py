@@ -44,6 +44,7 @@ from mmd.scheduler import (
     Effect,
     Fail,
     Kind,
+    LoadFailed,
     ModelEntry,
     Scheduler,
     StartLoad,
@@ -81,6 +82,15 @@ def footprint_for(spec: ModelSpec) -> Footprint:
     if spec.memory is not None:
         footprint = footprint.scaled_to(spec.memory)
     return footprint
+
+
+def _model_file_problem(spec: ModelSpec) -> str | None:
+    """Why ``spec``'s file cannot be loaded now, in a load failure's words, or None."""
+    try:
+        check_model_file(spec.path, f"model {spec.id!r}")
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def launch_flags(options: frozenset[str], gpu_layers: int) -> tuple[bool, int | None]:
@@ -159,6 +169,7 @@ class Engine:
         self.core = Scheduler(
             config.scheduler, {m: (s, footprints[m]) for m, s in config.models.items()}
         )
+        self.core.file_problem = _model_file_problem
         self.loop = asyncio.get_running_loop()
         self.waiters: dict[int, asyncio.Future[None]] = {}
         self.servers: dict[str, LlamaServer] = {}
@@ -247,6 +258,8 @@ class Engine:
                     for ticket, owner in list(self.running.items()):
                         if owner == model_id:
                             self.aborts[ticket] = error
+                case LoadFailed(model_id, message):
+                    self._notify(model_id, "failed", message)
                 case ArmTimer(model_id, at):
                     old = self.timers.pop(model_id, None)
                     if old:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from mmd.config import ModelSpec, SchedulerSettings
@@ -101,6 +101,14 @@ class StartLoad:
 
 
 @dataclass(frozen=True)
+class LoadFailed:
+    """A load refused before anything was planned or evicted (its model file is gone)."""
+
+    model_id: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Stop:
     model_id: str
     reason: str  # "evicted for X", "idle", "unload", "forced unload", "shutdown"
@@ -121,7 +129,7 @@ class ArmTimer:
     at: float
 
 
-Effect = Admit | Fail | StartLoad | Stop | AbortRunning | ArmTimer
+Effect = Admit | Fail | StartLoad | LoadFailed | Stop | AbortRunning | ArmTimer
 
 MAX_BACKOFF_S = 60.0
 
@@ -195,6 +203,10 @@ class Scheduler:
         # Reload: specs that apply at a model's next load; models draining out of the registry.
         self.pending_specs: dict[str, tuple[ModelSpec, Footprint]] = {}
         self.removing: set[str] = set()
+        # Why a model's file cannot be loaded now (gone, unreadable), or None: asked before
+        # a load is planned, so that no model is evicted for one that cannot start. The
+        # engine sets the check (I/O); by default every file is fine.
+        self.file_problem: Callable[[ModelSpec], str | None] = lambda spec: None
 
     # --- queries ----------------------------------------------------------------------
 
@@ -229,6 +241,9 @@ class Scheduler:
     ) -> Plan | Refusal:
         """What loading ``model_id`` would do now (pure; changes nothing)."""
         entry = self.entry(model_id)
+        problem = self.file_problem(entry.spec)
+        if problem is not None:
+            return Refusal(problem, {}, {}, {}, (), (), impossible=True)
         layers = gpu_layers if gpu_layers is not None else entry.spec.gpu_layers
         return plan_load(
             model_id, entry.footprint, self.devices, self.residents(now), gpu_layers=layers
@@ -341,6 +356,9 @@ class Scheduler:
     def _start_load(self, entry: ModelEntry, now: float) -> list[Effect]:
         """Plan and start a load; or wait for busy models to drain; or refuse."""
         self._apply_pending_spec(entry)
+        problem = self.file_problem(entry.spec)
+        if problem is not None:
+            return self._fail_before_load(entry, now, RuntimeFailed(problem))
         layers = (
             entry.gpu_layers_override
             if entry.gpu_layers_override is not None
@@ -378,6 +396,16 @@ class Scheduler:
                     victim.admitted_while_draining = 0
             return []
         return self._refuse(entry, InsufficientMemory(plan.reason))
+
+    def _fail_before_load(self, entry: ModelEntry, now: float, error: MmdError) -> list[Effect]:
+        """The model fails as a load that failed would (and counts as one), with nothing
+        planned, evicted or started."""
+        entry.state = State.FAILED
+        entry.placement = None
+        entry.last_error = error.message
+        entry.drain_for = None
+        self._note_failure(entry, now)
+        return [LoadFailed(entry.spec.id, error.message), *self._refuse(entry, error)]
 
     def _refuse(self, entry: ModelEntry, error: MmdError) -> list[Effect]:
         effects: list[Effect] = [Fail(t, error) for t in entry.queue]
