@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -346,6 +347,10 @@ def test_child_that_exits_during_load(served: Served) -> None:
     assert "model 'broken': llama-server exited with status 1 during load: " in line
     log_tail = line.split("during load: ", 1)[1]
     assert log_tail.strip(), "the error carries the child's last log lines"
+    # Its error messages, in one short line, not the log's last lines joined with '|'.
+    assert log_tail.endswith(" (more in 'mmctl logs broken')")
+    assert " | " not in log_tail
+    assert len(line) < 500
     err = rpc_error(infer(daemon.stub, model_id="broken", prompt="hello"))
     assert err.code() == grpc.StatusCode.UNAVAILABLE
     assert kind_of(err) == "runtime_failed"
@@ -357,6 +362,24 @@ def test_child_that_exits_during_load(served: Served) -> None:
     assert broken["log_tail"], "ps --json shows the failed child's log"
     assert (daemon.root / "logs" / "broken.log").is_file()
     assert_still_serves(daemon)
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs script(1) for a terminal")
+def test_failed_load_on_a_terminal_says_the_error_once(served: Served) -> None:
+    """On a terminal the progress spinner showed the failure too, then the error line."""
+    daemon = served.daemon
+    if model_states(daemon, "models")["broken"]["state"] != "failed":
+        served.models["broken"].write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    command = f"{sys.executable} -m mmctl load broken"
+    result = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        capture_output=True,
+        env=daemon.env(),
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 6
+    assert result.stdout.decode().count("exited with status 1 during load") == 1
 
 
 # --- mmd start-up -----------------------------------------------------------------------------

@@ -289,6 +289,8 @@ def _follow_load(progress: Iterator[mmd_pb2.LoadProgress]) -> mmd_pb2.Model | No
 
         with Console(stderr=True).status("waiting for mmd") as status:
             for step in progress:
+                if step.stage == "failed":
+                    continue  # the error itself follows as mmctl's one error line
                 status.update(f"{step.stage}: {step.message}" if step.message else step.stage)
                 if step.HasField("model"):
                     final = step.model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -268,6 +269,30 @@ def read_log_tail(path: Path, lines: int = 20) -> list[str]:
     return list(deque(text.splitlines(), maxlen=lines))
 
 
+# llama.cpp's log lines: "0.00.012.607 E srv    load_model: failed to load model, 'x'" (time,
+# level, an optional module tag, the function, the message).
+_LLAMA_LOG_LINE = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([A-Z]) (?:[a-z]{3} {2,})?(.*)$")
+_FUNCTION_PREFIX = re.compile(r"^(?:[\w~]+(?:\(\))?: )+")
+# What a failure's one line carries of the log at most.
+_SUMMARY_CHARS = 300
+
+
+def failure_summary(lines: list[str]) -> str:
+    """Why a child failed, from its last log lines, short enough for one line: its last two
+    distinct error messages without time, level and function; the last two lines when it
+    logged no error (a binary that is not llama-server, a crash)."""
+    errors: list[str] = []
+    for line in lines:
+        match = _LLAMA_LOG_LINE.match(line)
+        if match and match.group(1) == "E":
+            message = _FUNCTION_PREFIX.sub("", match.group(2)).strip()
+            if message and message not in errors:
+                errors.append(message)
+    chosen = errors[-2:] if errors else [line.strip() for line in lines if line.strip()][-2:]
+    text = "; ".join(chosen) or "it logged nothing"
+    return text if len(text) <= _SUMMARY_CHARS else text[: _SUMMARY_CHARS - 1] + "…"
+
+
 @dataclass
 class LlamaServer:
     """A running (or starting) llama-server child."""
@@ -367,7 +392,8 @@ class LlamaServer:
             ) from None
 
     def _tail_text(self) -> str:
-        return " | ".join(line for line in self.log_tail(5) if not line.startswith("--- mmd"))
+        lines = [line for line in self.log_tail(40) if not line.startswith("--- mmd")]
+        return f"{failure_summary(lines)} (more in 'mmctl logs {self.spec.model_id}')"
 
     async def _wait_ready(self) -> None:
         assert self.process is not None
