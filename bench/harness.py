@@ -21,6 +21,7 @@ import psutil
 from rawhttp import RawClient
 from verdicts import Better, Verdict, verdict
 
+from mmd.engine import launch_flags
 from mmd.runtime import LaunchSpec, LlamaBinary, build_argv, probe_binary, resolve_llama_server
 from mmd.upstream import InferParams, _completion_body
 from mmd.v1 import mmd_pb2 as pb
@@ -320,17 +321,18 @@ class Runtime:
 
     binary: LlamaBinary
     version: str
-    supports_fit: bool
+    options: frozenset[str]
 
     @classmethod
     def resolve(cls) -> Runtime:
         binary = resolve_llama_server(None)
         version, options = probe_binary(binary)
-        return cls(binary, version, "--fit" in options)
+        return cls(binary, version, options)
 
     def spec(
         self, model_id: str, path: Path, workdir: Path, *, ctx: int, parallel: int, layers: int = 0
     ) -> LaunchSpec:
+        no_devices, verbosity = launch_flags(self.options, layers)
         return LaunchSpec(
             model_id=model_id,
             model_path=path,
@@ -339,7 +341,9 @@ class Runtime:
             ctx=ctx,
             parallel=parallel,
             gpu_layers=layers,
-            supports_fit=self.supports_fit,
+            supports_fit="--fit" in self.options,
+            no_devices=no_devices,
+            log_verbosity=verbosity,
         )
 
 
