@@ -218,6 +218,23 @@ def test_cli_exit_code_and_message_per_status(
         assert "the daemon's words" in line
 
 
+def test_socket_after_the_command(fake: FakeModelManager, socket_path: Path) -> None:
+    for args in (
+        ["ps", "--socket", str(socket_path)],
+        ["ps", f"--socket={socket_path}", "--json"],
+        ["infer", "chat", "hi", "--socket", str(socket_path), "--max-tokens", "3"],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+    request = fake.requests[-1]
+    assert isinstance(request, mmd_pb2.InferRequest)
+    assert (request.prompt, request.max_tokens) == ("hi", 3)
+    # After `--` it is the prompt.
+    result = runner.invoke(app, ["--socket", str(socket_path), "infer", "chat", "--", "--socket"])
+    assert result.exit_code == 0, result.output
+    assert fake.requests[-1].prompt == "--socket"  # type: ignore[attr-defined]
+
+
 def test_unknown_model_exits_4(socket_path: Path) -> None:
     result = invoke(socket_path, "plan", "nope")
     assert result.exit_code == 4
@@ -287,6 +304,16 @@ def test_piped_tables_are_tab_separated() -> None:
     table.rows.append(["e", "failed", "a\tb\nc"])
     text = render.plain_table(table)
     assert text == "ID\tSTATE\tPATH\nchat[1]\tready\t/models/a b.gguf\ne\tfailed\ta b c\n"
+
+
+def test_piped_empty_table_is_its_header_alone(fake: FakeModelManager, socket_path: Path) -> None:
+    fake.models = []
+    for command, header in (("ps", "ID\tSTATE\tPID\t"), ("models", "ID\tROLE\tSTATE\t")):
+        result = invoke(socket_path, command)
+        assert result.exit_code == 0
+        [line] = result.stdout.splitlines()
+        assert line.startswith(header)
+        assert result.stderr == ""
 
 
 def test_piped_models_split_into_columns_like_awk(

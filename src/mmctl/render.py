@@ -227,13 +227,21 @@ class _Output:
         self.console.print(Text(text, style=style))
 
     def note(self, text: str, style: str = "") -> None:
-        """A line about a table (a failure, "no models"): on stdout on a terminal; piped,
+        """A line about a table (a failed model's error): on stdout on a terminal; piped,
         on stderr, so that stdout holds nothing but the table's lines."""
         if self.console is None:
             sys.stdout.flush()
             sys.stderr.write(text + "\n")
             return
         self.line(text, style)
+
+    def table_or_note(self, table: TextTable, note: str) -> None:
+        """``table``; when it has no rows, ``note`` on a terminal, and piped the header line
+        alone (zero rows, as a script expects)."""
+        if table.rows or self.console is None:
+            self.table(table)
+        else:
+            self.line(note)
 
     def table(self, table: TextTable) -> None:
         if self.console is None:
@@ -330,9 +338,6 @@ def _rich_table(table: TextTable) -> Table:
 def print_models(models: Sequence[mmd_pb2.Model]) -> None:
     """`mmctl models`: the registry."""
     out = _Output()
-    if not models:
-        out.note("no models in the registry")
-        return
     table = TextTable(
         ["ID", "ROLE", "STATE", "MEMORY EST", "PATH"],
         state_column=2,
@@ -350,7 +355,7 @@ def print_models(models: Sequence[mmd_pb2.Model]) -> None:
                 model.path,
             ]
         )
-    out.table(table)
+    out.table_or_note(table, "no models in the registry")
 
 
 def ps_table(models: Sequence[mmd_pb2.Model], now: float) -> TextTable:
@@ -406,10 +411,7 @@ def _print_failures(out: _Output, models: Sequence[mmd_pb2.Model], *, notes: boo
 def print_ps(models: Sequence[mmd_pb2.Model], now: float | None = None) -> None:
     """`mmctl ps`: models that are not unloaded."""
     out = _Output()
-    if not models:
-        out.note("no models loaded")
-        return
-    out.table(ps_table(models, time.time() if now is None else now))
+    out.table_or_note(ps_table(models, time.time() if now is None else now), "no models loaded")
     _print_failures(out, models, notes=True)
 
 
