@@ -192,6 +192,15 @@ def test_logs_tail_follow_and_unknown_model(make_daemon: Any, model_files: dict[
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert daemon.mmctl("logs", "nope").returncode == 4
 
+    # Never loaded: no log to show, said in one line (it printed nothing and exited 0).
+    never = daemon.mmctl("logs", "t")
+    assert never.returncode == 1
+    assert never.stdout == b""
+    assert never.stderr.decode().splitlines() == [
+        f"mmctl: model 't' has no log yet: it has not been loaded "
+        f"(its llama-server log will be {daemon.root / 'logs' / 't.log'})"
+    ]
+
     infer(daemon, "t")
     result = daemon.mmctl("logs", "t", "-n", "5")
     assert result.returncode == 0, result.stderr

@@ -90,6 +90,26 @@ def run_guarded(call: Callable[[], Any]) -> int:
     return result if isinstance(result, int) else 0
 
 
+def hoist_socket(args: list[str]) -> list[str]:
+    """`mmctl ps --socket S` as `mmctl --socket S ps`: --socket belongs to mmctl itself, but
+    it is as natural after the command. Nothing after `--` moves (that is an argument)."""
+    front: list[str] = []
+    rest: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            rest += args[index:]
+            break
+        if arg == "--socket" and index + 1 < len(args):
+            front += args[index : index + 2]
+            index += 2
+            continue
+        (front if arg.startswith("--socket=") else rest).append(arg)
+        index += 1
+    return front + rest
+
+
 class MmctlGroup(TyperGroup):
     """The root command group: applies run_guarded around everything Typer does."""
 
@@ -102,6 +122,7 @@ class MmctlGroup(TyperGroup):
         windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
+        args = hoist_socket(list(sys.argv[1:] if args is None else args))
         code = run_guarded(
             lambda: super(MmctlGroup, self).main(
                 args,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mmd.engine import Engine
-from mmd.errors import InvalidRequest
+from mmd.errors import FailedPrecondition, InvalidRequest
 from mmd.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
 from mmd.grpc_errors import Context, streaming
 from mmd.protos import STATES, device_proto, health_proto, model_proto
@@ -214,6 +214,12 @@ class WatchService:
         count = min(request.lines or DEFAULT_LOG_LINES, MAX_LOG_LINES)
         # The file the engine gives each model's llama-server (see Engine.log_tail).
         path = self.engine.config.daemon.log_dir / f"{request.model_id}.log"
+        if not request.follow and not await asyncio.to_thread(path.exists):
+            # Not an empty log: there is none to show (with --follow, its first lines are).
+            raise FailedPrecondition(
+                f"model {request.model_id!r} has no log yet: it has not been loaded "
+                f"(its llama-server log will be {path})"
+            )
         lines, offset = await asyncio.to_thread(read_tail, path, count)
         for batch in _batches(lines) or [pb.LogLines()]:
             yield batch
