@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Daemon
 
 
@@ -88,3 +89,48 @@ def test_check_config_takes_the_path_as_its_value(
     result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 2
     assert "models.x.path" in result.stderr
+
+
+def test_doctor_counts_failed_models_apart_from_loaded(
+    make_daemon: Any, model_files: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = Path(shutil.copy(model_files["tiny"], tmp_path / "broken.gguf"))
+    daemon: Daemon = make_daemon(
+        f'[models.tiny]\npath = "{model_files["tiny"]}"\nctx = 256\n'
+        f'[models.broken]\npath = "{broken}"\nctx = 256\n'
+    )
+    broken.write_bytes(b"GGUF" + bytes(range(256)) * 64)  # the header was read at start
+    assert daemon.mmctl("load", "broken").returncode == 6
+    assert daemon.mmctl("load", "tiny").returncode == 0
+    checks = checks_of(daemon.mmctl("doctor", "--json"))
+    assert ", 2 models, 1 loaded, 1 failed, 0 requests running" in checks["daemon"]["detail"]
+    assert checks["daemon"]["status"] == "warn"
+    assert "mmctl logs broken" in checks["daemon"]["hint"]
+
+
+def test_doctor_without_a_config_of_its_own_trusts_the_running_daemon(
+    make_daemon: Any, model_files: dict[str, Path], tmp_path: Path
+) -> None:
+    if Path("/etc/mmd/mmd.toml").exists():
+        pytest.skip("this machine has a system config for doctor to find")
+    daemon: Daemon = make_daemon(f'[models.tiny]\npath = "{model_files["tiny"]}"\nctx = 256\n')
+    daemon.extra_env["XDG_CONFIG_HOME"] = str(tmp_path / "no-config-here")
+    checks = checks_of(daemon.mmctl("doctor", "--json"))
+    assert checks["config"]["status"] == "ok", checks["config"]
+    assert checks["config"]["detail"] == (
+        f"none found here; the daemon at {daemon.socket} serves from its own config"
+    )
+    assert checks["daemon"]["status"] == "ok"
+
+
+def test_doctor_blames_the_budget_setting_when_that_is_what_is_too_small(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    daemon: Daemon = make_daemon(
+        f'[budget]\nram = "4MiB"\n[models.tiny]\npath = "{model_files["tiny"]}"\nctx = 256\n',
+        start=False,
+    )
+    daemon.write_config()
+    check = checks_of(doctor(daemon, "--json"))["model tiny"]
+    assert check["status"] == "fail"
+    assert check["hint"].startswith('raise [budget] (ram = "4MiB", reserve_ram = 1.0 GiB)')

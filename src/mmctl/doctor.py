@@ -23,7 +23,13 @@ from mmd import paths
 from mmd.config import Config, ModelSpec, check_model_file, find_config, load_config
 from mmd.cpu import BUILD_HINT
 from mmd.errors import ConfigError, MmdError
-from mmd.memory import MemoryProbe, compute_budgets
+from mmd.memory import (
+    BudgetSettings,
+    DeviceBudgetView,
+    MemoryProbe,
+    compute_budgets,
+    configured_cap,
+)
 from mmd.planner import DeviceBudget, Plan, plan_load
 from mmd.runtime import llama_server_candidates
 from mmd.units import format_size
@@ -151,6 +157,12 @@ def _check_models(config: Config | None, explicit: Path | None, probe: MemoryPro
     budget = config.budget if config is not None else Config(source=None).budget
     views = compute_budgets(probe.read(), budget, {})
     devices = [DeviceBudget(v.id, "gpu" if v.kind == "gpu" else "ram", v.budget) for v in views]
+    # What [budget] allows on an otherwise empty machine: when even that is too little,
+    # the setting is the cause, not what other processes hold now.
+    configured = [
+        DeviceBudget(d.id, d.kind, configured_cap(v.total, *budget.for_kind(v.kind)))
+        for d, v in zip(devices, views, strict=True)
+    ]
     caps = {v.id: v for v in views}
     checks = []
     for model_id, spec in sorted(specs.items()):
@@ -171,14 +183,28 @@ def _check_models(config: Config | None, explicit: Path | None, probe: MemoryPro
             checks.append(Check(name, "ok", detail))
             continue
         total_cap = sum(v.total for v in caps.values())
-        status: Status = "fail" if footprint.total > total_cap else "warn"
-        hint = (
-            "use a smaller quantization or a smaller ctx, or raise [budget]"
-            if status == "fail"
-            else "other processes (or models mmd has loaded) hold the memory now"
-        )
+        status: Status = "fail"
+        if footprint.total > total_cap:
+            hint = "use a smaller quantization or a smaller ctx: it exceeds the machine"
+        elif not isinstance(
+            plan_load(model_id, footprint, configured, [], gpu_layers=spec.gpu_layers), Plan
+        ):
+            hint = f"raise [budget] ({_budget_settings(budget, views)}), or use a smaller ctx"
+        else:
+            status = "warn"
+            hint = "other processes (or models mmd has loaded) hold the memory now"
         checks.append(Check(name, status, f"~{size}: {plan.reason}", hint))
     return checks
+
+
+def _budget_settings(budget: BudgetSettings, views: list[DeviceBudgetView]) -> str:
+    """The [budget] settings that bound the devices there are, as written in the config."""
+    kinds = sorted({"gpu" if v.kind == "gpu" else "ram" for v in views})
+    parts = []
+    for kind in kinds:
+        setting, reserve = budget.for_kind(kind)
+        parts.append(f'{kind} = "{setting}", reserve_{kind} = {format_size(reserve)}')
+    return "; ".join(parts)
 
 
 _GROUP_HINT = "join the daemon's group (usermod -aG mmd $USER, then log in again) or use sudo"
@@ -231,16 +257,27 @@ def _check_daemon(socket: Path) -> Check:
 
     try:
         with grpc.insecure_channel(f"unix:{socket}") as channel:
-            health: mmd_pb2.Health = mmd_pb2_grpc.ModelManagerStub(channel).GetHealth(
+            stub = mmd_pb2_grpc.ModelManagerStub(channel)
+            health: mmd_pb2.Health = stub.GetHealth(
                 mmd_pb2.GetHealthRequest(), timeout=_HEALTH_TIMEOUT_S
+            )
+            registry: mmd_pb2.ListModelsResponse = stub.ListModels(
+                mmd_pb2.ListModelsRequest(), timeout=_HEALTH_TIMEOUT_S
             )
     except grpc.RpcError as err:
         hint = "check 'systemctl status mmd' and 'journalctl -u mmd'; a stale socket: restart mmd"
         return Check("daemon", "fail", f"not reachable: {err.details() or err.code()}", hint)
+    states = [render.state_name(model.state) for model in health.models]
+    counts = [f"{len(registry.models)} models, {states.count('ready')} loaded"]
+    counts += [f"{states.count(s)} {s}" for s in ("loading", "unloading", "failed") if s in states]
     detail = (
         f"mmd {health.version}, up {render.format_duration(health.uptime_seconds)}, "
-        f"{len(health.models)} models loaded, {health.active_inferences} requests running"
+        f"{', '.join(counts)}, {health.active_inferences} requests running"
     )
+    failed = [model.id for model in health.models if render.state_name(model.state) == "failed"]
+    if failed:
+        hint = f"see why with 'mmctl ps' and 'mmctl logs {failed[0]}'"
+        return Check("daemon", "warn", detail, hint)
     return Check("daemon", "ok", detail)
 
 
@@ -257,7 +294,17 @@ def run_checks(config: Path | None, socket: Path | None) -> list[Check]:
     elif socket is None:
         candidates = paths.socket_candidates()  # as the other commands find it
         socket = locate_socket(candidates) or candidates[0]
-    return checks + _check_socket(socket.absolute())
+    socket_checks = _check_socket(socket.absolute())
+    daemon = next((c for c in socket_checks if c.name == "daemon"), None)
+    if loaded is not None and loaded.source is None and daemon and daemon.status != "fail":
+        # No config here, but a daemon serves from its own (another user's, or one it was
+        # started with): that is no empty registry.
+        config_check.status = "ok"
+        config_check.detail = (
+            f"none found here; the daemon at {socket.absolute()} serves from its own config"
+        )
+        config_check.hint = ""
+    return checks + socket_checks
 
 
 def as_json(checks: list[Check]) -> dict[str, object]:
