@@ -135,6 +135,59 @@ def test_unit_keeps_gpus_reachable(unit: dict[str, list[tuple[str, str]]]) -> No
         assert set(access) <= set("rwm"), rule
 
 
+def test_unit_directories_have_the_tmpfiles_modes(unit: dict[str, list[tuple[str, str]]]) -> None:
+    service = unit["Service"]
+    tmpfiles = {
+        fields[1]: fields[2]
+        for fields in (line.split() for line in (SYSTEMD_DIR / "mmd.tmpfiles.conf").open())
+        if fields and fields[0] == "d"
+    }
+    for key, path in (
+        ("RuntimeDirectoryMode", "/run/mmd"),
+        ("StateDirectoryMode", "/var/lib/mmd"),
+        ("LogsDirectoryMode", "/var/log/mmd"),
+    ):
+        assert values(service, key) == [tmpfiles[path]], key
+
+
+def test_unit_hardening_that_leaves_gpus_alone(unit: dict[str, list[tuple[str, str]]]) -> None:
+    service = unit["Service"]
+    for key, value in {
+        "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "",
+        "ProtectClock": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectHostname": "yes",
+        "PrivateMounts": "yes",
+        "RemoveIPC": "yes",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+    }.items():
+        assert values(service, key) == [value], key
+    assert not values(service, "SystemCallFilter")
+    assert not values(service, "PrivateUsers")
+
+
+@needs_systemd_analyze
+def test_security_exposure_is_at_most_4(tmp_path: Path) -> None:
+    """`systemd-analyze security` scored the unit 6.7 (MEDIUM) before the hardening above."""
+    unit = tmp_path / "mmd.service"
+    stand_in = shutil.which("true") or "/bin/true"  # ExecStart must exist
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/mmd", stand_in))
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if "--offline" in result.stderr and "unrecognized" in result.stderr:
+        pytest.skip("this systemd-analyze cannot analyze a unit file offline (systemd < 250)")
+    marker = "Overall exposure level for mmd.service: "
+    [line] = [line for line in result.stdout.splitlines() if marker in line]
+    exposure = float(line.split(marker)[1].split()[0])
+    assert exposure <= 4.0, line
+
+
 def test_sysusers_creates_user_and_gpu_groups(tmp_path: Path) -> None:
     lines = [
         line.split()
@@ -205,6 +258,14 @@ def test_example_config_parses() -> None:
     assert len(pinned) == 1
     assert pinned[0]["embedding"] is True
     assert pinned[0]["args"] == ["--pooling", "mean"]
+
+
+def test_example_config_describes_min_headroom_as_the_readme_does() -> None:
+    """It said "free memory a load must leave behind after eviction": admission, not loads."""
+    lines = (SYSTEMD_DIR / "mmd.toml.example").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("min_headroom"))
+    comment = " ".join(line.lstrip("# ") for line in lines[at - 2 : at])
+    assert "Measured free memory a model's devices need before another request starts" in comment
 
 
 @pytest.mark.skipif(
