@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grp
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -13,7 +14,7 @@ import grpc
 from google.protobuf.message import Message
 
 from mmd import paths
-from mmd.errors import ERROR_KIND_KEY
+from mmd.errors import ERROR_KIND_KEY, WARNING_KEY
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
 
 # Exit codes, documented in `mmctl --help`.
@@ -188,6 +189,21 @@ def _safe_details(err: grpc.RpcError) -> str | None:
         return None
 
 
+def _show_warnings(call: Any) -> None:
+    """The daemon's warnings about a call it serves (see mmd.errors.WARNING_KEY), each one
+    line on stderr before the output."""
+    try:
+        metadata: Any = call.initial_metadata()
+    except Exception:  # not every call carries it
+        return
+    for key, value in metadata or ():
+        if key == WARNING_KEY:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            sys.stdout.flush()
+            sys.stderr.write(f"mmctl: warning: {' '.join(text.split())}\n")
+            sys.stderr.flush()
+
+
 class MmdClient:
     """A connection to the daemon's socket; use as a context manager.
 
@@ -316,7 +332,9 @@ class MmdClient:
         received = False
         try:
             for message in call:
-                received = True
+                if not received:
+                    received = True
+                    _show_warnings(call)
                 yield message
             finished = True
         except grpc.RpcError as err:

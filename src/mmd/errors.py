@@ -11,6 +11,9 @@ import grpc
 # Trailing-metadata key that names the error kind, so clients can tell a
 # crashed runtime (UNAVAILABLE from mmd) from an unreachable daemon.
 ERROR_KIND_KEY = "mmd-error-kind"
+# Initial metadata of a call that will be served, but maybe not as the client means it
+# (a chat for a model without a chat template): one line for the client to show.
+WARNING_KEY = "mmd-warning"
 
 
 class MmdError(Exception):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from typing import Any
 
 from mmd.coalesce import coalesce_text
 from mmd.engine import Engine, LoadStage
-from mmd.errors import InvalidRequest
+from mmd.errors import WARNING_KEY, InvalidRequest
+from mmd.gguf_meta import has_chat_template
 from mmd.grpc_errors import Context, streaming, unary
 from mmd.planner import Plan
 from mmd.protos import footprint_proto, health_proto, model_proto, placement_proto
@@ -21,6 +23,8 @@ from mmd.v1 import mmd_pb2 as pb
 from mmd.v1 import mmd_pb2_grpc
 
 MAX_KEEP_ALIVE_S = 365 * 24 * 3600.0
+
+log = logging.getLogger("mmd.service")
 
 
 def _keep_alive(request: pb.InferRequest | pb.EmbedRequest) -> float | None:
@@ -62,6 +66,7 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         self.engine = engine
         # Running handlers -> method name (grpc_errors keeps it), for interrupt_calls.
         self.calls: dict[asyncio.Task[Any], str] = {}
+        self._warned_no_template: set[str] = set()
 
     @property
     def stopping(self) -> bool:
@@ -113,6 +118,10 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         model_id = _require_id(request.model_id)
         params = self._infer_params(request)
         keep_alive = _keep_alive(request)
+        if params.is_chat:
+            warning = await self._chat_template_warning(model_id)
+            if warning:
+                await context.send_initial_metadata(((WARNING_KEY, warning),))
         async with (
             contextlib.aclosing(self.engine.infer(model_id, params, keep_alive)) as source,
             contextlib.aclosing(
@@ -121,6 +130,24 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         ):
             async for item in items:
                 yield _done_chunk(item) if isinstance(item, Final) else pb.InferChunk(text=item)
+
+    async def _chat_template_warning(self, model_id: str) -> str:
+        """For a chat (messages, a system prompt) to a model whose GGUF file has no chat
+        template: llama-server then formats it as ChatML, which such a model (the Gemma
+        demo model, for one) may not know: it answered with ChatML's markers. Logged once
+        per model; sent to each such client."""
+        path = self.engine.core.entry(model_id).spec.path
+        if await asyncio.to_thread(has_chat_template, path) is not False:
+            return ""
+        warning = (
+            f"model {model_id!r} has no chat template in its GGUF file (no "
+            "tokenizer.chat_template): llama-server formats the chat as ChatML, which the "
+            "model may not follow; a plain prompt (no --system) is sent as it is"
+        )
+        if model_id not in self._warned_no_template:
+            self._warned_no_template.add(model_id)
+            log.warning("%s", warning)
+        return warning
 
     def _check_size(self, what: str, size: int) -> None:
         limit = self.engine.config.daemon.max_prompt_bytes

@@ -44,8 +44,10 @@ def write_model(
     feed_forward: int | None = None,
     context: int = 2048,
     seed: int = 0,
+    chat_template: str | None = None,
 ) -> Path:
-    """Write a llama-architecture GGUF file of F32 tensors to ``path``."""
+    """Write a llama-architecture GGUF file of F32 tensors to ``path`` (with
+    ``tokenizer.chat_template`` when ``chat_template`` is given)."""
     if embedding % heads:
         raise ValueError("embedding must be a multiple of heads")
     ff = feed_forward if feed_forward is not None else embedding * 2
@@ -81,6 +83,8 @@ def write_model(
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     # Every token embedding carries a constant in dimension 0, no layer writes to that
     # dimension (row 0 of attn_output and ffn_down is zero), and the output row of the
