@@ -34,7 +34,11 @@ def run_a_while(make_daemon: Any, model: Path, level: str) -> Daemon:
 
 
 def test_debug_is_mmds_own_messages_only(make_daemon: Any, model_files: dict[str, Path]) -> None:
-    seen = loggers_seen(run_a_while(make_daemon, model_files["tiny"], "debug"))
+    daemon = run_a_while(make_daemon, model_files["tiny"], "debug")
+    seen = loggers_seen(daemon)
+    # Outside systemd too, the children's logs are not for others: 0640 in a 0750 directory.
+    assert (daemon.root / "logs").stat().st_mode & 0o777 == 0o750
+    assert (daemon.root / "logs" / "a.log").stat().st_mode & 0o777 == 0o640
     assert seen, "the daemon logged nothing"
     libraries = {name for name in seen if name != "mmd" and not name.startswith("mmd.")}
     chatty = {name for name in libraries if seen[name] & {"DEBUG", "INFO"}}
