@@ -342,6 +342,7 @@ class Runtime:
             parallel=parallel,
             gpu_layers=layers,
             supports_fit="--fit" in self.options,
+            supports_cache_ram="--cache-ram" in self.options,
             no_devices=no_devices,
             log_verbosity=verbosity,
         )

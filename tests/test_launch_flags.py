@@ -53,3 +53,19 @@ def test_argv_carries_the_flags_before_the_models_own_args() -> None:
 def test_the_bundled_llama_server_lists_both_options() -> None:
     _, options = probe_binary(resolve_llama_server(None))
     assert launch_flags(options, 0) == (True, RUNTIME_LOG_VERBOSITY)
+
+
+def test_the_host_prompt_cache_is_off_unless_the_model_asks_for_it() -> None:
+    """llama-server's prompt cache (up to 8 GiB of host memory by default) is outside mmd's
+    plan; a model's own args may turn it back on."""
+    argv = build_argv(Path("/bin/llama-server"), spec(supports_cache_ram=True))
+    at = argv.index("--cache-ram")
+    assert argv[at : at + 2] == ["--cache-ram", "0"]
+    assert "--cache-ram" not in build_argv(Path("/bin/llama-server"), spec())
+    own = build_argv(
+        Path("/bin/llama-server"),
+        spec(supports_cache_ram=True, extra_args=("--cache-ram", "512")),
+    )
+    assert own[-2:] == ["--cache-ram", "512"]
+    _, options = probe_binary(resolve_llama_server(None))
+    assert "--cache-ram" in options  # so the bundled build runs with it off

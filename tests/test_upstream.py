@@ -78,3 +78,102 @@ def test_chat_chunks_text_finish_and_usage() -> None:
     _read_chat({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}, final)
     assert (final.finished, final.finish_reason) == (True, "stop")
     assert (final.prompt_tokens, final.completion_tokens) == (5, 2)
+
+
+# A server on a Unix socket that misbehaves as llama-server does under load, one way per
+# connection, then answers properly: what mmd must resend, and what it must not.
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def _serve(path: str, behaviours: list[str]) -> tuple[asyncio.AbstractServer, list[str]]:
+    seen: list[str] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        behaviour = behaviours.pop(0) if behaviours else "answer"
+        seen.append(behaviour)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        if behaviour == "close":  # read the request, close without a word
+            writer.close()
+            return
+        writer.write(ANSWER)
+        writer.write(_chunk(event("hel")))
+        if behaviour == "break":  # the answer has begun, then the connection dies
+            await writer.drain()
+            writer.transport.abort()
+            return
+        done = {"content": "lo", "stop": True, "tokens_predicted": 2, "tokens_evaluated": 1}
+        writer.write(_chunk(b"data: " + json.dumps(done).encode() + b"\n\n"))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(handle, path)
+    return server, seen
+
+
+class FailingFirst(httpx.AsyncBaseTransport):
+    """Raises the given transport errors, one per request, before sending for real: the
+    ways a connection fails before any response that a real server cannot be made to show
+    on demand (a reset mid-send, a full accept queue)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, errors: list[type[Exception]]) -> None:
+        self.inner = inner
+        self.errors = errors
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.errors:
+            raise self.errors.pop(0)("injected", request=request)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _generate(
+    path: str, behaviours: list[str], errors: list[type[Exception]] | None = None
+) -> tuple[list[str | Final] | str, list[str]]:
+    from mmd.errors import RuntimeFailed
+    from mmd.upstream import InferParams, stream_infer
+
+    async def run() -> tuple[list[str | Final] | str, list[str]]:
+        server, seen = await _serve(path, behaviours)
+        transport = FailingFirst(httpx.AsyncHTTPTransport(uds=path), errors or [])
+        client = httpx.AsyncClient(transport=transport, base_url="http://llama-server")
+        try:
+            pieces = [p async for p in stream_infer(client, "m", InferParams(prompt="hi"))]
+            return pieces, seen
+        except RuntimeFailed as err:
+            return err.message, seen
+        finally:
+            await client.aclose()
+            server.close()
+
+    return asyncio.run(run())
+
+
+def test_a_request_that_was_not_answered_is_sent_again(tmp_path: Any) -> None:
+    errors: list[type[Exception]] = [httpx.ReadError, httpx.WriteError, httpx.ConnectError]
+    pieces, seen = _generate(str(tmp_path / "s.sock"), ["close"], errors)
+    assert seen == ["close", "answer"]  # after the three that failed before reaching it
+    assert isinstance(pieces, list)
+    assert pieces[:-1] == ["hel", "lo"]
+    final = pieces[-1]
+    assert isinstance(final, Final)
+    assert final.completion_tokens == 2
+
+
+def test_a_request_whose_answer_began_is_never_sent_again(tmp_path: Any) -> None:
+    pieces, seen = _generate(str(tmp_path / "s.sock"), ["break"])
+    assert seen == ["break"]  # one connection: not resent
+    assert isinstance(pieces, str)
+    assert pieces.startswith("model 'm': connection to llama-server lost: ")

@@ -347,6 +347,7 @@ class Engine:
             embedding=spec.embedding,
             extra_args=spec.args,
             supports_fit="--fit" in self.runtime.options,
+            supports_cache_ram="--cache-ram" in self.runtime.options,
             no_devices=no_devices,
             log_verbosity=verbosity,
         )

@@ -188,12 +188,14 @@ class LaunchSpec:
     embedding: bool = False
     extra_args: tuple[str, ...] = ()
     supports_fit: bool = True
+    supports_cache_ram: bool = False
     no_devices: bool = False  # --device none: no GPU backend at all (a CPU placement)
     log_verbosity: int | None = None  # --verbosity N (4 logs the buffer sizes)
 
 
 def build_argv(binary: Path, spec: LaunchSpec) -> list[str]:
-    """llama-server's argv. mmd passes -ngl, -c, -np (and --fit off) so its plan is what runs."""
+    """llama-server's argv. mmd passes -ngl, -c, -np (and --fit off, --cache-ram 0) so that
+    its plan is what runs."""
     argv = [
         str(binary),
         "--model",
@@ -212,6 +214,11 @@ def build_argv(binary: Path, spec: LaunchSpec) -> list[str]:
     ]
     if spec.supports_fit:
         argv += ["--fit", "off"]
+    if spec.supports_cache_ram:
+        # llama-server keeps idle slots' prompts in a host cache of up to 8 GiB by default:
+        # memory that mmd's plan does not hold (and, at --verbosity 4, a listing of every
+        # cached prompt per request, a log growing with the square of the requests).
+        argv += ["--cache-ram", "0"]
     if spec.no_devices:
         argv += ["--device", "none"]
     if spec.log_verbosity is not None:
