@@ -55,6 +55,16 @@ def tiny(path: Path) -> str:
     return f'[models.tiny]\npath = "{path}"\nctx = 256\n'
 
 
+def serving_tiny_with(make_daemon: Any, model: Path, binary: Path, tmp_path: Path) -> Daemon:
+    """A daemon whose config names ``binary`` as its llama-server, serving the tiny model."""
+    daemon: Daemon = make_daemon(
+        tiny(model),
+        daemon_extra=f'llama_server = "{binary}"\n',
+        extra_env=hermetic(tmp_path),
+    )
+    return daemon
+
+
 def one_error_line(result: Any) -> str:
     """The error: mmctl's last line on stderr, said once (load progress lines come first)."""
     text = result.stderr.decode()
@@ -111,11 +121,7 @@ def test_a_sigill_binary_is_diagnosed_in_one_line_everywhere(
     make_daemon: Any, model_files: dict[str, Path], tmp_path: Path
 ) -> None:
     binary = sigill_always(tmp_path / "bin")
-    daemon: Daemon = make_daemon(
-        tiny(model_files["tiny"]),
-        daemon_extra=f'llama_server = "{binary}"\n',
-        extra_env=hermetic(tmp_path),
-    )
+    daemon = serving_tiny_with(make_daemon, model_files["tiny"], binary, tmp_path)
     expected = sigill_line(binary)
     load = daemon.mmctl("load", "tiny")
     assert load.returncode == 6
@@ -143,11 +149,7 @@ def test_a_sigill_at_model_load_is_one_line_not_a_log_dump(
     make_daemon: Any, model_files: dict[str, Path], tmp_path: Path
 ) -> None:
     binary = sigill_on_real_models(tmp_path / "bin")
-    daemon: Daemon = make_daemon(
-        tiny(model_files["tiny"]),
-        daemon_extra=f'llama_server = "{binary}"\n',
-        extra_env=hermetic(tmp_path),
-    )
+    daemon = serving_tiny_with(make_daemon, model_files["tiny"], binary, tmp_path)
     load = daemon.mmctl("load", "tiny")
     assert load.returncode == 6
     line = one_error_line(load)
@@ -180,11 +182,7 @@ def test_serving_does_not_wait_for_the_check_and_a_load_does(
     slow = stand_in(
         tmp_path / "bin", f'case "$*" in *check.gguf*) sleep 3;; esac\nexec "{REAL}" "$@"'
     )
-    daemon: Daemon = make_daemon(
-        tiny(model_files["tiny"]),
-        daemon_extra=f'llama_server = "{slow}"\n',
-        extra_env=hermetic(tmp_path),
-    )
+    daemon = serving_tiny_with(make_daemon, model_files["tiny"], slow, tmp_path)
     health = json.loads(daemon.mmctl("health", "--json").stdout)
     assert health["llama_server"] == f"{slow} (config daemon.llama_server), being checked"
     assert daemon.mmctl("load", "tiny").returncode == 0
@@ -203,11 +201,7 @@ def test_a_binary_that_cannot_start_fails_every_load_with_its_reason(
     fake = tmp_path / "llama-server"
     fake.write_text("#!/bin/sh\necho 'cannot open shared object file libggml.so' >&2\nexit 127\n")
     fake.chmod(0o755)
-    daemon: Daemon = make_daemon(
-        tiny(model_files["tiny"]),
-        daemon_extra=f'llama_server = "{fake}"\n',
-        extra_env=hermetic(tmp_path),
-    )
+    daemon = serving_tiny_with(make_daemon, model_files["tiny"], fake, tmp_path)
     load = daemon.mmctl("load", "tiny")
     assert load.returncode == 6
     assert one_error_line(load) == (
