@@ -144,7 +144,7 @@ def _lenient_specs(source: Path) -> dict[str, ModelSpec | str]:
 
 
 def _check_models(config: Config | None, explicit: Path | None, probe: MemoryProbe) -> list[Check]:
-    from mmd.engine import footprint_for  # heavier import, only where needed
+    from mmd.footprint import footprint_for
 
     source = find_config(explicit)
     specs: dict[str, ModelSpec | str]

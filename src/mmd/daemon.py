@@ -24,8 +24,9 @@ from grpc_reflection.v1alpha import reflection
 
 from mmd import __version__, paths, rundir
 from mmd.config import Config, check_socket_path, load_config
-from mmd.engine import Engine, footprint_for
+from mmd.engine import Engine
 from mmd.errors import ConfigError, MmdError
+from mmd.footprint import footprint_for
 from mmd.grpc_errors import interrupt_calls
 from mmd.memory import MemoryProbe
 from mmd.metrics import start_metrics

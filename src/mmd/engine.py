@@ -23,7 +23,7 @@ from mmd.config import Config, ModelSpec, check_model_file
 from mmd.cpu import is_sigill, sigill_line
 from mmd.errors import ConfigError, MmdError, RuntimeFailed, StillBusy
 from mmd.events import AlertCrossed, EventBus, MemorySampled, ModelChanged, RequestFinished
-from mmd.footprint import Footprint, LearnedBytes, estimate, read_shape
+from mmd.footprint import Footprint, LearnedBytes, footprint_for
 from mmd.learned import LearnedStore, ModelIdentity, model_identity
 from mmd.memory import (
     RAM_ID,
@@ -70,18 +70,6 @@ RUNTIME_LOG_VERBOSITY = 4
 # while the compute buffer's line (the last one) is missing.
 _BUFFER_LOG_RETRIES_S = (0.2, 0.5, 1.0, 2.0)
 _BUFFER_LOG_MAX_BYTES = 4 * 1024 * 1024
-
-
-def footprint_for(spec: ModelSpec) -> Footprint:
-    """The model's estimated footprint (or its ``memory`` override)."""
-    try:
-        shape = read_shape(spec.path)
-    except ValueError as err:
-        raise ConfigError(f"models.{spec.id}.path: {err}") from None
-    footprint = estimate(shape, ctx=spec.ctx, parallel=spec.parallel)
-    if spec.memory is not None:
-        footprint = footprint.scaled_to(spec.memory)
-    return footprint
 
 
 def _model_file_problem(spec: ModelSpec) -> str | None:

@@ -21,13 +21,17 @@ import struct
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
+from mmd.errors import ConfigError
 from mmd.units import MIB
+
+if TYPE_CHECKING:  # config imports this module for read_shape
+    from mmd.config import ModelSpec
 
 GGUF_MAGIC = b"GGUF"
 
@@ -479,3 +483,15 @@ def parse_buffer_sizes(log_text: str) -> dict[str, int]:
         key = f"{match['kind'].lower()}.{match['device']}"
         sizes[key] = sizes.get(key, 0) + round(float(match["mib"]) * MIB)
     return sizes
+
+
+def footprint_for(spec: ModelSpec) -> Footprint:
+    """The model's estimated footprint (or its ``memory`` override)."""
+    try:
+        shape = read_shape(spec.path)
+    except ValueError as err:
+        raise ConfigError(f"models.{spec.id}.path: {err}") from None
+    footprint = estimate(shape, ctx=spec.ctx, parallel=spec.parallel)
+    if spec.memory is not None:
+        footprint = footprint.scaled_to(spec.memory)
+    return footprint

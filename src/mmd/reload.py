@@ -135,7 +135,7 @@ def keep_restart_settings(old: Config, new: Config) -> Config:
 def read_config(source: Path | None) -> tuple[Config, dict[str, Footprint]]:
     """Read and validate the config and every model's footprint (blocking; raises
     ConfigError with the one-line reason)."""
-    from mmd.engine import footprint_for  # the engine imports this module
+    from mmd.footprint import footprint_for
 
     config = load_config(source)
     footprints = {model_id: footprint_for(spec) for model_id, spec in config.models.items()}
