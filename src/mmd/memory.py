@@ -263,9 +263,6 @@ class MemoryProbe:
                 usage[device.id] = sum(device.process_bytes.get(p, 0) for p in pids)
         return ProcessMemory(usage, sum(rss for _, rss in readings))
 
-    async def process_usage_async(self, pid: int) -> dict[str, int]:
-        return await asyncio.to_thread(self.process_usage, pid)
-
     def close(self) -> None:
         """Shut NVML down; later reads budget RAM only."""
         with self._lock:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 SOCKET_ENV = "MMD_SOCKET"
 CONFIG_ENV = "MMD_CONFIG"
-LLAMA_SERVER_ENV = "MMD_LLAMA_SERVER"
 SYSTEM_CONFIG = Path("/etc/mmd/mmd.toml")
 # The system service's socket (systemd/mmd.service), reachable by the group mmd.
 SYSTEM_SOCKET = Path("/run/mmd/mmd.sock")
