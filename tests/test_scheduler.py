@@ -82,7 +82,12 @@ def loads(effects: Sequence[Effect]) -> list[StartLoad]:
 
 
 def stops(effects: Sequence[Effect]) -> list[tuple[str, str]]:
-    return [(e.model_id, e.reason) for e in effects if isinstance(e, Stop)]
+    """(model, reason), an eviction's reason written with the model it makes room for."""
+    return [
+        (e.model_id, f"{e.reason} for {e.beneficiary}" if e.beneficiary else e.reason)
+        for e in effects
+        if isinstance(e, Stop)
+    ]
 
 
 def timers(effects: Sequence[Effect]) -> list[tuple[str, float]]:

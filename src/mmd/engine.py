@@ -234,10 +234,10 @@ class Engine:
                     self.load_tasks[model_id] = self._spawn(
                         self._run_load(model_id, placement, after)
                     )
-                case Stop(model_id, reason, at_once):
+                case Stop(model_id, reason, at_once, beneficiary):
                     self.stops[model_id] = asyncio.Event()
                     grace = 0.0 if at_once else self.config.daemon.stop_grace
-                    self._spawn(self._run_stop(model_id, reason, grace))
+                    self._spawn(self._run_stop(model_id, reason, beneficiary, grace))
                 case AbortRunning(model_id, error):
                     # The Stop that comes with every abort ends the child, which breaks
                     # these requests' streams; they then end with this error. (Cancelling
@@ -258,13 +258,17 @@ class Engine:
         self.timers.pop(model_id, None)
         self._apply(self.core.idle_check(model_id, self.now()))
 
-    def _notify(self, model_id: str, stage: str, message: str) -> None:
-        """Report a load stage to waiting clients and a state change to watchers."""
-        log.info("%s: %s %s", model_id, stage, message)
+    def _notify(self, model_id: str, stage: str, message: str, beneficiary: str = "") -> None:
+        """Report a load stage to waiting clients and a state change to watchers.
+
+        ``beneficiary``: with an eviction's stages, the model it makes room for.
+        """
+        text = f"{message} for {beneficiary}" if beneficiary else message
+        log.info("%s: %s %s", model_id, stage, text)
         for queue in self.progress.get(model_id, []):
-            queue.put_nowait(LoadStage(stage, message))
+            queue.put_nowait(LoadStage(stage, text))
         if stage in _STATE_STAGES:
-            reason, _, beneficiary = message.partition(" for ")
+            reason = message
             if stage in ("loading", "ready"):
                 reason, beneficiary = "load", ""
             detail = message if stage == "failed" else ""
@@ -351,7 +355,7 @@ class Engine:
             await asyncio.sleep(_SETTLE_POLL_S)
         log.warning("freed memory did not show as free within %.0fs", _SETTLE_TIMEOUT_S)
 
-    async def _run_stop(self, model_id: str, reason: str, grace: float) -> None:
+    async def _run_stop(self, model_id: str, reason: str, beneficiary: str, grace: float) -> None:
         event = self.stops[model_id]
         try:
             load = self.load_tasks.pop(model_id, None)
@@ -361,10 +365,10 @@ class Engine:
                     await load
             server = self.servers.pop(model_id, None)
             self._learning.pop(model_id, None)
-            self._notify(model_id, "unloading", reason)
+            self._notify(model_id, "unloading", reason, beneficiary)
             if server:
                 await server.stop(grace)
-            self._notify(model_id, "unloaded", reason)
+            self._notify(model_id, "unloaded", reason, beneficiary)
             self._apply(self.core.stopped(model_id, self.now()))
         finally:
             event.set()

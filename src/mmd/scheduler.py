@@ -111,10 +111,11 @@ class LoadFailed:
 @dataclass(frozen=True)
 class Stop:
     model_id: str
-    reason: str  # "evicted for X", "idle", "unload", "forced unload", "shutdown"
+    reason: str  # "evicted", "idle", "unload", "forced unload", "shutdown"
     # An idle model evicted for a load that waits on its memory: killed without a grace
     # period (it has nothing to finish, and the load starts once it is gone).
     at_once: bool = False
+    beneficiary: str = ""  # for "evicted": the model it makes room for
 
 
 @dataclass(frozen=True)
@@ -371,7 +372,9 @@ class Scheduler:
             effects: list[Effect] = []
             for victim_id in plan.evict:
                 victim = self.models[victim_id]
-                effects += self._begin_stop(victim, f"evicted for {entry.spec.id}", at_once=True)
+                effects += self._begin_stop(
+                    victim, "evicted", at_once=True, beneficiary=entry.spec.id
+                )
             entry.state = State.LOADING
             entry.placement = plan.placement
             entry.measured = {}
@@ -419,12 +422,14 @@ class Scheduler:
         entry.gpu_layers_override = None
         return effects
 
-    def _begin_stop(self, entry: ModelEntry, reason: str, at_once: bool = False) -> list[Effect]:
+    def _begin_stop(
+        self, entry: ModelEntry, reason: str, at_once: bool = False, beneficiary: str = ""
+    ) -> list[Effect]:
         entry.state = State.UNLOADING
         entry.stop_reason = reason
         entry.idle_deadline = None
         entry.drain_for = None
-        return [Stop(entry.spec.id, reason, at_once)]
+        return [Stop(entry.spec.id, reason, at_once, beneficiary)]
 
     def load_done(self, model_id: str, now: float, error: MmdError | None = None) -> list[Effect]:
         entry = self.entry(model_id)
