@@ -156,7 +156,7 @@ def _check_models(config: Config | None, explicit: Path | None, probe: MemoryPro
         specs = {}
     budget = config.budget if config is not None else Config(source=None).budget
     views = compute_budgets(probe.read(), budget, {})
-    devices = [DeviceBudget(v.id, "gpu" if v.kind == "gpu" else "ram", v.budget) for v in views]
+    devices = [v.to_planner() for v in views]
     # What [budget] allows on an otherwise empty machine: when even that is too little,
     # the setting is the cause, not what other processes hold now.
     configured = [

@@ -33,7 +33,7 @@ from mmd.memory import (
     ProcessMemory,
     compute_budgets,
 )
-from mmd.planner import DeviceBudget, Placement, Plan, Refusal
+from mmd.planner import Placement, Plan, Refusal
 from mmd.reload import ConfigDiff, diff_configs, keep_restart_settings
 from mmd.runtime import LaunchSpec, LlamaServer, read_log_tail
 from mmd.runtime_check import LlamaRuntime
@@ -472,13 +472,7 @@ class Engine:
         self.budgets = compute_budgets(snapshot, self.config.budget, mmd_usage)
         headroom = self.config.scheduler.min_headroom
         low = frozenset(d.id for d in snapshot.devices if d.free < headroom)
-        self.core.update_devices(
-            [
-                DeviceBudget(v.id, "gpu" if v.kind == "gpu" else "ram", v.budget)
-                for v in self.budgets
-            ],
-            low,
-        )
+        self.core.update_devices([v.to_planner() for v in self.budgets], low)
 
     async def _sample_forever(self) -> None:
         while True:
@@ -496,8 +490,7 @@ class Engine:
         self.events.publish(MemorySampled(views, self.core.active_total, self.core.queued_total))
         threshold = self.config.budget.alert_percent
         for view in views:
-            # Against the budget: the share of what mmd may use that is in use.
-            used = 100.0 * (view.total - view.free) / view.total if view.total else 0.0
+            used = view.used_percent  # of the device's total, whoever uses it
             above = used >= threshold
             if above == (view.id in self._above_alert):
                 continue

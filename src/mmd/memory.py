@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import psutil
 
+from mmd.planner import DeviceBudget
 from mmd.units import GIB, MIB, parse_size
 
 log = logging.getLogger(__name__)
@@ -420,7 +421,12 @@ class DeviceBudgetView:
 
     @property
     def used_percent(self) -> float:
+        """The share of the device's total in use (by mmd and others): alerts compare it."""
         return 100.0 * (self.total - self.free) / self.total if self.total else 0.0
+
+    def to_planner(self) -> DeviceBudget:
+        """The planner's view of this device: its id, kind and what mmd may use."""
+        return DeviceBudget(self.id, "gpu" if self.kind == "gpu" else "ram", self.budget)
 
 
 def configured_cap(total: int, setting: str, reserve: int) -> int:
