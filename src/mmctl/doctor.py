@@ -63,8 +63,7 @@ def _check_config(explicit: Path | None) -> tuple[Check, Config | None]:
 
 def _check_llama_server(config: Config | None) -> list[Check]:
     """The binary the daemon would use, proven the way the daemon proves it (same cache)."""
-    from mmd.cpu import cpu_flags
-    from mmd.runtime_check import VerdictCache, check_binary
+    from mmd.runtime_check import VerdictCache, choose
 
     configured = config.daemon.llama_server if config else None
     try:
@@ -73,22 +72,16 @@ def _check_llama_server(config: Config | None) -> list[Check]:
         hint = "pip install 'mmd[llama]', or set daemon.llama_server / $MMD_LLAMA_SERVER"
         return [Check("llama-server", "fail", err.message, hint)]
     cache = VerdictCache(config.daemon.state_dir if config else paths.default_state_dir())
-    flags = cpu_flags()
-    skipped: list[str] = []
-    for candidate in candidates:
-        verdict = cache.get(candidate, flags)
-        if verdict is None:
-            verdict = asyncio.run(check_binary(candidate, flags))
-            cache.put(candidate, flags, verdict)
-        if verdict.ok:
-            found = f"{candidate.path} ({candidate.source})"
-            if skipped:
-                found += f"; skipped {'; '.join(skipped)}"
-            return [
-                Check("llama-server", "warn" if skipped else "ok", found, _BROKEN_BINARY_HINT),
-                Check("llama-server starts", "ok", verdict.detail or "loads and runs a model"),
-            ]
-        skipped.append(verdict.detail)
+    choice = asyncio.run(choose(candidates, cache))
+    skipped = list(choice.rejected)
+    if choice.binary is not None and choice.verdict is not None:
+        found = f"{choice.binary.path} ({choice.binary.source})"
+        if skipped:
+            found += f"; skipped {'; '.join(skipped)}"
+        return [
+            Check("llama-server", "warn" if skipped else "ok", found, _BROKEN_BINARY_HINT),
+            Check("llama-server starts", "ok", choice.verdict.detail or "loads and runs a model"),
+        ]
     where = ", ".join(f"{c.path} ({c.source})" for c in candidates)
     hint = BUILD_HINT if any("illegal instruction" in s for s in skipped) else _BROKEN_BINARY_HINT
     checks = [Check("llama-server", "ok" if explicit else "fail", where, hint)]

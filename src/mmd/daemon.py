@@ -25,14 +25,14 @@ from grpc_reflection.v1alpha import reflection
 from mmd import __version__, paths, rundir
 from mmd.config import Config, check_socket_path, load_config
 from mmd.engine import Engine
-from mmd.errors import ConfigError, MmdError
+from mmd.errors import ConfigError, MmdError, RuntimeFailed
 from mmd.footprint import footprint_for
 from mmd.grpc_errors import interrupt_calls
 from mmd.memory import MemoryProbe
 from mmd.metrics import start_metrics
 from mmd.reload import reload_config
 from mmd.runtime import llama_server_candidates, watch_children_with_pidfd
-from mmd.runtime_check import LlamaRuntime, VerdictCache, first_working
+from mmd.runtime_check import LlamaRuntime, VerdictCache, choose, failure_line
 from mmd.sdnotify import Notifier, run_watchdog
 from mmd.service import ModelManager
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
@@ -85,8 +85,8 @@ def _take_lock(sock: Path) -> IO[bytes]:
 
 async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
     watch_children_with_pidfd()
-    candidates, explicit = llama_server_candidates(config.daemon.llama_server)
-    runtime = LlamaRuntime(candidates, explicit, VerdictCache(config.daemon.state_dir))
+    candidates, _ = llama_server_candidates(config.daemon.llama_server)
+    runtime = LlamaRuntime(candidates, VerdictCache(config.daemon.state_dir))
     footprints = {m: footprint_for(spec) for m, spec in config.models.items()}
     rundir.prepare_log_dir(config.daemon.log_dir)  # first: a bad one leaves nothing behind
     rundir.prepare_socket_dir(sock)
@@ -293,7 +293,11 @@ def _check_config(config: Config, sock: Path) -> str:
     candidates, _ = llama_server_candidates(config.daemon.llama_server)  # an explicit one alone
     # The daemon's own check (a tiny model loaded and run, 0.1-0.3 s, or a cached verdict);
     # a chosen binary that fails it would serve, but fail every load.
-    binary, verdict = asyncio.run(first_working(candidates, VerdictCache(config.daemon.state_dir)))
+    cache = VerdictCache(config.daemon.state_dir)
+    choice = asyncio.run(choose(candidates, cache, record=False))
+    if choice.binary is None or choice.verdict is None:
+        raise RuntimeFailed(failure_line(choice.rejected))
+    binary, verdict = choice.binary, choice.verdict
     where = config.source or "built-in defaults"
     return (
         f"{where}: ok ({len(config.models)} models), llama-server {binary.path} "

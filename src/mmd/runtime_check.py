@@ -175,22 +175,46 @@ async def _load_and_generate(server: LlamaServer, flags: frozenset[str]) -> str 
         return f"llama-server {path} loads a model but fails to generate: {err!r}"
 
 
-async def first_working(
-    candidates: list[LlamaBinary], cache: VerdictCache, flags: frozenset[str] | None = None
-) -> tuple[LlamaBinary, Verdict]:
-    """The first candidate that passes the check (a cached good verdict counts), as the
-    daemon chooses, without recording anything: for ``mmd --check-config``. RuntimeFailed,
-    in the words the daemon would use, when none does."""
+def failure_line(rejected: list[str] | tuple[str, ...]) -> str:
+    """Why no candidate can be used, in one line: the first one's reason, and how many more
+    failed."""
+    if not rejected:
+        return "no llama-server was checked"
+    others = len(rejected) - 1
+    return rejected[0] if not others else f"{rejected[0]} ({others} other candidates fail too)"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The first candidate that passed (None when none did) and why the earlier ones
+    were passed over."""
+
+    binary: LlamaBinary | None
+    verdict: Verdict | None
+    rejected: tuple[str, ...]
+
+
+async def choose(
+    candidates: list[LlamaBinary],
+    cache: VerdictCache,
+    flags: frozenset[str] | None = None,
+    *,
+    record: bool = True,
+) -> Choice:
+    """Walk the candidates as the daemon does: a cached good verdict counts, else the check
+    runs (its verdict kept in the cache when ``record``). For doctor and --check-config."""
     flags = cpu_flags() if flags is None else flags
     rejected: list[str] = []
     for candidate in candidates:
-        verdict = cache.get(candidate, flags) or await check_binary(candidate, flags)
+        verdict = cache.get(candidate, flags)
+        if verdict is None:
+            verdict = await check_binary(candidate, flags)
+            if record:
+                cache.put(candidate, flags, verdict)
         if verdict.ok:
-            return candidate, verdict
+            return Choice(candidate, verdict, tuple(rejected))
         rejected.append(verdict.detail)
-    others = len(rejected) - 1
-    first = rejected[0] if rejected else "no llama-server to check"
-    raise RuntimeFailed(first if others < 1 else f"{first} ({others} other candidates fail too)")
+    return Choice(None, None, tuple(rejected))
 
 
 class LlamaRuntime:
@@ -205,12 +229,10 @@ class LlamaRuntime:
     def __init__(
         self,
         candidates: list[LlamaBinary],
-        explicit: bool,
         cache: VerdictCache,
         flags: frozenset[str] | None = None,
     ) -> None:
-        self.candidates = candidates
-        self.explicit = explicit
+        self.candidates = candidates  # an explicit choice is the only one: no fallback
         self.cache = cache
         self.flags = cpu_flags() if flags is None else flags
         self.binary = candidates[0]  # until a check says otherwise
@@ -276,11 +298,7 @@ class LlamaRuntime:
 
     def failure(self) -> str:
         """Why no llama-server can be used, in one line."""
-        if not self.rejected:
-            return "no llama-server was checked"
-        first = self.rejected[0]
-        others = len(self.rejected) - 1
-        return first if not others else f"{first} ({others} other candidates fail too)"
+        return failure_line(self.rejected)
 
     async def ready(self) -> LlamaBinary:
         """The proven binary, once the checks are over; RuntimeFailed when none works."""
