@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import Daemon
 
-from mmd.gguf_meta import has_chat_template
+from mmd.footprint import has_chat_template
 from mmd.synthetic import write_model
 
 CHATML = (

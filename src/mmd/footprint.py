@@ -83,6 +83,7 @@ class ModelShape:
     tied_embeddings: bool = False  # no output.weight: the token embedding is the output layer
     sliding_window: int = 0  # tokens a sliding-window layer attends to (0: none)
     swa_layers: tuple[bool, ...] = ()  # which layers use the sliding window
+    chat_template: bool = False  # has tokenizer.chat_template (else llama-server uses ChatML)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,15 @@ def read_shape(path: Path) -> ModelShape:
     return _read_shape_cached(path.resolve(), info.st_size, info.st_mtime_ns)
 
 
+def has_chat_template(path: Path) -> bool | None:
+    """Whether the GGUF file at ``path`` carries a chat template; None when that cannot be
+    told (missing, not GGUF, unreadable). Read with the shape, once per file version."""
+    try:
+        return read_shape(path).chat_template
+    except GGUFError:
+        return None
+
+
 # Config validation, reloads and the daemon all ask for the same headers; a registry of a
 # thousand models may name a few files. Keyed by size and mtime so that a file replaced
 # on disk is read again.
@@ -317,6 +327,7 @@ def _shape_from(reader: GGUFReader, path: Path) -> ModelShape:
 
     sliding_window = number("attention.sliding_window", 0)
     return ModelShape(
+        chat_template="tokenizer.chat_template" in reader.fields,
         architecture=arch,
         n_layers=n_layers,
         layer_weight_bytes=tuple(layer_bytes),

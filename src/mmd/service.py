@@ -11,7 +11,7 @@ from typing import Any
 from mmd.coalesce import coalesce_text
 from mmd.engine import Engine, LoadStage
 from mmd.errors import WARNING_KEY, InvalidRequest
-from mmd.gguf_meta import has_chat_template
+from mmd.footprint import has_chat_template
 from mmd.grpc_errors import Context, streaming, unary
 from mmd.planner import Plan
 from mmd.protos import footprint_proto, health_proto, model_proto, placement_proto
