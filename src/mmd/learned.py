@@ -175,7 +175,7 @@ class LearnedStore:
             if generation <= self._written:
                 return True
             try:
-                _write_atomically(self.path, text)
+                write_atomically(self.path, text)
             except OSError as err:
                 log.warning("cannot write learned footprints to %s: %s", self.path, err)
                 return False
@@ -183,7 +183,9 @@ class LearnedStore:
             return True
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (mode 0600) so that readers see the old or the new
+    file, never a part; a state directory that is missing is made 0700."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

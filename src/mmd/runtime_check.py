@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ import httpx
 
 from mmd.cpu import cpu_flags, is_sigill, sigill_line
 from mmd.errors import MmdError, RuntimeFailed
+from mmd.learned import write_atomically
 from mmd.runtime import LaunchSpec, LlamaBinary, LlamaServer, probe_binary
 
 log = logging.getLogger("mmd")
@@ -97,11 +97,7 @@ class VerdictCache:
             key = _identity(binary, flags)
             entries = self._read()
             entries[key] = asdict(verdict)
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".runtime-checks.")
-            with os.fdopen(fd, "w") as handle:
-                json.dump(entries, handle, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+            write_atomically(self.path, json.dumps(entries, indent=1, sort_keys=True))
         except OSError:
             return False
         return True
