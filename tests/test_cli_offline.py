@@ -26,6 +26,7 @@ from typer.testing import CliRunner, Result
 from mmctl import render
 from mmctl.cli import app, run_guarded
 from mmctl.client import exit_code_for
+from mmd import protojson
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
 
 runner = CliRunner()
@@ -254,14 +255,14 @@ def test_interrupt_exits_130_quietly(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_model_json_has_id_state_pid_and_short_states() -> None:
     model = _model("chat", mmd_pb2.MODEL_STATE_READY, pid=77, estimated_bytes=2**40)
-    data = render.model_to_dict(model)
+    data = protojson.model_to_dict(model)
     assert data["id"] == "chat"
     assert data["state"] == "ready"
     assert data["pid"] == 77
     assert data["estimated_bytes"] == 2**40  # an int, not protobuf's string for uint64
     assert data["placement"] == {"gpu_layers": 0, "total_layers": 0, "shares": []}
     names = {
-        render.model_to_dict(_model("m", state))["state"]
+        protojson.model_to_dict(_model("m", state))["state"]
         for state in (
             mmd_pb2.MODEL_STATE_UNLOADED,
             mmd_pb2.MODEL_STATE_LOADING,

@@ -10,6 +10,7 @@ import typer
 
 from mmctl import render
 from mmctl.client import EXIT_ERROR, QUERY_TIMEOUT_S, MmdClient, cli_error_for
+from mmd import protojson
 from mmd.v1 import mmd_pb2
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
@@ -36,7 +37,7 @@ def reload(ctx: typer.Context, json_out: JsonFlag = False) -> None:
         except grpc.RpcError as err:
             raise cli_error_for(err, client.socket_path) from None
     if json_out:
-        render.print_json(render.message_to_dict(response))
+        render.print_json(protojson.message_to_dict(response))
         return
     typer.echo(f"reloaded {response.source or 'built-in defaults'}")
     for label, ids in (

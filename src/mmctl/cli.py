@@ -25,7 +25,7 @@ from mmctl.client import (
     exit_code_for,
 )
 from mmctl.options import finite
-from mmd import paths
+from mmd import paths, protojson
 from mmd.units import parse_keep_alive
 from mmd.v1 import mmd_pb2
 
@@ -286,7 +286,7 @@ def models(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     with _client(ctx) as client:
         found = client.list_models()
     if json_out:
-        render.print_json([render.model_to_dict(model) for model in found])
+        render.print_json([protojson.model_to_dict(model) for model in found])
     else:
         render.print_models(found)
 
@@ -297,7 +297,7 @@ def ps(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     with _client(ctx) as client:
         loaded = [model for model in client.list_models() if _is_listed(model)]
     if json_out:
-        render.print_json([render.model_to_dict(model) for model in loaded])
+        render.print_json([protojson.model_to_dict(model) for model in loaded])
     else:
         render.print_ps(loaded)
 
@@ -340,7 +340,7 @@ def load(
     if model is None:
         raise CliError(f"mmd ended the load of {model_id!r} without reporting the model")
     if json_out:
-        render.print_json(render.model_to_dict(model))
+        render.print_json(protojson.model_to_dict(model))
     else:
         typer.echo(render.model_summary(model))
 
@@ -368,7 +368,7 @@ def unload(
     with _client(ctx) as client:
         response = client.unload_model(model_id, force=force, timeout_seconds=timeout or 0.0)
     if json_out:
-        out = render.model_to_dict(response.model)
+        out = protojson.model_to_dict(response.model)
         out["aborted_requests"] = response.aborted_requests
         render.print_json(out)
         return
@@ -464,7 +464,7 @@ def infer(
                 "finish_reason": done.finish_reason,
                 "prompt_tokens": done.prompt_tokens,
                 "completion_tokens": done.completion_tokens,
-                "timings": render.message_to_dict(done.timings),
+                "timings": protojson.message_to_dict(done.timings),
             }
         )
 
@@ -497,7 +497,7 @@ def embed(
         inputs = [_read_input(text, "text") for text in texts]
     with _client(ctx) as client:
         response = client.embed(model_id, inputs, keep_alive_seconds=keep_alive_seconds)
-    vectors = [render.message_to_dict(embedding)["values"] for embedding in response.embeddings]
+    vectors = [protojson.message_to_dict(embedding)["values"] for embedding in response.embeddings]
     if json_out:
         render.print_json(
             {"model": model_id, "embeddings": vectors, "prompt_tokens": response.prompt_tokens}
@@ -514,7 +514,7 @@ def health(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     with _client(ctx) as client:
         report = client.get_health()
     if json_out:
-        render.print_json(render.message_to_dict(report))
+        render.print_json(protojson.message_to_dict(report))
     else:
         render.print_health(report)
 
@@ -533,7 +533,7 @@ def plan(
     with _client(ctx) as client:
         result = client.plan_load(model_id, gpu_layers=gpu_layers)
     if json_out:
-        render.print_json(render.message_to_dict(result))
+        render.print_json(protojson.message_to_dict(result))
     else:
         typer.echo("\n".join(render.plan_lines(result)))
     if not result.feasible and not result.already_loaded:

@@ -19,7 +19,7 @@ import typer
 
 from mmctl import render
 from mmctl.client import CliError, check_runtime_dir, locate_socket, permission_message
-from mmd import paths
+from mmd import paths, protojson
 from mmd.config import Config, ModelSpec, check_model_file, find_config, load_config
 from mmd.cpu import BUILD_HINT
 from mmd.errors import ConfigError, MmdError
@@ -260,14 +260,14 @@ def _check_daemon(socket: Path) -> Check:
     except grpc.RpcError as err:
         hint = "check 'systemctl status mmd' and 'journalctl -u mmd'; a stale socket: restart mmd"
         return Check("daemon", "fail", f"not reachable: {err.details() or err.code()}", hint)
-    states = [render.state_name(model.state) for model in health.models]
+    states = [protojson.state_name(model.state) for model in health.models]
     counts = [f"{len(registry.models)} models, {states.count('ready')} loaded"]
     counts += [f"{states.count(s)} {s}" for s in ("loading", "unloading", "failed") if s in states]
     detail = (
         f"mmd {health.version}, up {render.format_duration(health.uptime_seconds)}, "
         f"{', '.join(counts)}, {health.active_inferences} requests running"
     )
-    failed = [model.id for model in health.models if render.state_name(model.state) == "failed"]
+    failed = [model.id for model in health.models if protojson.state_name(model.state) == "failed"]
     if failed:
         hint = f"see why with 'mmctl ps' and 'mmctl logs {failed[0]}'"
         return Check("daemon", "warn", detail, hint)

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from mmctl import render
 from mmctl.client import EXIT_UNREACHABLE, CliError, MmdClient, cli_error_for
 from mmctl.options import finite
+from mmd import protojson
 from mmd.units import format_size
 from mmd.v1 import mmd_pb2 as pb
 
@@ -77,7 +78,7 @@ def event_to_dict(event: pb.Event) -> dict[str, Any]:
     kind = event_type(event)
     out: dict[str, Any] = {"type": kind, "time": event.time_unix}
     if kind in EVENT_TYPES:
-        out.update(render.message_to_dict(getattr(event, kind)))
+        out.update(protojson.message_to_dict(getattr(event, kind)))
     return out
 
 
@@ -97,7 +98,7 @@ def device_text(device: pb.Device) -> str:
 
 
 def model_event_text(change: pb.ModelEvent) -> str:
-    text = f"{change.model_id} {render.state_name(change.state)} ({change.reason}"
+    text = f"{change.model_id} {protojson.state_name(change.state)} ({change.reason}"
     if change.for_model:
         text += f" for {change.for_model}"
     text += ")"
@@ -128,7 +129,7 @@ def event_text(event: pb.Event) -> str:
     kind = event_type(event)
     if kind == "snapshot":
         health = event.snapshot
-        models = ", ".join(f"{m.id} {render.state_name(m.state)}" for m in health.models)
+        models = ", ".join(f"{m.id} {protojson.state_name(m.state)}" for m in health.models)
         devices = "; ".join(device_text(d) for d in health.devices)
         return (
             f"mmd {health.version}, {devices}; models: {models or 'none loaded'}; "

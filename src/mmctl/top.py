@@ -32,6 +32,7 @@ from mmctl.observe import (
     open_watch,
     request_text,
 )
+from mmd import protojson
 from mmd.units import format_size
 from mmd.v1 import mmd_pb2 as pb
 
@@ -219,7 +220,7 @@ def models_table(state: TopState, now: float) -> RenderableType:
         table.add_column(header, no_wrap=True)
     for model_id in sorted(state.models):
         model = state.models[model_id]
-        name = render.state_name(model.state)
+        name = protojson.state_name(model.state)
         cells = [
             Text(model.id),
             Text(name, _STATE_STYLES.get(name, "")),

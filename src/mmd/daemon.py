@@ -188,7 +188,7 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
         # at once instead of waiting for its child to stop (up to stop_grace), past which
         # grpc would end it as UNAVAILABLE "Cancelling all calls". Watch and Logs streams
         # end by themselves, with their own status.
-        while not engine.core.closed and not closing.done():
+        while not engine.closed and not closing.done():
             await asyncio.sleep(_CLOSED_POLL_S)
         await interrupt_calls(servicer.calls, spare=frozenset({"Watch", "Logs"}))
         await closing

@@ -23,7 +23,7 @@ from mmd.config import Config, ModelSpec, check_model_file
 from mmd.cpu import is_sigill, sigill_line
 from mmd.errors import ConfigError, MmdError, RuntimeFailed, StillBusy
 from mmd.events import AlertCrossed, EventBus, MemorySampled, ModelChanged, RequestFinished
-from mmd.footprint import Footprint, LearnedBytes, footprint_for
+from mmd.footprint import Footprint, LearnedBytes, footprint_for, has_chat_template
 from mmd.learned import LearnedStore, ModelIdentity, model_identity
 from mmd.memory import (
     RAM_ID,
@@ -51,7 +51,7 @@ from mmd.scheduler import (
     State,
     Stop,
 )
-from mmd.upstream import Final, InferParams, embed, stream_infer
+from mmd.upstream import Final, InferParams, embed, relay, stream_infer
 
 log = logging.getLogger("mmd.engine")
 
@@ -140,6 +140,13 @@ class LoadStage:
     message: str
 
 
+@dataclass(frozen=True)
+class AlreadyLoaded:
+    """A plan's answer for a model that is loaded or loading: where it is."""
+
+    placement: Placement | None
+
+
 class Engine:
     def __init__(
         self,
@@ -179,6 +186,7 @@ class Engine:
         # model -> (identity, offloaded layers) of its running child, for what it measures
         self._learning: dict[str, tuple[ModelIdentity, int]] = {}
         self._learned_runtime: Path | None = None  # the binary the learned figures are for
+        self._warned_no_template: set[str] = set()
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -631,6 +639,29 @@ class Engine:
                     record.first_token = now
                 yield item
 
+    async def relay(
+        self,
+        model_id: str,
+        kind: Kind,
+        path: str,
+        body: dict[str, Any],
+        keep_alive: float | None = None,
+    ) -> AsyncGenerator[bytes, None]:
+        """An OpenAI-shaped request (``path`` on the child, ``body`` as the client sent it)
+        through the same queue, slots and accounting as infer(); the child's answer comes
+        back as bytes, unchanged. Everything that refuses the request (unknown model, queue
+        full, no memory) is raised before the first bytes."""
+        async with self._slot(model_id, kind, keep_alive) as (server, record):
+            final = Final()
+            answer = relay(server.client, model_id, path, body, final)
+            async with contextlib.aclosing(answer):
+                async for chunk in answer:
+                    if not record.first_token:
+                        record.first_token = self.now()
+                    yield chunk
+            record.prompt_tokens = final.prompt_tokens
+            record.final = final
+
     async def embed(
         self, model_id: str, inputs: Sequence[str], keep_alive: float | None = None
     ) -> tuple[list[list[float]], int]:
@@ -638,6 +669,27 @@ class Engine:
             vectors, tokens = await embed(server.client, model_id, inputs)
             record.prompt_tokens = tokens
             return vectors, tokens
+
+    async def load_stages(
+        self, model_id: str, gpu_layers: int | None = None
+    ) -> AsyncGenerator[LoadStage, None]:
+        """Load (if needed) and wait until ready: the plan ("planning", when the model is
+        not loaded yet), then each stage as it happens, ending with "ready"."""
+        plan = await self.plan(model_id, gpu_layers)
+        if isinstance(plan, Plan):
+            evict = f"; evicting {', '.join(plan.evict)}" if plan.evict else ""
+            yield LoadStage("planning", f"{plan.placement.kind}{evict}")
+        stages: asyncio.Queue[LoadStage | None] = asyncio.Queue()
+        load = self.loop.create_task(self.load(model_id, gpu_layers, stages.put_nowait))
+        load.add_done_callback(lambda _: stages.put_nowait(None))
+        try:
+            while (stage := await stages.get()) is not None:
+                if stage.stage != "ready":
+                    yield stage
+            await load
+        finally:
+            load.cancel()
+        yield LoadStage("ready", "")
 
     async def load(
         self, model_id: str, gpu_layers: int | None, report: Callable[[LoadStage], None]
@@ -682,6 +734,58 @@ class Engine:
     async def plan(self, model_id: str, gpu_layers: int | None) -> Plan | Refusal:
         await self.refresh_memory()
         return self.core.plan(model_id, gpu_layers, self.now())
+
+    async def plan_load(
+        self, model_id: str, gpu_layers: int | None
+    ) -> Plan | Refusal | AlreadyLoaded:
+        """What loading the model would do now; a loaded (or loading) one is left as it is."""
+        entry = self.core.entry(model_id)
+        if entry.state in (State.READY, State.LOADING):
+            return AlreadyLoaded(entry.placement)
+        return await self.plan(model_id, gpu_layers)
+
+    # --- queries for the front doors (gRPC, HTTP): plain values, no scheduler inside ------
+
+    @property
+    def closed(self) -> bool:
+        """The daemon is shutting down: the drain is over, nothing new is admitted."""
+        return self.core.closed
+
+    def entry(self, model_id: str) -> ModelEntry:
+        """The model's entry (UnknownModel when the registry has no such id)."""
+        return self.core.entry(model_id)
+
+    def find_entry(self, model_id: str) -> ModelEntry | None:
+        return self.core.models.get(model_id)
+
+    def keep_alive_of(self, entry: ModelEntry) -> float:
+        return self.core.keep_alive_of(entry)
+
+    @property
+    def active_total(self) -> int:
+        return self.core.active_total
+
+    @property
+    def queued_total(self) -> int:
+        return self.core.queued_total
+
+    async def chat_template_warning(self, model_id: str) -> str:
+        """For a chat (messages, a system prompt) to a model whose GGUF file has no chat
+        template: llama-server then formats it as ChatML, which such a model (the Gemma
+        demo model, for one) may not know: it answered with ChatML's markers. Logged once
+        per model; returned for each such client ("" when the model has a template)."""
+        path = self.core.entry(model_id).spec.path
+        if await asyncio.to_thread(has_chat_template, path) is not False:
+            return ""
+        warning = (
+            f"model {model_id!r} has no chat template in its GGUF file (no "
+            "tokenizer.chat_template): llama-server formats the chat as ChatML, which the "
+            "model may not follow; a plain prompt (no --system) is sent as it is"
+        )
+        if model_id not in self._warned_no_template:
+            self._warned_no_template.add(model_id)
+            log.warning("%s", warning)
+        return warning
 
     def model_entries(self) -> list[ModelEntry]:
         return list(self.core.models.values())

@@ -184,10 +184,10 @@ class EngineCollector(Collector):
         yield from (state, estimated, measured, active, queued)
 
         yield GaugeMetricFamily(
-            "mmd_active_requests", "Requests running, all models.", value=engine.core.active_total
+            "mmd_active_requests", "Requests running, all models.", value=engine.active_total
         )
         yield GaugeMetricFamily(
-            "mmd_queued_requests", "Requests waiting, all models.", value=engine.core.queued_total
+            "mmd_queued_requests", "Requests waiting, all models.", value=engine.queued_total
         )
 
 

@@ -81,7 +81,7 @@ def _wall(engine: Engine, loop_time: float) -> float:
 
 def model_proto(engine: Engine, entry: ModelEntry) -> pb.Model:
     spec = entry.spec
-    keep_alive = engine.core.keep_alive_of(entry)
+    keep_alive = engine.keep_alive_of(entry)
     model = pb.Model(
         id=spec.id,
         role=spec.role,
@@ -121,8 +121,8 @@ def health_proto(engine: Engine) -> pb.Health:
         models=[
             model_proto(engine, e) for e in engine.model_entries() if e.state != State.UNLOADED
         ],
-        active_inferences=engine.core.active_total,
-        queued_requests=engine.core.queued_total,
+        active_inferences=engine.active_total,
+        queued_requests=engine.queued_total,
         notes=notes,
         llama_server=engine.runtime.describe(),
         max_concurrent=engine.config.scheduler.max_concurrent,

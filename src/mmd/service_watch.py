@@ -45,7 +45,7 @@ def event_proto(engine: Engine, stamp: float, event: Event) -> pb.Event:
                     detail=event.detail,
                 )
             )
-            entry = engine.core.models.get(event.model_id)
+            entry = engine.find_entry(event.model_id)
             if entry is not None:  # a model removed by a reload has no current view
                 out.model.model.CopyFrom(model_proto(engine, entry))
         case RequestFinished():
@@ -180,7 +180,7 @@ class WatchService:
             for event in snapshot_events(engine):
                 yield event
             last_memory = 0.0
-            while not engine.core.closed:
+            while not engine.closed:
                 if subscription.dropped:
                     # Fell behind: what is still queued is stale too. Say how much was lost,
                     # then a fresh snapshot replaces it.
@@ -210,7 +210,7 @@ class WatchService:
     async def Logs(self, request: pb.LogsRequest, context: Context) -> Any:
         if not request.model_id:
             raise InvalidRequest("model_id is empty")
-        self.engine.core.entry(request.model_id)  # UnknownModel -> NOT_FOUND
+        self.engine.entry(request.model_id)  # UnknownModel -> NOT_FOUND
         count = min(request.lines or DEFAULT_LOG_LINES, MAX_LOG_LINES)
         # The file the engine gives each model's llama-server (see Engine.log_tail).
         path = self.engine.config.daemon.log_dir / f"{request.model_id}.log"
@@ -226,7 +226,7 @@ class WatchService:
         if not request.follow:
             return
         follower = LogFollower(path, offset)
-        while not self.engine.core.closed:
+        while not self.engine.closed:
             await asyncio.sleep(LOG_POLL_S)
             for batch in _batches(await asyncio.to_thread(follower.read)):
                 yield batch
