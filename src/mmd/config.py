@@ -21,6 +21,7 @@ from mmd.errors import ConfigError
 from mmd.footprint import GGUFError, is_gguf, read_shape
 from mmd.memory import BudgetSettings, parse_budget_setting
 from mmd.units import MIB, parse_duration, parse_keep_alive, parse_size
+from mmd.web.settings import HTTP_KEYS, HttpSettings, http_settings
 
 MAX_MODEL_ID_CHARS = 64
 MODEL_ID_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_MODEL_ID_CHARS - 1}}}$")
@@ -130,6 +131,7 @@ class Config:
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     models: Mapping[str, ModelSpec] = field(default_factory=dict)
 
 
@@ -414,7 +416,7 @@ def parse_config(text: str, source: Path | None) -> Config:
     relative paths (models, socket, state and log directories)."""
     where = str(source) if source else "<config>"
     raw = _parse_toml(text, where)
-    known_tables = {"daemon", "budget", "scheduler", "metrics", "models"}
+    known_tables = {"daemon", "budget", "scheduler", "metrics", "http", "models"}
     for key in raw:
         if key not in known_tables:
             raise ConfigError(
@@ -441,12 +443,17 @@ def parse_config(text: str, source: Path | None) -> Config:
         by_folded_id[model_id.lower()] = model_id
         models[model_id] = _model(where, base_dir, model_id, model_raw)
     metrics = MetricsSettings(**_table(where, "metrics", raw.get("metrics", {}), _METRICS_KEYS))
+    try:
+        http = http_settings(_table(where, "http", raw.get("http", {}), HTTP_KEYS))
+    except ValueError as err:
+        raise ConfigError(f"{where}: http.{err}") from None
     return Config(
         source=source,
         daemon=daemon,
         budget=budget,
         scheduler=scheduler,
         metrics=metrics,
+        http=http,
         models=models,
     )
 

@@ -731,6 +731,7 @@ class Health(_message.Message):
     LLAMA_SERVER_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_FIELD_NUMBER: _builtins.int
+    HTTP_LISTEN_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     active_inferences: _builtins.int
@@ -748,6 +749,10 @@ class Health(_message.Message):
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """e.g. "NVML unavailable: budgeting RAM only" """
 
+    @_builtins.property
+    def http_listen(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the HTTP front door's addresses ([http]); none: off"""
+
     def __init__(
         self,
         *,
@@ -761,10 +766,11 @@ class Health(_message.Message):
         llama_server: _builtins.str = ...,
         max_concurrent: _builtins.int = ...,
         max_queue: _builtins.int = ...,
+        http_listen: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_inferences", b"active_inferences", "devices", b"devices", "llama_server", b"llama_server", "max_concurrent", b"max_concurrent", "max_queue", b"max_queue", "models", b"models", "notes", b"notes", "queued_requests", b"queued_requests", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_inferences", b"active_inferences", "devices", b"devices", "http_listen", b"http_listen", "llama_server", b"llama_server", "max_concurrent", b"max_concurrent", "max_queue", b"max_queue", "models", b"models", "notes", b"notes", "queued_requests", b"queued_requests", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
