@@ -226,3 +226,65 @@ async def embed(
     vectors = [[float(x) for x in item["embedding"]] for item in data]
     tokens = int((payload.get("usage") or {}).get("prompt_tokens", 0))
     return vectors, tokens
+
+
+# --- relayed requests (the HTTP front door's OpenAI-compatible API) -------------------
+
+
+def _read_relayed_event(event: dict[str, Any], final: Final) -> None:
+    """Totals from an OpenAI-shaped event (a stream's chunk or a whole answer)."""
+    for choice in event.get("choices") or []:
+        if choice.get("finish_reason"):
+            final.finish_reason = str(choice["finish_reason"])
+            final.finished = True
+    usage = event.get("usage")
+    if usage:
+        final.prompt_tokens = int(usage.get("prompt_tokens", 0))
+        final.completion_tokens = int(usage.get("completion_tokens", 0))
+    timings = event.get("timings")
+    if timings:
+        _timings(event, final)
+        if not usage:  # a stream without stream_options.include_usage has timings only
+            final.prompt_tokens = int(timings.get("cache_n", 0)) + int(timings.get("prompt_n", 0))
+            final.completion_tokens = int(timings.get("predicted_n", 0))
+
+
+def _last_data_events(chunk: bytes) -> list[bytes]:
+    """The ``data:`` payloads in ``chunk`` that can carry totals: the last few."""
+    return [line[6:] for line in chunk.split(b"\n") if line.startswith(b"data: {")][-2:]
+
+
+async def relay(
+    client: httpx.AsyncClient, model_id: str, path: str, body: dict[str, Any], final: Final
+) -> AsyncGenerator[bytes, None]:
+    """POST an OpenAI-shaped request and yield the child's answer as it comes, unchanged:
+    a stream's SSE bytes, or a whole JSON answer. ``final`` gets the totals (finish
+    reason, tokens, speeds), read from the answer's last events only: the bytes in
+    between pass through without being parsed."""
+    try:
+        response = await _send(client, path, body)
+        async with contextlib.aclosing(response):
+            await _raise_for_status(model_id, response)
+            if not body.get("stream"):
+                data = await response.aread()
+                with contextlib.suppress(ValueError):
+                    answer = json.loads(data)
+                    if isinstance(answer, dict):
+                        _read_relayed_event(answer, final)
+                final.finished = True
+                yield data
+                return
+            tail = b""
+            async for chunk in response.aiter_bytes():
+                yield chunk
+                tail = (tail + chunk)[-16384:]
+    except httpx.TransportError as err:
+        raise _lost(model_id, err) from None
+    if not tail.rstrip().endswith(b"data: [DONE]"):
+        raise RuntimeFailed(f"model {model_id!r}: llama-server ended the stream early")
+    final.finished = True
+    for data in _last_data_events(tail):
+        with contextlib.suppress(ValueError):
+            event = json.loads(data)
+            if isinstance(event, dict):
+                _read_relayed_event(event, final)
