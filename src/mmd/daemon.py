@@ -36,6 +36,7 @@ from mmd.runtime_check import LlamaRuntime, VerdictCache, choose, failure_line
 from mmd.sdnotify import Notifier, run_watchdog
 from mmd.service import ModelManager
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
+from mmd.web.front import start_http
 
 log = logging.getLogger("mmd")
 
@@ -95,6 +96,7 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
     probe = MemoryProbe()
     engine = Engine(config, runtime, probe, children, footprints=footprints)
     metrics = await start_metrics(engine, config.metrics.listen)
+    http = await start_http(engine, config.http)
     runtime.start()  # proves the binary in the background when no verdict is cached
     await engine.start()
     server = grpc.aio.server(
@@ -180,6 +182,8 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
         notifier.stopping("draining requests")
         for name in ("", service_names[0]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if http is not None:
+            await http.stop_accepting()
         drain = config.daemon.drain_timeout
         # Stop taking new RPCs; running ones finish within the drain period.
         server_stopped = loop.create_task(server.stop(drain + config.daemon.stop_grace))
@@ -192,6 +196,8 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
             await asyncio.sleep(_CLOSED_POLL_S)
         await interrupt_calls(servicer.calls, spare=frozenset({"Watch", "Logs"}))
         await closing
+        if http is not None:
+            await http.close()
         await server_stopped
         if metrics is not None:
             await metrics.close()

@@ -187,6 +187,8 @@ class Engine:
         self._learning: dict[str, tuple[ModelIdentity, int]] = {}
         self._learned_runtime: Path | None = None  # the binary the learned figures are for
         self._warned_no_template: set[str] = set()
+        # Where the HTTP front door listens (set by the daemon once bound), for health.
+        self.http_listen: tuple[str, ...] = ()
 
     # --- lifecycle ------------------------------------------------------------------
 

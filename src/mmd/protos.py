@@ -127,6 +127,7 @@ def health_proto(engine: Engine) -> pb.Health:
         llama_server=engine.runtime.describe(),
         max_concurrent=engine.config.scheduler.max_concurrent,
         max_queue=engine.config.scheduler.max_queue,
+        http_listen=engine.http_listen,
     )
 
 
