@@ -1,0 +1,366 @@
+"""The HTTP front door with real clients: the official openai library, curl and httpx,
+against the real daemon with real llama-server children on synthetic models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import psutil
+import pytest
+from conftest import Daemon, wait_until
+from test_scheduling_e2e import DELAYED, model
+
+from mmd.runtime import resolve_llama_server
+from mmd.v1 import mmd_pb2 as pb
+
+HTTP = '[http]\nlisten = ["127.0.0.1:0"]\n'
+KEY = "test-key-0123456789abcdef"
+
+
+def http_base(daemon: Daemon) -> str:
+    """The daemon's HTTP address (it bound a free port: the config said 0)."""
+    health = daemon.stub.GetHealth(pb.GetHealthRequest(), timeout=10)
+    tcp = [a for a in health.http_listen if a.startswith("http://")]
+    assert tcp, f"no HTTP listener in {list(health.http_listen)}"
+    return tcp[0]
+
+
+def client(daemon: Daemon, key: str = "unused", retries: int = 0) -> openai.OpenAI:
+    return openai.OpenAI(base_url=http_base(daemon) + "/v1", api_key=key, max_retries=retries)
+
+
+def listening_tcp_ports(pid: int) -> list[int]:
+    return [
+        c.laddr.port
+        for c in psutil.Process(pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
+
+
+@pytest.fixture
+def daemon(make_daemon: Any, model_files: dict[str, Path]) -> Daemon:
+    config = HTTP + model("tiny", model_files["tiny"], ctx=256)
+    config += model("emb", model_files["embed"], ctx=256, embedding=True)
+    return make_daemon(config)  # type: ignore[no-any-return]
+
+
+def test_without_http_nothing_listens_on_tcp(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    daemon: Daemon = make_daemon(model("tiny", model_files["tiny"]))
+    assert daemon.process is not None
+    assert listening_tcp_ports(daemon.process.pid) == []
+    health = daemon.stub.GetHealth(pb.GetHealthRequest(), timeout=10)
+    assert list(health.http_listen) == []
+
+
+def test_openai_streaming_chat(daemon: Daemon) -> None:
+    assert daemon.process is not None
+    port = int(http_base(daemon).rsplit(":", 1)[1])
+    assert listening_tcp_ports(daemon.process.pid) == [port]
+    stream = client(daemon).chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "say hi"}],
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        assert chunk.model == "tiny"
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+        usage = chunk.usage or usage
+    assert finish == "length"
+    assert usage is not None
+    assert usage.completion_tokens == 5
+    assert "".join(pieces)
+    # The request went through mmd's scheduler: it is in its accounting.
+    models = json.loads(daemon.mmctl("ps", "--json").stdout)
+    assert [m["id"] for m in models] == ["tiny"]
+
+
+def test_openai_completion_and_embeddings(daemon: Daemon) -> None:
+    api = client(daemon)
+    answer = api.completions.create(model="tiny", prompt="once upon", max_tokens=4)
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == 4
+    vectors = api.embeddings.create(model="emb", input=["one", "two words"])
+    assert [len(v.embedding) for v in vectors.data] == [128, 128]
+    assert vectors.data[0].embedding != vectors.data[1].embedding
+    listed = {m.id for m in api.models.list()}
+    assert listed == {"tiny", "emb"}
+
+
+def test_openai_errors_have_mmd_statuses(daemon: Daemon) -> None:
+    api = client(daemon)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert "unknown model 'nope'" in unknown.value.message
+    assert unknown.value.code == "unknown_model"
+    with pytest.raises(openai.BadRequestError) as empty:
+        api.chat.completions.create(model="tiny", messages=[])
+    assert "messages must be a non-empty list" in empty.value.message
+    with pytest.raises(openai.BadRequestError) as hot:
+        api.completions.create(model="tiny", prompt="x", temperature=9)
+    assert "temperature must be between 0 and 5" in hot.value.message
+    with pytest.raises(openai.BadRequestError) as not_embedding:
+        api.embeddings.create(model="tiny", input="x")
+    assert "does not serve embeddings" in not_embedding.value.message
+    base = http_base(daemon)
+    bad_json = httpx.post(
+        base + "/v1/completions", content=b"{", headers={"Content-Type": "application/json"}
+    )
+    assert bad_json.status_code == 400
+    assert bad_json.json()["error"]["code"] == "invalid_request"
+    too_big = httpx.post(
+        base + "/v1/completions", json={"model": "tiny", "prompt": "x" * (3 * 1024 * 1024)}
+    )
+    assert too_big.status_code == 413
+    assert "larger than" in too_big.json()["error"]["message"]
+    missing = httpx.get(base + "/v1/nothing")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    # The daemon serves on after all of that.
+    assert api.completions.create(model="tiny", prompt="ok", max_tokens=2).choices
+
+
+def test_prompt_over_max_prompt_bytes_is_refused(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    daemon: Daemon = make_daemon(
+        HTTP + model("tiny", model_files["tiny"]), daemon_extra="max_prompt_bytes = 1000\n"
+    )
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(daemon).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "é" * 600}]
+        )
+    assert "prompt is 1200 bytes; the limit is 1000" in refused.value.message
+
+
+def test_queue_full_is_429_with_retry_after(make_daemon: Any, model_files: dict[str, Path]) -> None:
+    slow = model_files["tiny"].with_name("slow-q.gguf")
+    if not slow.exists():
+        slow.symlink_to(model_files["tiny"])
+    env = {
+        "MMD_LLAMA_SERVER": str(DELAYED),
+        "MMD_TEST_REAL_LLAMA_SERVER": str(resolve_llama_server(None).path),
+        "MMD_TEST_LOAD_DELAY": "3",
+    }
+    config = HTTP + "[scheduler]\nmax_queue = 1\n" + model("slow", slow)
+    daemon: Daemon = make_daemon(config, extra_env=env)
+    base = http_base(daemon)
+    body = {"model": "slow", "prompt": "go", "max_tokens": 2}
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            first = asyncio.create_task(http.post(base + "/v1/completions", json=body))
+            for _ in range(200):  # until the first waits in the queue behind the load
+                health = (await http.get(base + "/health")).json()
+                if health["queued_requests"] == 1:
+                    break
+                await asyncio.sleep(0.02)
+            refused = await http.post(base + "/v1/completions", json=body)
+            return await first, refused
+
+    first, refused = asyncio.run(scenario())
+    assert first.status_code == 200, first.text
+    assert first.json()["usage"]["completion_tokens"] == 2
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_closing_a_stream_frees_its_slot(make_daemon: Any, model_files: dict[str, Path]) -> None:
+    config = HTTP + "[scheduler]\nmax_concurrent = 1\n"
+    config += model("b", model_files["m50"], ctx=2048, parallel=1)
+    daemon: Daemon = make_daemon(config)
+    api = client(daemon)
+    stream = api.chat.completions.create(
+        model="b", messages=[{"role": "user", "content": "go"}], max_tokens=1900, stream=True
+    )
+    for received, _ in enumerate(stream, 1):
+        if received == 3:
+            break
+    stream.close()
+    health = lambda: json.loads(daemon.mmctl("health", "--json").stdout)  # noqa: E731
+    assert wait_until(lambda: health()["active_inferences"] == 0, timeout=10)
+    # The slot is free: the next request is served at once, not after 1,900 tokens.
+    answer = api.completions.create(model="b", prompt="x", max_tokens=2)
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == 2
+    watch = daemon.log_path.read_text()
+    assert "Traceback" not in watch
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_curl_streams_server_sent_events(daemon: Daemon) -> None:
+    base = http_base(daemon)
+    body = json.dumps(
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "stream": True,
+        }
+    )
+    result = subprocess.run(
+        [
+            "curl",
+            "-sSN",
+            "--fail-with-body",
+            base + "/v1/chat/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    events = [line for line in result.stdout.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_admin_endpoints_match_mmctl_json(daemon: Daemon) -> None:
+    base = http_base(daemon)
+    with httpx.Client(base_url=base, timeout=60) as http:
+        loaded = http.post("/load", json={"model": "tiny"})
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json()["state"] == "ready"
+        over_http = http.get("/models").json()
+        over_grpc = json.loads(daemon.mmctl("models", "--json").stdout)
+        assert [set(m) for m in over_http] == [set(m) for m in over_grpc]
+        assert [(m["id"], m["state"], m["pid"]) for m in over_http] == [
+            (m["id"], m["state"], m["pid"]) for m in over_grpc
+        ]
+        answer = http.post("/infer", json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
+        cli = json.loads(daemon.mmctl("infer", "tiny", "hi", "--max-tokens", "3", "--json").stdout)
+        assert set(answer.json()) == set(cli)
+        assert set(answer.json()["timings"]) == set(cli["timings"])
+        assert answer.json()["completion_tokens"] == 3
+        health = http.get("/health").json()
+        cli_health = json.loads(daemon.mmctl("health", "--json").stdout)
+        assert set(health) == set(cli_health)
+        assert health["http_listen"] == [base]
+        unloaded = http.post("/unload", json={"model": "tiny"})
+        assert unloaded.json()["state"] == "unloaded"
+        assert unloaded.json()["aborted_requests"] == 0
+        unknown = http.post("/load", json={"model": "nope"})
+        assert unknown.status_code == 404
+
+
+def test_load_that_cannot_fit_is_507(make_daemon: Any, model_files: dict[str, Path]) -> None:
+    config = HTTP + '[budget]\nram = "20MiB"\n' + model("b", model_files["m50"])
+    daemon: Daemon = make_daemon(config)
+    response = httpx.post(http_base(daemon) + "/load", json={"model": "b"}, timeout=60)
+    assert response.status_code == 507
+    assert response.json()["error"]["code"] == "insufficient_memory"
+
+
+def test_streamed_admin_infer(daemon: Daemon) -> None:
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", http_base(daemon) + "/infer", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line]
+    assert all("text" in e for e in events[:-1])
+    assert events[-1]["completion_tokens"] == 4
+    assert "".join(e["text"] for e in events[:-1]) == events[-1]["text"]
+
+
+def test_api_keys_are_required_everywhere(
+    make_daemon: Any, model_files: dict[str, Path], tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"# mmd keys\n{KEY}\n")
+    keys.chmod(0o600)
+    config = f'[http]\nlisten = ["127.0.0.1:0"]\napi_keys_file = "{keys}"\n'
+    daemon: Daemon = make_daemon(config + model("tiny", model_files["tiny"]))
+    base = http_base(daemon)
+    with pytest.raises(openai.AuthenticationError):
+        client(daemon, key="wrong-key-0123456789").models.list()
+    for path in ("/health", "/models", "/v1/models"):
+        refused = httpx.get(base + path)
+        assert refused.status_code == 401, path
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    answer = client(daemon, key=KEY).completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert answer.choices[0].finish_reason == "length"
+
+
+def test_cross_site_post_and_foreign_host_are_refused(daemon: Daemon) -> None:
+    base = http_base(daemon)
+    port = base.rsplit(":", 1)[1]
+    body = {"model": "tiny"}
+    cross = httpx.post(base + "/load", json=body, headers={"Origin": "http://evil.example"})
+    assert cross.status_code == 403
+    assert cross.json()["error"]["code"] == "forbidden"
+    # A page that rebinds its own name to 127.0.0.1 still sends its own Host.
+    rebound = httpx.get(base + "/models", headers={"Host": f"evil.example:{port}"})
+    assert rebound.status_code == 403
+    same = httpx.post(base + "/load", json=body, headers={"Origin": base}, timeout=60)
+    assert same.status_code == 200
+    assert "access-control-allow-origin" not in {k.lower() for k in same.headers}
+
+
+def test_unix_socket_listener(make_daemon: Any, model_files: dict[str, Path]) -> None:
+    sock = Path(f"/tmp/mmd-http-{os.getpid()}-{time.monotonic_ns() % 100000}.sock")
+    config = f'[http]\nlisten = ["unix:{sock}"]\n' + model("tiny", model_files["tiny"])
+    daemon: Daemon = make_daemon(config)
+    try:
+        assert oct(sock.stat().st_mode & 0o777) == oct(0o660)
+        transport = httpx.HTTPTransport(uds=str(sock))
+        with httpx.Client(transport=transport, base_url="http://mmd") as http:
+            answer = http.post(
+                "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2}
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["usage"]["completion_tokens"] == 2
+        assert daemon.process is not None
+        assert listening_tcp_ports(daemon.process.pid) == []
+        daemon.stop()
+        assert not sock.exists()
+    finally:
+        sock.unlink(missing_ok=True)
+
+
+def test_network_address_without_keys_is_refused_at_start(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    daemon: Daemon = make_daemon(
+        '[http]\nlisten = ["0.0.0.0:0"]\n' + model("tiny", model_files["tiny"]), start=False
+    )
+    daemon.write_config()
+    result = subprocess.run(
+        [*daemon_cmd(), "--config", str(daemon.config_path)],
+        capture_output=True,
+        env=daemon.env(),
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    line = result.stderr.decode().strip()
+    assert "can be reached from other machines; set api_keys" in line
+    assert "Traceback" not in line
+
+
+def daemon_cmd() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "mmd"]
