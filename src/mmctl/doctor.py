@@ -20,16 +20,11 @@ import typer
 from mmctl import render
 from mmctl.client import CliError, check_runtime_dir, locate_socket, permission_message
 from mmd import paths, protojson
+from mmd.budget import BudgetSettings, DeviceBudgetView, compute_budgets, configured_cap
 from mmd.config import Config, ModelSpec, check_model_file, find_config, load_config
 from mmd.cpu import BUILD_HINT
 from mmd.errors import ConfigError, MmdError
-from mmd.memory import (
-    BudgetSettings,
-    DeviceBudgetView,
-    MemoryProbe,
-    compute_budgets,
-    configured_cap,
-)
+from mmd.memory import MemoryProbe
 from mmd.planner import DeviceBudget, Plan, plan_load
 from mmd.runtime import llama_server_candidates
 from mmd.units import format_size

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from mmd import paths
+from mmd.budget import BudgetSettings, parse_budget_setting
 from mmd.errors import ConfigError
 from mmd.footprint import GGUFError, is_gguf, read_shape
-from mmd.memory import BudgetSettings, parse_budget_setting
 from mmd.units import MIB, parse_duration, parse_keep_alive, parse_size
 from mmd.web.settings import HTTP_KEYS, HttpSettings, http_settings
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mmd import paths
+from mmd.budget import DeviceBudgetView, alert_crossings, compute_budgets
 from mmd.buffers import buffer_sizes
 from mmd.config import Config, ModelSpec, check_model_file
 from mmd.cpu import is_sigill, sigill_line
@@ -25,14 +26,7 @@ from mmd.errors import ConfigError, MmdError, RuntimeFailed, StillBusy
 from mmd.events import AlertCrossed, EventBus, MemorySampled, ModelChanged, RequestFinished
 from mmd.footprint import Footprint, LearnedBytes, footprint_for, has_chat_template
 from mmd.learned import LearnedStore, ModelIdentity, model_identity
-from mmd.memory import (
-    RAM_ID,
-    DeviceBudgetView,
-    MemoryProbe,
-    MemorySnapshot,
-    ProcessMemory,
-    compute_budgets,
-)
+from mmd.memory import RAM_ID, MemoryProbe, MemorySnapshot, ProcessMemory
 from mmd.planner import Placement, Plan, Refusal
 from mmd.reload import ConfigDiff, diff_configs, keep_restart_settings
 from mmd.runtime import LaunchSpec, LlamaServer, read_log_tail
@@ -341,7 +335,7 @@ class Engine:
             model_id=spec.id,
             model_path=spec.path,
             socket=paths.child_socket(self.runtime_dir, spec.id),
-            log_path=self.config.daemon.log_dir / f"{spec.id}.log",
+            log_path=paths.model_log(self.config.daemon.log_dir, spec.id),
             ctx=spec.ctx,
             parallel=spec.parallel,
             gpu_layers=layers,
@@ -499,18 +493,15 @@ class Engine:
         views = tuple(self.budgets)
         self.events.publish(MemorySampled(views, self.core.active_total, self.core.queued_total))
         threshold = self.config.budget.alert_percent
-        for view in views:
-            used = view.used_percent  # of the device's total, whoever uses it
-            above = used >= threshold
-            if above == (view.id in self._above_alert):
-                continue
-            if above:
-                self._above_alert.add(view.id)
-                log.warning("%s memory at %.0f%% (alert at %.0f%%)", view.id, used, threshold)
+        for crossing in alert_crossings(views, threshold, self._above_alert):
+            device, used = crossing.device, crossing.used_percent
+            if crossing.above:
+                self._above_alert.add(device)
+                log.warning("%s memory at %.0f%% (alert at %.0f%%)", device, used, threshold)
             else:
-                self._above_alert.discard(view.id)
-                log.info("%s memory back below %.0f%%", view.id, threshold)
-            self.events.publish(AlertCrossed(view.id, used, threshold, above))
+                self._above_alert.discard(device)
+                log.info("%s memory back below %.0f%%", device, threshold)
+            self.events.publish(AlertCrossed(device, used, threshold, crossing.above))
 
     # --- requests ---------------------------------------------------------------------
 
@@ -797,7 +788,7 @@ class Engine:
         return server.pid if server else 0
 
     def log_tail(self, model_id: str, lines: int = 10) -> list[str]:
-        return read_log_tail(self.config.daemon.log_dir / f"{model_id}.log", lines)
+        return read_log_tail(paths.model_log(self.config.daemon.log_dir, model_id), lines)
 
     # --- reload and preload -----------------------------------------------------------
 

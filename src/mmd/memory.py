@@ -1,12 +1,11 @@
-"""Live memory readings (NVML for NVIDIA GPUs, psutil for RAM) and the budget rule.
+"""Live memory readings: NVML for NVIDIA GPUs, psutil for RAM.
 
 A :class:`MemoryProbe` reads every device mmd may place models on. Without NVML
 (no NVIDIA driver, no GPU) it budgets system RAM only and says so once in the
 snapshot's notes. On macOS GPU and CPU share one pool, reported as a single
 "unified" device under the id ``"ram"`` so that RAM settings and RAM usage apply.
 
-:func:`compute_budgets` is pure: a snapshot, the operator's settings and what
-mmd's own children hold in, the bytes mmd may hold per device out.
+What mmd may hold of each device is worked out from these readings in :mod:`mmd.budget`.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import asyncio
 import logging
 import os
 import platform
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,9 +23,6 @@ from typing import Any, Literal
 
 import psutil
 
-from mmd.planner import DeviceBudget
-from mmd.units import GIB, MIB, parse_size
-
 log = logging.getLogger(__name__)
 
 RAM_ID = "ram"
@@ -35,7 +30,6 @@ RAM_NOTE_SUFFIX = "budgeting system RAM only"
 APPLE_UNIFIED_NOTE = "Apple unified memory: GPU memory is budgeted as system RAM"
 
 DeviceKind = Literal["ram", "gpu", "unified"]
-BudgetMode = Literal["auto", "bytes", "percent"]
 
 
 def _no_processes() -> Mapping[int, int]:
@@ -353,121 +347,3 @@ def _process_ram(proc: psutil.Process) -> tuple[int, int]:
             return (int(pss) if pss is not None else int(full.rss)), int(full.rss)
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0, 0  # exited (or hidden) between listing and reading: it holds nothing of ours
-
-
-# ---------------------------------------------------------------------------
-# Budgets
-
-_PERCENT_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*%\s*$")
-
-
-def parse_budget_setting(text: str) -> tuple[BudgetMode, float]:
-    """``"auto"`` -> ("auto", 0); ``"90%"`` -> ("percent", 90); ``"20GiB"`` -> ("bytes", n)."""
-    cleaned = text.strip()
-    if cleaned.lower() == "auto":
-        return "auto", 0.0
-    if cleaned.startswith("-"):
-        raise ValueError(f"memory budget must not be negative: {text!r}")
-    if cleaned.endswith("%"):
-        match = _PERCENT_RE.match(cleaned)
-        if not match:
-            raise ValueError(f"not a percentage: {text!r} (use e.g. '90%')")
-        percent = float(match.group(1))
-        if percent > 100:
-            raise ValueError(f"memory budget must be at most 100%: {text!r}")
-        return "percent", percent
-    try:
-        return "bytes", float(parse_size(cleaned))
-    except ValueError:
-        raise ValueError(
-            f"not a memory budget: {text!r} (use 'auto', a percentage such as '90%' "
-            "or a size such as '20GiB')"
-        ) from None
-
-
-@dataclass(frozen=True)
-class BudgetSettings:
-    gpu: str = "auto"
-    ram: str = "auto"
-    reserve_gpu: int = 512 * MIB  # kept free for the driver and CUDA context growth
-    reserve_ram: int = 1 * GIB  # kept free for the OS and everything not managed by mmd
-    alert_percent: float = 85.0
-
-    def __post_init__(self) -> None:
-        parse_budget_setting(self.gpu)
-        parse_budget_setting(self.ram)
-        if self.reserve_gpu < 0 or self.reserve_ram < 0:
-            raise ValueError("memory reserves must not be negative")
-        if not 0 < self.alert_percent <= 100:
-            raise ValueError(f"alert_percent must be in (0, 100]: {self.alert_percent}")
-
-    def for_kind(self, kind: str) -> tuple[str, int]:
-        """(budget setting, reserve) for a device kind; unified memory counts as RAM."""
-        if kind == "gpu":
-            return self.gpu, self.reserve_gpu
-        return self.ram, self.reserve_ram
-
-
-@dataclass(frozen=True)
-class DeviceBudgetView:
-    id: str
-    kind: str
-    name: str
-    total: int
-    budget: int
-    mmd_bytes: int
-    other_bytes: int
-    free: int
-
-    @property
-    def used_percent(self) -> float:
-        """The share of the device's total in use (by mmd and others): alerts compare it."""
-        return 100.0 * (self.total - self.free) / self.total if self.total else 0.0
-
-    def to_planner(self) -> DeviceBudget:
-        """The planner's view of this device: its id, kind and what mmd may use."""
-        return DeviceBudget(self.id, "gpu" if self.kind == "gpu" else "ram", self.budget)
-
-
-def configured_cap(total: int, setting: str, reserve: int) -> int:
-    """The operator's cap on a device of ``total`` bytes, before live use is considered."""
-    mode, value = parse_budget_setting(setting)
-    if mode == "auto":
-        return max(0, total - reserve)
-    if mode == "percent":
-        return int(total * value / 100)
-    return int(value)
-
-
-def compute_budgets(
-    snapshot: MemorySnapshot, settings: BudgetSettings, mmd_usage: Mapping[str, int]
-) -> list[DeviceBudgetView]:
-    """Per device: min(configured cap, free + mmd's own holdings - reserve), floored at 0.
-
-    What mmd's children already hold counts as available to mmd (it can evict
-    them); memory held by anything else does not.
-    """
-    views = []
-    for device in snapshot.devices:
-        setting, reserve = settings.for_kind(device.kind)
-        mmd_bytes = max(0, mmd_usage.get(device.id, 0))
-        live = max(0, device.free + mmd_bytes - reserve)
-        budget = min(configured_cap(device.total, setting, reserve), live)
-        views.append(
-            DeviceBudgetView(
-                id=device.id,
-                kind=device.kind,
-                name=device.name,
-                total=device.total,
-                budget=budget,
-                mmd_bytes=mmd_bytes,
-                other_bytes=max(0, device.used - mmd_bytes),
-                free=device.free,
-            )
-        )
-    return views
-
-
-def devices_over_alert(views: list[DeviceBudgetView], settings: BudgetSettings) -> list[str]:
-    """Ids of devices whose total use has reached ``settings.alert_percent``."""
-    return [v.id for v in views if v.used_percent >= settings.alert_percent]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 from mmd import __version__
+from mmd.budget import DeviceBudgetView
 from mmd.engine import Engine
 from mmd.footprint import Footprint
-from mmd.memory import RAM_ID, DeviceBudgetView
+from mmd.memory import RAM_ID
 from mmd.planner import Placement
 from mmd.scheduler import ModelEntry, State
 from mmd.v1 import mmd_pb2 as pb
