@@ -9,17 +9,19 @@ import pty
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
 from rawhttp import RawClient
 from verdicts import Better, Verdict, verdict
+
+# The daemon process is shared with the tests: tests/ holds its module.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+import daemon_proc
 
 from mmd.engine import launch_flags
 from mmd.runtime import LaunchSpec, LlamaBinary, build_argv, probe_binary, resolve_llama_server
@@ -178,110 +180,25 @@ def _run_on_a_terminal(
     return elapsed, returncode, b"".join(chunks), stderr
 
 
-@dataclass
-class Daemon:
-    """A real mmd process in a directory of its own."""
+class Daemon(daemon_proc.Daemon):
+    """A real mmd process in a directory of its own (tests/daemon_proc.py, shared with the
+    tests), with timeouts for a loaded machine: its config is ``settings_toml`` (tables
+    other than [daemon] and [models]) and then ``models_toml``."""
 
-    root: Path
-    models_toml: str
-    settings_toml: str = ""
-    cpu_only: bool = False  # hide GPUs (CPU_ONLY_ENV); the caller's config sets gpu = "0"
-    process: subprocess.Popen[bytes] | None = None
-    channel: grpc.Channel | None = None
-    start_ms: float = 0.0
-
-    @property
-    def socket(self) -> Path:
-        return self.root / "run" / "mmd.sock"
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / "mmd.toml"
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop("MMD_CONFIG", None)
-        env["MMD_SOCKET"] = str(self.socket)
-        if self.cpu_only:
-            env.update(CPU_ONLY_ENV)
-        return env
-
-    def start(self) -> Daemon:
-        self.root.mkdir(parents=True, exist_ok=True)
-        header = textwrap.dedent(
-            f"""
-            [daemon]
-            socket = "{self.socket}"
-            log_dir = "{self.root / "logs"}"
-            state_dir = "{self.root / "state"}"
-            load_timeout = "60s"
-            stop_grace = "5s"
-            drain_timeout = "2s"
-            """
+    def __init__(
+        self, root: Path, models_toml: str, settings_toml: str = "", *, cpu_only: bool = False
+    ) -> None:
+        super().__init__(
+            root,
+            settings_toml + "\n" + models_toml,
+            # Hide GPUs (CPU_ONLY_ENV); the caller's config sets gpu = "0".
+            extra_env=dict(CPU_ONLY_ENV) if cpu_only else {},
+            load_timeout="60s",
+            stop_grace="5s",
+            drain_timeout="2s",
+            start_timeout=START_TIMEOUT_S,
+            poll_s=0.005,
         )
-        self.config_path.write_text(header + self.settings_toml + "\n" + self.models_toml)
-        began = time.perf_counter()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mmd", "--config", str(self.config_path)],
-            stdout=(self.root / "daemon.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            env=self.env(),
-        )
-        self._wait_serving()
-        self.start_ms = (time.perf_counter() - began) * 1000
-        return self
-
-    def _wait_serving(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        assert self.process is not None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                log = (self.root / "daemon.log").read_text()[-2000:]
-                raise RuntimeError(f"mmd exited at start: {log}")
-            if self.socket.exists():
-                with contextlib.suppress(grpc.RpcError):
-                    self.stub.GetHealth(pb.GetHealthRequest(), timeout=2)
-                    return
-            time.sleep(0.005)
-        raise RuntimeError("mmd did not serve in time")
-
-    @property
-    def stub(self) -> mmd_pb2_grpc.ModelManagerStub:
-        if self.channel is None:
-            self.channel = grpc.insecure_channel(f"unix:{self.socket}")
-        return mmd_pb2_grpc.ModelManagerStub(self.channel)
-
-    def load(self, model_id: str) -> pb.Model:
-        model = None
-        for progress in self.stub.LoadModel(pb.LoadModelRequest(model_id=model_id), timeout=120):
-            if progress.HasField("model"):
-                model = progress.model
-        assert model is not None, f"no model in the load reply for {model_id}"
-        return model
-
-    def model(self, model_id: str) -> pb.Model:
-        models = self.stub.ListModels(pb.ListModelsRequest(), timeout=30).models
-        return next(m for m in models if m.id == model_id)
-
-    def health(self) -> pb.Health:
-        return self.stub.GetHealth(pb.GetHealthRequest(), timeout=30)
-
-    def rss_bytes(self) -> int:
-        assert self.process is not None
-        return int(psutil.Process(self.process.pid).memory_info().rss)
-
-    def stop(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def infer_via_stub(
