@@ -364,3 +364,69 @@ def daemon_cmd() -> list[str]:
     import sys
 
     return [sys.executable, "-m", "mmd"]
+
+
+def test_sixty_four_http_clients_three_models_every_request_accounted(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    """Three models that do not fit together: the scheduler evicts between them while 64
+    clients send 192 requests; each ends as an answer, a 429 or the client's own timeout."""
+    from test_placement_e2e import RssSampler
+
+    budget = 250 * 1024 * 1024
+    config = HTTP + f'[budget]\nram = "{budget}"\n[scheduler]\nmax_queue = 48\n'
+    config += "max_concurrent = 6\n"
+    config += model("a", model_files["m40"], ctx=512, parallel=2)
+    config += model("b", model_files["m50"], ctx=512, parallel=2)
+    config += model("c", model_files["m60"], ctx=512, parallel=2)
+    daemon: Daemon = make_daemon(config)
+    base = http_base(daemon)
+    ledger: dict[str, int] = {}
+    sent = 0
+
+    async def one(http: httpx.AsyncClient, index: int, round_: int) -> str:
+        model_id = "abc"[(index + round_) % 3]
+        body: dict[str, Any] = {"model": model_id, "prompt": "go", "max_tokens": 8}
+        if index % 2:
+            body = {
+                "model": model_id,
+                "messages": [{"role": "user", "content": "go"}],
+                "max_tokens": 8,
+            }
+        path = "/v1/completions" if index % 2 == 0 else "/v1/chat/completions"
+        # Every eighth client gives up quickly: its request is cancelled mid-way.
+        timeout = 0.3 if index % 8 == 0 else 120
+        try:
+            response = await http.post(base + path, json=body, timeout=timeout)
+        except httpx.TimeoutException:
+            return "client timeout"
+        if response.status_code != 200:
+            return f"{response.status_code} {response.json()['error']['code']}"
+        tokens = response.json()["usage"]["completion_tokens"]
+        return "completed" if tokens == 8 else f"short {tokens}"
+
+    async def client_loop(http: httpx.AsyncClient, index: int) -> None:
+        nonlocal sent
+        for round_ in range(3):
+            sent += 1
+            outcome = await one(http, index, round_)
+            ledger[outcome] = ledger.get(outcome, 0) + 1
+
+    async def everyone() -> None:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(limits=limits) as http:
+            await asyncio.gather(*(client_loop(http, i) for i in range(64)))
+
+    with RssSampler(daemon) as sampler:
+        asyncio.run(everyone())
+    assert sent == 192
+    assert sum(ledger.values()) == sent, ledger
+    assert set(ledger) <= {"completed", "429 queue_full", "client timeout"}, ledger
+    assert ledger["completed"] >= 100, ledger
+    assert sampler.peak <= budget, f"children held {sampler.peak} bytes > {budget}"
+    final = json.loads(daemon.mmctl("health", "--json").stdout)
+    assert final["active_inferences"] == 0
+    assert final["queued_requests"] == 0
+    log = daemon.log_path.read_text()
+    assert "unloaded evicted" in log  # the three took turns
+    assert "Traceback" not in log
