@@ -5,21 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import grpc
 import typer
 
 from mmctl import render
-from mmctl.client import EXIT_ERROR, QUERY_TIMEOUT_S, MmdClient, cli_error_for
+from mmctl.client import EXIT_ERROR
+from mmctl.options import JsonFlag, client_for, socket_of
 from mmd import protojson
-from mmd.v1 import mmd_pb2
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-
-
-def _socket_of(ctx: typer.Context) -> Path | None:
-    """--socket or $MMD_SOCKET; None: MmdClient tries paths.socket_candidates()."""
-    socket = ctx.find_root().obj
-    return socket if isinstance(socket, Path) else None
 
 
 def reload(ctx: typer.Context, json_out: JsonFlag = False) -> None:
@@ -29,13 +20,8 @@ def reload(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     changed settings apply at each model's next load. An invalid config is refused with
     the reason (exit 2) and the old one stays in force.
     """
-    with MmdClient(_socket_of(ctx)) as client:
-        try:
-            response: mmd_pb2.ReloadResponse = client.stub.Reload(
-                mmd_pb2.ReloadRequest(), timeout=QUERY_TIMEOUT_S
-            )
-        except grpc.RpcError as err:
-            raise cli_error_for(err, client.socket_path) from None
+    with client_for(ctx) as client:
+        response = client.reload()
     if json_out:
         render.print_json(protojson.message_to_dict(response))
         return
@@ -71,8 +57,7 @@ def doctor(
     """
     from mmctl import doctor as checks_module  # heavy: only for this command
 
-    given = ctx.find_root().params.get("socket")
-    checks = checks_module.run_checks(config, given if isinstance(given, Path) else None)
+    checks = checks_module.run_checks(config, socket_of(ctx))
     if json_out:
         render.print_json(checks_module.as_json(checks))
     else:

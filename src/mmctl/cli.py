@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,13 +21,13 @@ from mmctl.client import (
     EXIT_NO_ROOM,
     EXIT_USAGE,
     CliError,
-    MmdClient,
     exit_code_for,
 )
-from mmctl.options import finite
+from mmctl.options import JsonFlag, ModelId, client_for, finite
 from mmd import paths, protojson
 from mmd.units import parse_keep_alive
 from mmd.v1 import mmd_pb2
+from mmd.validate import MAX_TEMPERATURE
 
 EXIT_CODES_HELP = """\
 Exit codes:
@@ -181,8 +181,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-ModelId = Annotated[str, typer.Argument(metavar="ID", help="Model id from the registry.")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 GpuLayers = Annotated[
     int | None,
     typer.Option(
@@ -236,11 +234,6 @@ def _root(
     ctx.obj = socket  # None: MmdClient tries paths.socket_candidates()
 
 
-def _client(ctx: typer.Context) -> MmdClient:
-    socket = ctx.find_root().obj
-    return MmdClient(socket if isinstance(socket, Path) else None)
-
-
 def _read_input(value: str | None, what: str) -> str:
     """The argument, or stdin when it is omitted or '-'; strict UTF-8; never empty."""
     if value is None or value == "-":
@@ -283,7 +276,7 @@ def _is_listed(model: mmd_pb2.Model) -> bool:
 @app.command()
 def models(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     """List the registry's models with their state."""
-    with _client(ctx) as client:
+    with client_for(ctx) as client:
         found = client.list_models()
     if json_out:
         render.print_json([protojson.model_to_dict(model) for model in found])
@@ -294,7 +287,7 @@ def models(ctx: typer.Context, json_out: JsonFlag = False) -> None:
 @app.command()
 def ps(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     """List the models that are loaded, loading, unloading or failed."""
-    with _client(ctx) as client:
+    with client_for(ctx) as client:
         loaded = [model for model in client.list_models() if _is_listed(model)]
     if json_out:
         render.print_json([protojson.model_to_dict(model) for model in loaded])
@@ -302,7 +295,7 @@ def ps(ctx: typer.Context, json_out: JsonFlag = False) -> None:
         render.print_ps(loaded)
 
 
-def _follow_load(progress: Iterator[mmd_pb2.LoadProgress]) -> mmd_pb2.Model | None:
+def _follow_load(progress: Iterable[mmd_pb2.LoadProgress]) -> mmd_pb2.Model | None:
     """Show load progress on stderr: a spinner on a terminal, else "stage: message" lines."""
     final: mmd_pb2.Model | None = None
     if sys.stderr.isatty():
@@ -335,7 +328,7 @@ def load(
     json_out: JsonFlag = False,
 ) -> None:
     """Load a model (evicting idle ones if needed) and wait until it is ready."""
-    with _client(ctx) as client:
+    with client_for(ctx) as client:
         model = _follow_load(client.load_model(model_id, gpu_layers=gpu_layers))
     if model is None:
         raise CliError(f"mmd ended the load of {model_id!r} without reporting the model")
@@ -365,7 +358,7 @@ def unload(
     json_out: JsonFlag = False,
 ) -> None:
     """Unload a model, waiting for its in-flight requests unless --force."""
-    with _client(ctx) as client:
+    with client_for(ctx) as client:
         response = client.unload_model(model_id, force=force, timeout_seconds=timeout or 0.0)
     if json_out:
         out = protojson.model_to_dict(response.model)
@@ -406,7 +399,7 @@ def infer(
             "--temperature",
             metavar="T",
             min=0.0,
-            max=5.0,
+            max=MAX_TEMPERATURE,
             callback=finite,
             help="Sampling temperature.",
         ),
@@ -437,7 +430,7 @@ def infer(
 
     pieces: list[str] = []
     done: mmd_pb2.InferDone | None = None
-    with _client(ctx) as client:
+    with client_for(ctx) as client:
         try:
             for chunk in client.infer(request):
                 kind = chunk.WhichOneof("kind")
@@ -495,7 +488,7 @@ def embed(
         inputs = [_read_input(None, "text")]
     else:
         inputs = [_read_input(text, "text") for text in texts]
-    with _client(ctx) as client:
+    with client_for(ctx) as client:
         response = client.embed(model_id, inputs, keep_alive_seconds=keep_alive_seconds)
     vectors = [protojson.message_to_dict(embedding)["values"] for embedding in response.embeddings]
     if json_out:
@@ -511,7 +504,7 @@ def embed(
 @app.command()
 def health(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     """Show memory per device, loaded models, active and queued requests, and notes."""
-    with _client(ctx) as client:
+    with client_for(ctx) as client:
         report = client.get_health()
     if json_out:
         render.print_json(protojson.message_to_dict(report))
@@ -530,7 +523,7 @@ def plan(
 
     Exits 5 when the load would be refused.
     """
-    with _client(ctx) as client:
+    with client_for(ctx) as client:
         result = client.plan_load(model_id, gpu_layers=gpu_layers)
     if json_out:
         render.print_json(protojson.message_to_dict(result))

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -204,16 +204,68 @@ def _show_warnings(call: Any) -> None:
             sys.stderr.flush()
 
 
+class Stream(Generic[Response]):
+    """A server stream's messages, read once: the daemon's warnings on stderr before the
+    first message, failures as CliError, and the call cancelled when the reader stops early.
+
+    Cancelling matters: an interrupted `mmctl infer` must stop generation in the daemon
+    rather than leave it running for nobody. ``endless`` names a stream that ends only when
+    the daemon shuts down (events, a followed log): its end is an error. ``cancel`` may be
+    called from another thread while one reads (`mmctl top` stops its reader so); the
+    stream then just ends.
+    """
+
+    def __init__(self, call: grpc.CallIterator[Response], socket_path: Path, endless: str = ""):
+        self._call = call
+        self._socket_path = socket_path
+        self._endless = endless
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()  # type: ignore[no-untyped-call]
+
+    def __iter__(self) -> Iterator[Response]:
+        finished = False
+        received = False
+        try:
+            for message in self._call:
+                if not received:
+                    received = True
+                    _show_warnings(self._call)
+                yield message
+            finished = True
+        except grpc.RpcError as err:
+            finished = True
+            if self._cancelled and _status_code(err) == grpc.StatusCode.CANCELLED:
+                return  # we cancelled it
+            error = cli_error_for(err, self._socket_path)
+            if received and error.exit_code == EXIT_UNREACHABLE:
+                # It answered, so it was there: "no mmd daemon at" would mislead.
+                details = " ".join((_safe_details(err) or "no reason given").split())
+                error.message = f"lost the connection to mmd at {self._socket_path} ({details})"
+            raise error from None
+        finally:
+            if not finished:
+                self._call.cancel()  # type: ignore[no-untyped-call]
+        if self._endless:
+            raise CliError(f"mmd ended the {self._endless} (it is shutting down)", EXIT_UNREACHABLE)
+
+
 class MmdClient:
     """A connection to the daemon's socket; use as a context manager.
 
     ``socket_path`` is the one given (--socket, $MMD_SOCKET); without one, the first of
     paths.socket_candidates() that exists: the user's own daemon, then the system's.
+    ``query_timeout`` is the deadline of the short queries (health, lists, plans, reload).
     """
 
-    def __init__(self, socket_path: Path | None = None) -> None:
+    def __init__(
+        self, socket_path: Path | None = None, *, query_timeout: float = QUERY_TIMEOUT_S
+    ) -> None:
         self._candidates = [socket_path] if socket_path else paths.socket_candidates()
         self.socket_path = Path(os.path.abspath(self._candidates[0]))
+        self.query_timeout = query_timeout
         self._channel: grpc.Channel | None = None
         self._stub: mmd_pb2_grpc.ModelManagerStub | None = None
 
@@ -250,15 +302,23 @@ class MmdClient:
 
     # Unary calls ----------------------------------------------------------
 
-    def list_models(self) -> list[mmd_pb2.Model]:
-        request = mmd_pb2.ListModelsRequest()
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Request, Response],
+        request: Request,
+        *,
+        query: bool,
+    ) -> Response:
+        """One unary call; a query gets the query deadline, the others none."""
         try:
-            response: mmd_pb2.ListModelsResponse = self.stub.ListModels(
-                request, timeout=QUERY_TIMEOUT_S
-            )
+            response: Response = method(request, timeout=self.query_timeout if query else None)
         except grpc.RpcError as err:
             raise cli_error_for(err, self.socket_path) from None
-        return list(response.models)
+        return response
+
+    def list_models(self) -> list[mmd_pb2.Model]:
+        request = mmd_pb2.ListModelsRequest()
+        return list(self._call(self.stub.ListModels, request, query=True).models)
 
     def unload_model(
         self, model_id: str, *, force: bool, timeout_seconds: float
@@ -266,11 +326,7 @@ class MmdClient:
         request = mmd_pb2.UnloadModelRequest(
             model_id=model_id, force=force, timeout_seconds=timeout_seconds
         )
-        try:
-            response: mmd_pb2.UnloadModelResponse = self.stub.UnloadModel(request)
-        except grpc.RpcError as err:
-            raise cli_error_for(err, self.socket_path) from None
-        return response
+        return self._call(self.stub.UnloadModel, request, query=False)
 
     def embed(
         self, model_id: str, inputs: list[str], *, keep_alive_seconds: float | None = None
@@ -278,73 +334,50 @@ class MmdClient:
         request = mmd_pb2.EmbedRequest(model_id=model_id, input=inputs)
         if keep_alive_seconds is not None:
             request.keep_alive_seconds = keep_alive_seconds
-        try:
-            response: mmd_pb2.EmbedResponse = self.stub.Embed(request)
-        except grpc.RpcError as err:
-            raise cli_error_for(err, self.socket_path) from None
-        return response
+        return self._call(self.stub.Embed, request, query=False)
 
     def get_health(self) -> mmd_pb2.Health:
-        try:
-            response: mmd_pb2.Health = self.stub.GetHealth(
-                mmd_pb2.GetHealthRequest(), timeout=QUERY_TIMEOUT_S
-            )
-        except grpc.RpcError as err:
-            raise cli_error_for(err, self.socket_path) from None
-        return response
+        return self._call(self.stub.GetHealth, mmd_pb2.GetHealthRequest(), query=True)
 
     def plan_load(self, model_id: str, *, gpu_layers: int | None = None) -> mmd_pb2.LoadPlan:
         request = mmd_pb2.PlanLoadRequest(model_id=model_id)
         if gpu_layers is not None:
             request.gpu_layers = gpu_layers
-        try:
-            response: mmd_pb2.LoadPlan = self.stub.PlanLoad(request, timeout=QUERY_TIMEOUT_S)
-        except grpc.RpcError as err:
-            raise cli_error_for(err, self.socket_path) from None
-        return response
+        return self._call(self.stub.PlanLoad, request, query=True)
+
+    def reload(self) -> mmd_pb2.ReloadResponse:
+        return self._call(self.stub.Reload, mmd_pb2.ReloadRequest(), query=True)
 
     # Streaming calls ------------------------------------------------------
 
     def load_model(
         self, model_id: str, *, gpu_layers: int | None = None
-    ) -> Iterator[mmd_pb2.LoadProgress]:
+    ) -> Stream[mmd_pb2.LoadProgress]:
         request = mmd_pb2.LoadModelRequest(model_id=model_id)
         if gpu_layers is not None:
             request.gpu_layers = gpu_layers
         return self._stream(self.stub.LoadModel, request)
 
-    def infer(self, request: mmd_pb2.InferRequest) -> Iterator[mmd_pb2.InferChunk]:
+    def infer(self, request: mmd_pb2.InferRequest) -> Stream[mmd_pb2.InferChunk]:
         return self._stream(self.stub.Infer, request)
 
-    def _stream(
-        self, method: grpc.UnaryStreamMultiCallable[Request, Response], request: Request
-    ) -> Iterator[Response]:
-        """Yield a server stream's messages; cancel the call if the caller stops early.
+    def watch(self, interval: float = 1.0) -> Stream[mmd_pb2.Event]:
+        """The daemon's events until it shuts down: a snapshot first, then changes."""
+        request = mmd_pb2.WatchRequest(memory_interval_seconds=interval)
+        return self._stream(self.stub.Watch, request, endless="event stream")
 
-        Cancelling matters: an interrupted `mmctl infer` must stop generation in
-        the daemon rather than leave it running for nobody.
-        """
+    def logs(self, model_id: str, *, lines: int, follow: bool) -> Stream[mmd_pb2.LogLines]:
+        request = mmd_pb2.LogsRequest(model_id=model_id, lines=lines, follow=follow)
+        return self._stream(self.stub.Logs, request, endless="log" if follow else "")
+
+    def _stream(
+        self,
+        method: grpc.UnaryStreamMultiCallable[Request, Response],
+        request: Request,
+        endless: str = "",
+    ) -> Stream[Response]:
         try:
             call: grpc.CallIterator[Response] = method(request)
         except grpc.RpcError as err:
             raise cli_error_for(err, self.socket_path) from None
-        finished = False
-        received = False
-        try:
-            for message in call:
-                if not received:
-                    received = True
-                    _show_warnings(call)
-                yield message
-            finished = True
-        except grpc.RpcError as err:
-            finished = True
-            error = cli_error_for(err, self.socket_path)
-            if received and error.exit_code == EXIT_UNREACHABLE:
-                # It answered, so it was there: "no mmd daemon at" would mislead.
-                details = " ".join((_safe_details(err) or "no reason given").split())
-                error.message = f"lost the connection to mmd at {self.socket_path} ({details})"
-            raise error from None
-        finally:
-            if not finished:
-                call.cancel()  # type: ignore[no-untyped-call]
+        return Stream(call, self.socket_path, endless)

@@ -5,22 +5,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import grpc
 import typer
-from google.protobuf.message import Message
 
 from mmctl import render
-from mmctl.client import EXIT_UNREACHABLE, CliError, MmdClient, cli_error_for
-from mmctl.options import finite
+from mmctl.options import ModelId, client_for, finite
 from mmd import protojson
 from mmd.units import format_size
 from mmd.v1 import mmd_pb2 as pb
-
-T = TypeVar("T", bound=Message)
 
 EVENT_TYPES = ("snapshot", "model", "request", "memory", "alert", "lagged")
 
@@ -34,35 +27,6 @@ Interval = Annotated[
         help="Seconds between memory samples (the daemon samples once a second).",
     ),
 ]
-
-
-def client_for(ctx: typer.Context) -> MmdClient:
-    socket = ctx.find_root().obj
-    return MmdClient(socket if isinstance(socket, Path) else None)
-
-
-def open_watch(client: MmdClient, interval: float = 1.0) -> grpc.CallIterator[pb.Event]:
-    call: grpc.CallIterator[pb.Event] = client.stub.Watch(
-        pb.WatchRequest(memory_interval_seconds=interval)
-    )
-    return call
-
-
-def iterate(client: MmdClient, call: grpc.CallIterator[T], endless: str = "") -> Iterator[T]:
-    """A server stream's messages; errors as CliError; the call cancelled if left early.
-
-    ``endless`` names a stream that ends only when the daemon shuts down: its end is an error.
-    """
-    try:
-        yield from call
-    except grpc.RpcError as err:
-        if err.code() == grpc.StatusCode.CANCELLED:
-            return  # we cancelled it
-        raise cli_error_for(err, client.socket_path) from None
-    finally:
-        call.cancel()  # type: ignore[no-untyped-call]
-    if endless:
-        raise CliError(f"mmd ended the {endless} (it is shutting down)", EXIT_UNREACHABLE)
 
 
 # ---------------------------------------------------------------------------
@@ -181,7 +145,7 @@ def events(
     """Print the daemon's events as they happen: a snapshot first, then model state changes,
     finished requests, memory samples and alerts. Runs until interrupted."""
     with client_for(ctx) as client:
-        for event in iterate(client, open_watch(client, interval), endless="event stream"):
+        for event in client.watch(interval):
             if no_memory and event_type(event) == "memory":
                 continue
             line = json.dumps(event_to_dict(event)) if json_out else event_line(event)
@@ -191,7 +155,7 @@ def events(
 
 def logs(
     ctx: typer.Context,
-    model_id: Annotated[str, typer.Argument(metavar="ID", help="Model id from the registry.")],
+    model_id: ModelId,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new lines as they are written.")
     ] = False,
@@ -200,10 +164,8 @@ def logs(
     ] = 20,
 ) -> None:
     """Print the last lines of a model's llama-server log."""
-    request = pb.LogsRequest(model_id=model_id, lines=lines, follow=follow)
     with client_for(ctx) as client:
-        call: grpc.CallIterator[pb.LogLines] = client.stub.Logs(request)
-        for batch in iterate(client, call, endless="log" if follow else ""):
+        for batch in client.logs(model_id, lines=lines, follow=follow):
             for line in batch.lines:
                 sys.stdout.write(line + "\n")
             sys.stdout.flush()

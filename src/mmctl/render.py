@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-_STATE_STYLES = {
+# The colour of each model state, in every table that shows one.
+STATE_STYLES = {
     "ready": "green",
     "loading": "yellow",
     "unloading": "yellow",
@@ -256,7 +257,7 @@ def _rich_table(table: TextTable) -> Table:
         row = [Text(cell) for cell in cells]
         if table.state_column is not None:
             state = row[table.state_column]
-            state.stylize(_STATE_STYLES.get(state.plain, ""))
+            state.stylize(STATE_STYLES.get(state.plain, ""))
         drawn.add_row(*row)
     return drawn
 

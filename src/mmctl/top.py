@@ -14,24 +14,16 @@ import threading
 import time
 import tty
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import typer
 
 from mmctl import render
-from mmctl.client import EXIT_UNREACHABLE, CliError, MmdClient
-from mmctl.observe import (
-    Interval,
-    client_for,
-    event_line,
-    iterate,
-    model_event_text,
-    open_watch,
-    request_text,
-)
+from mmctl.client import EXIT_UNREACHABLE, CliError, MmdClient, Stream
+from mmctl.observe import Interval, event_line, model_event_text, request_text
+from mmctl.options import client_for
 from mmd import protojson
 from mmd.units import format_size
 from mmd.v1 import mmd_pb2 as pb
@@ -42,7 +34,6 @@ if TYPE_CHECKING:
 
 LOG_LINES = 200
 GAUGE_MIN_WIDTH = 10
-_STATE_STYLES = {"ready": "green", "loading": "yellow", "unloading": "yellow", "failed": "bold red"}
 # Model changes written to the activity log, with their style.
 _CHANGE_STYLES = {
     pb.MODEL_STATE_READY: "green",
@@ -223,7 +214,7 @@ def models_table(state: TopState, now: float) -> RenderableType:
         name = protojson.state_name(model.state)
         cells = [
             Text(model.id),
-            Text(name, _STATE_STYLES.get(name, "")),
+            Text(name, render.STATE_STYLES.get(name, "")),
             Text(render.placement_text(model.placement)),
             Text(render.size_or_dash(model.estimated_bytes)),
             Text(render.size_or_dash(model.measured_bytes)),
@@ -331,7 +322,7 @@ def _read_keys(fd: int, inbox: queue.Queue[tuple[str, Any]], stop: threading.Eve
             inbox.put(("key", key))
 
 
-def _pump_events(call: Iterator[pb.Event], inbox: queue.Queue[tuple[str, Any]]) -> None:
+def _pump_events(call: Iterable[pb.Event], inbox: queue.Queue[tuple[str, Any]]) -> None:
     try:
         for event in call:
             inbox.put(("event", event))
@@ -361,14 +352,13 @@ def top(ctx: typer.Context, interval: Interval = 1.0) -> None:
     terminal it prints one line per event, like `mmctl events`.
     """
     with client_for(ctx) as client:
-        call = open_watch(client, interval)
-        stream = iterate(client, call, endless="event stream")
+        stream = client.watch(interval)
         if not sys.stdout.isatty():
             for event in stream:
                 sys.stdout.write(event_line(event) + "\n")
                 sys.stdout.flush()
             return
-        _run_screen(client, call, stream)
+        _run_screen(client, stream)
 
 
 def _terminal_size(console: Console) -> tuple[int, int]:
@@ -379,9 +369,7 @@ def _terminal_size(console: Console) -> tuple[int, int]:
     return console.size
 
 
-def _run_screen(
-    client: MmdClient, call: grpc.CallIterator[pb.Event], stream: Iterator[pb.Event]
-) -> None:
+def _run_screen(client: MmdClient, stream: Stream[pb.Event]) -> None:
     from rich.console import Console
     from rich.live import Live
 
@@ -443,5 +431,5 @@ def _run_screen(
                 live.update(screen(state, width, height, time.time()), refresh=True)
     finally:
         stop.set()
-        call.cancel()  # type: ignore[no-untyped-call]
+        stream.cancel()
         signal.signal(signal.SIGWINCH, old_winch)
