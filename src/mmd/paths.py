@@ -130,6 +130,12 @@ def default_log_dir() -> Path:
     return default_state_dir() / "logs"
 
 
+def model_log(log_dir: Path, model_id: str) -> Path:
+    """The file a model's llama-server writes its output to, in the daemon's log_dir: the
+    engine starts the child with it; `mmctl logs` and failure reports read it."""
+    return log_dir / f"{model_id}.log"
+
+
 def config_candidates() -> list[Path]:
     """Config files in lookup order after --config: $MMD_CONFIG, XDG, /etc."""
     found: list[Path] = []

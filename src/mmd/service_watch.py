@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmd import paths
 from mmd.engine import Engine
 from mmd.errors import FailedPrecondition, InvalidRequest
 from mmd.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
@@ -213,7 +214,7 @@ class WatchService:
         self.engine.entry(request.model_id)  # UnknownModel -> NOT_FOUND
         count = min(request.lines or DEFAULT_LOG_LINES, MAX_LOG_LINES)
         # The file the engine gives each model's llama-server (see Engine.log_tail).
-        path = self.engine.config.daemon.log_dir / f"{request.model_id}.log"
+        path = paths.model_log(self.engine.config.daemon.log_dir, request.model_id)
         if not request.follow and not await asyncio.to_thread(path.exists):
             # Not an empty log: there is none to show (with --follow, its first lines are).
             raise FailedPrecondition(
