@@ -430,3 +430,47 @@ def test_sixty_four_http_clients_three_models_every_request_accounted(
     log = daemon.log_path.read_text()
     assert "unloaded evicted" in log  # the three took turns
     assert "Traceback" not in log
+
+
+def test_keep_alive_field_warning_header_and_autoload_off(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    config = HTTP + "[scheduler]\nautoload = false\n" + model("tiny", model_files["tiny"])
+    daemon: Daemon = make_daemon(config)
+    base = http_base(daemon)
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with httpx.Client(base_url=base, timeout=60) as http:
+        refused = http.post("/v1/chat/completions", json=chat)
+        assert refused.status_code == 409
+        assert refused.json()["error"]["code"] == "failed_precondition"
+        assert http.post("/load", json={"model": "tiny"}).status_code == 200
+        # The synthetic model has no chat template: the answer says so in a header.
+        answered = http.post("/v1/chat/completions", json={**chat, "keep_alive": 0})
+        assert answered.status_code == 200, answered.text
+        assert "no chat template" in answered.headers["X-Mmd-Warning"]
+        # keep_alive 0: unloaded as soon as the request is done.
+        state = lambda: http.get("/models").json()[0]["state"]  # noqa: E731
+        assert wait_until(lambda: state() == "unloaded", timeout=10)
+        bad = http.post("/v1/chat/completions", json={**chat, "keep_alive": "soon"})
+        assert bad.status_code == 400
+        assert bad.json()["error"]["message"].startswith("keep_alive:")
+
+
+def test_world_readable_keys_file_is_refused_at_start(
+    make_daemon: Any, model_files: dict[str, Path], tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(KEY + "\n")
+    keys.chmod(0o644)
+    config = f'[http]\nlisten = ["127.0.0.1:0"]\napi_keys_file = "{keys}"\n'
+    daemon: Daemon = make_daemon(config + model("tiny", model_files["tiny"]), start=False)
+    daemon.write_config()
+    result = subprocess.run(
+        [*daemon_cmd(), "--config", str(daemon.config_path)],
+        capture_output=True,
+        env=daemon.env(),
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.decode().strip().endswith("is readable by every user; chmod o-r it")

@@ -21,7 +21,7 @@ from mmd.budget import BudgetSettings, parse_budget_setting
 from mmd.errors import ConfigError
 from mmd.footprint import GGUFError, is_gguf, read_shape
 from mmd.units import MIB, parse_duration, parse_keep_alive, parse_size
-from mmd.web.settings import HTTP_KEYS, HttpSettings, http_settings
+from mmd.web.settings import HTTP_KEYS, HttpSettings, http_settings, load_access
 
 MAX_MODEL_ID_CHARS = 64
 MODEL_ID_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_MODEL_ID_CHARS - 1}}}$")
@@ -447,6 +447,10 @@ def parse_config(text: str, source: Path | None) -> Config:
         http = http_settings(_table(where, "http", raw.get("http", {}), HTTP_KEYS))
     except ValueError as err:
         raise ConfigError(f"{where}: http.{err}") from None
+    try:
+        load_access(http)  # a keys file that cannot be used is refused now, not at bind
+    except ValueError as err:
+        raise ConfigError(f"{where}: http.api_keys_file: {err}") from None
     return Config(
         source=source,
         daemon=daemon,
