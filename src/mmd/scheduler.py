@@ -35,13 +35,23 @@ Policy, in short (the README's "Scheduling" section says it for users):
 
 from __future__ import annotations
 
-import enum
 import itertools
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from mmd.config import ModelSpec, SchedulerSettings
+from mmd.effects import (
+    AbortRunning,
+    Admit,
+    ArmTimer,
+    Effect,
+    Fail,
+    Kind,
+    LoadFailed,
+    StartLoad,
+    Stop,
+    Ticket,
+)
 from mmd.errors import (
     FailedPrecondition,
     InsufficientMemory,
@@ -52,135 +62,27 @@ from mmd.errors import (
     UnknownModel,
 )
 from mmd.footprint import Footprint, LearnedBytes
-from mmd.planner import DeviceBudget, Placement, Plan, Refusal, Resident, plan_load
+from mmd.model_state import MAX_BACKOFF_S, InvalidTransition, ModelEntry, State
+from mmd.planner import DeviceBudget, Plan, Refusal, Resident, plan_load
 
-
-class State(enum.Enum):
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    READY = "ready"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-class Kind(enum.Enum):
-    INFER = "infer"
-    EMBED = "embed"
-    LOAD = "load"  # an explicit load: done when the model is ready, takes no slot
-
-
-@dataclass
-class Ticket:
-    id: int
-    model_id: str
-    kind: Kind
-    arrived: float
-    keep_alive: float | None = None
-    admitted: bool = False  # holds a slot (counted in active) until request_done
-
-
-# --- effects ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Admit:
-    ticket: int
-
-
-@dataclass(frozen=True)
-class Fail:
-    ticket: int
-    error: MmdError
-
-
-@dataclass(frozen=True)
-class StartLoad:
-    model_id: str
-    placement: Placement
-    after: tuple[str, ...]  # evicted models whose stop must complete first
-
-
-@dataclass(frozen=True)
-class LoadFailed:
-    """A load refused before anything was planned or evicted (its model file is gone)."""
-
-    model_id: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Stop:
-    model_id: str
-    reason: str  # "evicted", "idle", "unload", "forced unload", "shutdown"
-    # An idle model evicted for a load that waits on its memory: killed without a grace
-    # period (it has nothing to finish, and the load starts once it is gone).
-    at_once: bool = False
-    beneficiary: str = ""  # for "evicted": the model it makes room for
-
-
-@dataclass(frozen=True)
-class AbortRunning:
-    model_id: str
-    error: MmdError
-
-
-@dataclass(frozen=True)
-class ArmTimer:
-    model_id: str
-    at: float
-
-
-Effect = Admit | Fail | StartLoad | LoadFailed | Stop | AbortRunning | ArmTimer
-
-MAX_BACKOFF_S = 60.0
-
-
-@dataclass
-class ModelEntry:
-    spec: ModelSpec
-    footprint: Footprint
-    state: State = State.UNLOADED
-    # Waiting requests in arrival order, by ticket id: a client that leaves is removed in
-    # O(1) even from a queue of thousands.
-    queue: OrderedDict[int, Ticket] = field(default_factory=OrderedDict)
-    load_waiters: list[int] = field(default_factory=list)
-    active: int = 0
-    last_used: float = 0.0
-    ready_since: float = 0.0
-    placement: Placement | None = None
-    measured: dict[str, int] = field(default_factory=dict)
-    runtime: dict[str, int] = field(default_factory=dict)  # buffers llama-server reported
-    gpu_layers_override: int | None = None
-    idle_keep_alive: float | None = None  # the finished request's own keep-alive
-    idle_deadline: float | None = None
-    unload_requested: bool = False
-    drain_for: str | None = None  # a waiting model this one makes room for
-    admitted_while_draining: int = 0
-    crashes: int = 0
-    retry_after: float = 0.0
-    last_error: str = ""
-    stop_reason: str = ""
-
-    @property
-    def usage(self) -> dict[str, int]:
-        """Bytes accounted per device: the measurement where it is known and larger."""
-        planned = dict(self.placement.usage) if self.placement else {}
-        for device, measured in self.measured.items():
-            planned[device] = max(planned.get(device, 0), measured)
-        return planned
-
-    @property
-    def holds_memory(self) -> bool:
-        return self.state in (State.LOADING, State.READY, State.UNLOADING)
-
-    @property
-    def queued(self) -> int:
-        return len(self.queue)
-
-    @property
-    def head_arrival(self) -> float:
-        """When the oldest waiting request arrived (the queue must not be empty)."""
-        return next(iter(self.queue.values())).arrived
+# Importable from here as before; the definitions live in mmd.effects and mmd.model_state.
+__all__ = [
+    "MAX_BACKOFF_S",
+    "AbortRunning",
+    "Admit",
+    "ArmTimer",
+    "Effect",
+    "Fail",
+    "InvalidTransition",
+    "Kind",
+    "LoadFailed",
+    "ModelEntry",
+    "Scheduler",
+    "StartLoad",
+    "State",
+    "Stop",
+    "Ticket",
+]
 
 
 class Scheduler:
@@ -375,12 +277,7 @@ class Scheduler:
                 effects += self._begin_stop(
                     victim, "evicted", at_once=True, beneficiary=entry.spec.id
                 )
-            entry.state = State.LOADING
-            entry.placement = plan.placement
-            entry.measured = {}
-            entry.runtime = {}
-            entry.last_error = ""
-            entry.stop_reason = ""
+            entry.start_loading(plan.placement)
             effects.append(StartLoad(entry.spec.id, plan.placement, plan.evict))
             return effects
         eventual = plan_load(
@@ -403,11 +300,7 @@ class Scheduler:
     def _fail_before_load(self, entry: ModelEntry, now: float, error: MmdError) -> list[Effect]:
         """The model fails as a load that failed would (and counts as one), with nothing
         planned, evicted or started."""
-        entry.state = State.FAILED
-        entry.placement = None
-        entry.last_error = error.message
-        entry.drain_for = None
-        self._note_failure(entry, now)
+        entry.failed(error.message, now)
         return [LoadFailed(entry.spec.id, error.message), *self._refuse(entry, error)]
 
     def _refuse(self, entry: ModelEntry, error: MmdError) -> list[Effect]:
@@ -425,11 +318,7 @@ class Scheduler:
     def _begin_stop(
         self, entry: ModelEntry, reason: str, at_once: bool = False, beneficiary: str = ""
     ) -> list[Effect]:
-        entry.state = State.UNLOADING
-        entry.stop_reason = reason
-        entry.idle_deadline = None
-        entry.drain_for = None
-        return [Stop(entry.spec.id, reason, at_once, beneficiary)]
+        return [entry.begin_stop(reason, at_once, beneficiary)]
 
     def load_done(self, model_id: str, now: float, error: MmdError | None = None) -> list[Effect]:
         entry = self.entry(model_id)
@@ -438,8 +327,7 @@ class Scheduler:
         effects: list[Effect] = []
         entry.gpu_layers_override = None
         if error is None:
-            entry.state = State.READY
-            entry.ready_since = now
+            entry.became_ready(now)
             effects += [Admit(t) for t in entry.load_waiters]
             for ticket_id in entry.load_waiters:
                 self.tickets.pop(ticket_id, None)
@@ -447,25 +335,9 @@ class Scheduler:
             if not entry.queue:
                 effects += self._arm_idle(entry, now, None)
         else:
-            entry.state = State.FAILED
-            entry.placement = None
-            entry.measured = {}
-            entry.runtime = {}
-            entry.last_error = error.message
-            entry.drain_for = None
-            self._note_failure(entry, now)
+            entry.failed(error.message, now)
             effects += self._refuse(entry, error)
         return effects + self.pump(now)
-
-    def _forget_old_failures(self, entry: ModelEntry, now: float) -> None:
-        """Failures count "in a row" until the model has stayed ready for a while."""
-        if entry.state == State.READY and now - entry.ready_since >= MAX_BACKOFF_S:
-            entry.crashes = 0
-
-    def _note_failure(self, entry: ModelEntry, now: float) -> None:
-        entry.crashes += 1
-        delay = 0.0 if entry.crashes <= 1 else min(MAX_BACKOFF_S, 2.0 ** (entry.crashes - 1))
-        entry.retry_after = now + delay
 
     def set_measured(self, model_id: str, usage: Mapping[str, int]) -> None:
         entry = self.entry(model_id)
@@ -568,10 +440,7 @@ class Scheduler:
         entry = self.entry(model_id)
         if entry.state != State.UNLOADING:
             return []
-        entry.state = State.UNLOADED
-        entry.placement = None
-        entry.measured = {}
-        entry.runtime = {}
+        entry.stopped()
         effects: list[Effect] = []
         if entry.queue or entry.load_waiters:
             effects += self._start_load(entry, now)
@@ -586,15 +455,7 @@ class Scheduler:
         effects: list[Effect] = []
         if entry.active:
             effects.append(AbortRunning(model_id, error))
-        self._forget_old_failures(entry, now)
-        entry.state = State.FAILED
-        entry.placement = None
-        entry.measured = {}
-        entry.runtime = {}
-        entry.last_error = error.message
-        entry.idle_deadline = None
-        entry.drain_for = None
-        self._note_failure(entry, now)
+        entry.failed(error.message, now)
         if entry.queue or entry.load_waiters:
             if now >= entry.retry_after and self.settings.autoload:
                 effects += self._start_load(entry, now)
@@ -609,9 +470,7 @@ class Scheduler:
         if entry.state in (State.UNLOADED, State.UNLOADING):
             return []
         if entry.state == State.FAILED:
-            entry.state = State.UNLOADED
-            entry.last_error = ""
-            entry.crashes = 0
+            entry.clear_failure()
             return []
         aborted = RequestAborted(f"model {model_id!r} was unloaded by an operator")
         effects: list[Effect] = [Fail(t, aborted) for t in entry.queue]
@@ -653,7 +512,7 @@ class Scheduler:
     def pump(self, now: float) -> list[Effect]:
         """Admit what can run, oldest first; restart loads that wait for room."""
         for entry in self.models.values():
-            self._forget_old_failures(entry, now)
+            entry.forget_old_failures(now)
             if entry.drain_for is not None and not self._waits_for_room(entry.drain_for):
                 entry.drain_for = None
         effects: list[Effect] = []
