@@ -20,13 +20,14 @@ from typing import Any
 from mmd import paths
 from mmd.budget import DeviceBudgetView, alert_crossings, compute_budgets
 from mmd.buffers import buffer_sizes
+from mmd.children import Child, ChildFactory
 from mmd.config import Config, ModelSpec, check_model_file
 from mmd.cpu import is_sigill, sigill_line
 from mmd.errors import ConfigError, MmdError, RuntimeFailed, StillBusy
 from mmd.events import AlertCrossed, EventBus, MemorySampled, ModelChanged, RequestFinished
 from mmd.footprint import Footprint, LearnedBytes, footprint_for, has_chat_template
 from mmd.learned import LearnedStore, ModelIdentity, model_identity
-from mmd.memory import RAM_ID, MemoryProbe, MemorySnapshot, ProcessMemory
+from mmd.memory import RAM_ID, MemoryReader, MemorySnapshot, ProcessMemory
 from mmd.planner import Placement, Plan, Refusal
 from mmd.reload import ConfigDiff, diff_configs, keep_restart_settings
 from mmd.runtime import LaunchSpec, LlamaServer, read_log_tail
@@ -146,22 +147,29 @@ class Engine:
         self,
         config: Config,
         runtime: LlamaRuntime,
-        probe: MemoryProbe,
+        probe: MemoryReader,
         runtime_dir: Path,
         footprints: dict[str, Footprint] | None = None,
+        *,
+        child_factory: ChildFactory = LlamaServer,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """``child_factory`` makes each llama-server child; ``clock`` is the scheduler's
+        time in seconds (the event loop's by default: timers are armed on it)."""
         self.config = config
         self.runtime = runtime
         self.probe = probe
         self.runtime_dir = runtime_dir
+        self._child_factory = child_factory
         footprints = footprints or {m: footprint_for(s) for m, s in config.models.items()}
         self.core = Scheduler(
             config.scheduler, {m: (s, footprints[m]) for m, s in config.models.items()}
         )
         self.core.file_problem = _model_file_problem
         self.loop = asyncio.get_running_loop()
+        self._clock = clock or self.loop.time
         self.waiters: dict[int, asyncio.Future[None]] = {}
-        self.servers: dict[str, LlamaServer] = {}
+        self.servers: dict[str, Child] = {}
         self.running: dict[int, str] = {}  # ticket -> model id
         self.aborts: dict[int, MmdError] = {}
         self.load_tasks: dict[str, asyncio.Task[None]] = {}
@@ -194,8 +202,8 @@ class Engine:
 
     async def close(self, drain_timeout: float) -> None:
         """Wait for running requests (bounded), then refuse the rest and stop every child."""
-        deadline = self.loop.time() + drain_timeout
-        while self.core.active_total and self.loop.time() < deadline:
+        deadline = self.now() + drain_timeout
+        while self.core.active_total and self.now() < deadline:
             await asyncio.sleep(0.05)
         self._apply(self.core.shutdown())
         for task in list(self.load_tasks.values()):
@@ -213,7 +221,7 @@ class Engine:
         await self.runtime.close()
 
     def now(self) -> float:
-        return self.loop.time()
+        return self._clock()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
@@ -256,7 +264,9 @@ class Engine:
                     old = self.timers.pop(model_id, None)
                     if old:
                         old.cancel()
-                    self.timers[model_id] = self.loop.call_at(at, self._idle_fired, model_id)
+                    self.timers[model_id] = self.loop.call_later(
+                        max(0.0, at - self.now()), self._idle_fired, model_id
+                    )
 
     def _idle_fired(self, model_id: str) -> None:
         self.timers.pop(model_id, None)
@@ -297,7 +307,7 @@ class Engine:
             binary = await self.runtime.ready()
             if binary.path != self._learned_runtime:
                 self._attach_learned()  # the figures learned with this binary
-            server = LlamaServer(binary, self._launch_spec(entry.spec, placement))
+            server = self._child_factory(binary, self._launch_spec(entry.spec, placement))
             self.servers[model_id] = server
             self._notify(
                 model_id, "loading", f"{placement.kind}, {placement.gpu_layers} GPU layers"
@@ -377,7 +387,7 @@ class Engine:
         finally:
             event.set()
 
-    async def _watch(self, model_id: str, server: LlamaServer) -> None:
+    async def _watch(self, model_id: str, server: Child) -> None:
         status = await server.wait()
         if self.servers.get(model_id) is not server:
             return  # a stop mmd asked for
@@ -389,7 +399,7 @@ class Engine:
         await server.stop(0.1)
         self._apply(self.core.crashed(model_id, self.now(), description))
 
-    async def _read_buffer_sizes(self, model_id: str, server: LlamaServer, offset: int) -> None:
+    async def _read_buffer_sizes(self, model_id: str, server: Child, offset: int) -> None:
         """Read the buffer sizes the ready child logged (from ``offset``, where its start
         is in the log) and keep them per device next to the estimate and the measurement."""
         sizes: dict[str, dict[str, int]] = {}
@@ -529,7 +539,7 @@ class Engine:
     @contextlib.asynccontextmanager
     async def _slot(
         self, model_id: str, kind: Kind, keep_alive: float | None
-    ) -> AsyncIterator[tuple[LlamaServer, RequestRecord]]:
+    ) -> AsyncIterator[tuple[Child, RequestRecord]]:
         """Admission, then the running request; always accounted and published."""
         record = RequestRecord(arrived=self.now())
         ticket = 0
@@ -586,7 +596,7 @@ class Engine:
         )
 
     async def _running_error(
-        self, ticket: int, model_id: str, server: LlamaServer, exc: BaseException
+        self, ticket: int, model_id: str, server: Child, exc: BaseException
     ) -> BaseException:
         """The error a running request ends with when its stream broke.
 
@@ -602,7 +612,7 @@ class Engine:
             abort = await self._crash_error(model_id, server)
         return abort if abort is not None else exc
 
-    async def _crash_error(self, model_id: str, server: LlamaServer) -> MmdError | None:
+    async def _crash_error(self, model_id: str, server: Child) -> MmdError | None:
         """When a stream broke because the child died, an error that says how it died."""
         try:
             status = await asyncio.wait_for(asyncio.shield(server.wait()), 1.0)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import psutil
 
@@ -172,6 +172,18 @@ class _Nvml:
 
 def _as_text(value: str | bytes) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+class MemoryReader(Protocol):
+    """What the daemon needs of a probe (MemoryProbe is the real one)."""
+
+    async def read_async(self, *, fresh: bool = False) -> MemorySnapshot:
+        """The devices, no older than the probe's cache age (``fresh``: read now)."""
+        ...
+
+    def measure_process(self, pid: int) -> ProcessMemory:
+        """What the process tree of ``pid`` holds (blocking)."""
+        ...
 
 
 class MemoryProbe:

@@ -1,0 +1,455 @@
+"""The engine driven with stand-in children and a stand-in probe: no process, no device.
+
+Each child answers over an in-memory HTTP transport the way llama-server does; the probe
+reports one RAM device whose free memory is what the running stand-ins leave. What the
+real children and devices do is tested elsewhere (test_daemon, test_faults, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mmd.config import Config, DaemonSettings, ModelSpec, SchedulerSettings
+from mmd.engine import Engine, LoadStage
+from mmd.errors import RequestAborted, RuntimeFailed
+from mmd.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
+from mmd.footprint import Footprint
+from mmd.memory import DeviceReading, MemorySnapshot, ProcessMemory
+from mmd.runtime import LaunchSpec, LlamaBinary
+from mmd.runtime_check import LlamaRuntime, Verdict, VerdictCache
+from mmd.scheduler import State
+from mmd.units import GIB
+from mmd.upstream import Final, InferParams
+
+RAM_TOTAL = 16 * GIB
+OTHERS = 2 * GIB  # held by processes that are not mmd's
+MODEL_BYTES = 8 * GIB  # one model fits in the budget (13 GiB), two do not
+
+_pids = itertools.count(70000)
+
+
+class FakeProbe:
+    """One RAM device; the stand-in children's bytes count as used while they run."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, int] = {}  # pid -> bytes
+        self.others = OTHERS
+        self.reads = 0
+
+    async def read_async(self, *, fresh: bool = False) -> MemorySnapshot:
+        self.reads += 1
+        used = min(RAM_TOTAL, self.others + sum(self.held.values()))
+        ram = DeviceReading("ram", "ram", "Test RAM", RAM_TOTAL, RAM_TOTAL - used, used)
+        return MemorySnapshot((ram,), 0.0)
+
+    def measure_process(self, pid: int) -> ProcessMemory:
+        held = self.held.get(pid)
+        return ProcessMemory({"ram": held}, held) if held is not None else ProcessMemory({}, 0)
+
+
+class FakeChild:
+    """A llama-server stand-in: ``behaviour`` "ok" serves, "fail" exits during its load,
+    "hang" never becomes ready. With ``stall`` set a completion sends one piece, then
+    waits until the child is gone, whose stream then breaks as a lost connection does."""
+
+    def __init__(
+        self, binary: LlamaBinary, spec: LaunchSpec, probe: FakeProbe, behaviour: str
+    ) -> None:
+        self.binary = binary
+        self.spec = spec
+        self.probe = probe
+        self.behaviour = behaviour
+        self.stall = False
+        self.streaming = asyncio.Event()  # a completion has sent its first piece
+        self.exited = asyncio.Event()
+        self.status: int | None = None
+        self.stop_grace: float | None = None
+        self._pid = 0
+        transport = httpx.MockTransport(self._answer)
+        self.client = httpx.AsyncClient(transport=transport, base_url="http://llama-server")
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    async def start(self, timeout: float) -> None:
+        self._pid = next(_pids)
+        name = self.spec.model_id
+        if self.behaviour == "fail":
+            self._exit(1)
+            raise RuntimeFailed(f"model {name!r}: llama-server exited with status 1 during load")
+        if self.behaviour == "hang":
+            try:
+                await asyncio.wait_for(self.exited.wait(), timeout)
+            except TimeoutError:
+                await self.stop(1.0)
+                raise RuntimeFailed(
+                    f"model {name!r} was not ready within {timeout:g}s (load timeout)"
+                ) from None
+        self.probe.held[self._pid] = MODEL_BYTES
+        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.spec.log_path.open("a") as log:
+            log.write("load_tensors:   CPU_Mapped model buffer size =   100.00 MiB\n")
+            log.write("sched_reserve:        CPU compute buffer size =    12.00 MiB\n")
+
+    async def wait(self) -> int:
+        await self.exited.wait()
+        assert self.status is not None
+        return self.status
+
+    async def stop(self, grace: float) -> int | None:
+        if self._pid == 0:
+            return None
+        self.stop_grace = grace
+        self._exit(-15 if grace > 0 else -9)
+        await self.client.aclose()
+        return self.status
+
+    def crash(self, status: int = -11) -> None:
+        self._exit(status)
+
+    def _exit(self, status: int) -> None:
+        if self.status is None:
+            self.status = status
+            self.probe.held.pop(self._pid, None)
+            self.exited.set()
+
+    async def _answer(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/completion":
+            return httpx.Response(200, content=self._completion())
+        if request.url.path == "/v1/embeddings":
+            inputs = json.loads(request.content)["input"]
+            data = [{"index": i, "embedding": [float(i), 0.5]} for i in range(len(inputs))]
+            return httpx.Response(200, json={"data": data, "usage": {"prompt_tokens": 4}})
+        return httpx.Response(404, json={"error": {"message": "no such endpoint"}})
+
+    async def _completion(self) -> AsyncIterator[bytes]:
+        yield b'data: {"content": "Hel"}\n\n'
+        if self.stall:
+            self.streaming.set()
+            await self.exited.wait()
+            raise httpx.ReadError("the child closed the connection")
+        yield b'data: {"content": "lo", "stop": true, "tokens_evaluated": 3,'
+        yield b' "tokens_predicted": 2}\n\n'
+
+
+class Children:
+    """The child factory: makes stand-ins and keeps them, per model, in order."""
+
+    def __init__(self, probe: FakeProbe) -> None:
+        self.probe = probe
+        self.behaviour: dict[str, str] = {}
+        self.made: list[FakeChild] = []
+
+    def __call__(self, binary: LlamaBinary, spec: LaunchSpec) -> FakeChild:
+        child = FakeChild(binary, spec, self.probe, self.behaviour.get(spec.model_id, "ok"))
+        self.made.append(child)
+        return child
+
+    def of(self, model_id: str) -> list[FakeChild]:
+        return [c for c in self.made if c.spec.model_id == model_id]
+
+
+class Clock:
+    """The loop's time plus an offset the test may move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return asyncio.get_running_loop().time() + self.offset
+
+
+def _footprint() -> Footprint:
+    return Footprint((), 0, MODEL_BYTES, MODEL_BYTES, 0, 0)  # all of it host overhead
+
+
+def _model_file(path: Path) -> Path:
+    path.write_bytes(b"GGUF" + bytes(60))  # enough for the checks that a load makes
+    return path
+
+
+Rig = tuple[Engine, Children, FakeProbe]
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Callable[..., Rig]]:
+    made: list[Engine] = []
+
+    def build(*, load_timeout: float = 5.0, keep_alive: float = 300.0) -> Rig:
+        specs = {
+            name: ModelSpec(
+                name,
+                _model_file(tmp_path / f"{name}.gguf"),
+                keep_alive=keep_alive,
+                embedding=name == "e",
+            )
+            for name in ("a", "b", "e")
+        }
+        config = Config(
+            source=None,
+            daemon=DaemonSettings(
+                socket=tmp_path / "mmd.sock",
+                state_dir=tmp_path / "state",
+                log_dir=tmp_path / "logs",
+                load_timeout=load_timeout,
+                stop_grace=0.5,
+            ),
+            scheduler=SchedulerSettings(min_residency=0.0),
+            models=specs,
+        )
+        binary = LlamaBinary(tmp_path / "llama-server", {}, "config")
+        runtime = LlamaRuntime([binary], VerdictCache(tmp_path / "state"), flags=frozenset())
+        runtime.verdict = Verdict(True, "version: 1 (test)", options=("--verbosity",))
+        probe = FakeProbe()
+        children = Children(probe)
+        engine = Engine(
+            config,
+            runtime,
+            probe,
+            tmp_path / "children",
+            {name: _footprint() for name in specs},
+            child_factory=children,
+            clock=Clock(),
+        )
+        made.append(engine)
+        return engine, children, probe
+
+    yield build
+    for engine in made:
+        await engine.close(drain_timeout=0.0)
+
+
+def _events(engine: Engine) -> Callable[[], list[Event]]:
+    subscription = engine.events.subscribe()
+
+    def taken() -> list[Event]:
+        found = []
+        while not subscription.queue.empty():
+            found.append(subscription.queue.get_nowait()[1])
+        return found
+
+    return taken
+
+
+def _changes(events: list[Event]) -> list[tuple[str, str, str]]:
+    return [(e.model_id, e.state, e.reason) for e in events if isinstance(e, ModelChanged)]
+
+
+async def _stages(engine: Engine, model_id: str) -> list[LoadStage]:
+    return [stage async for stage in engine.load_stages(model_id)]
+
+
+async def _infer(engine: Engine, model_id: str) -> list[str | Final]:
+    return [item async for item in engine.infer(model_id, InferParams(prompt="hi"))]
+
+
+async def test_a_load_starts_a_child_and_requests_reach_it(rig: Callable[..., Rig]) -> None:
+    engine, children, _ = rig()
+    await engine.start()
+    taken = _events(engine)
+    stages = await _stages(engine, "a")
+    assert [s.stage for s in stages] == ["planning", "loading", "ready"]
+    assert stages[1].message == "cpu, 0 GPU layers"
+    (child,) = children.made
+    assert child.spec.model_id == "a"
+    assert child.spec.socket.parent == engine.runtime_dir
+    assert child.spec.log_verbosity == 4  # its binary lists --verbosity
+    assert engine.entry("a").state == State.READY
+    assert engine.pid_of("a") == child.pid
+
+    pieces = await _infer(engine, "a")
+    assert pieces[:2] == ["Hel", "lo"]
+    final = pieces[-1]
+    assert isinstance(final, Final)
+    assert (final.prompt_tokens, final.completion_tokens) == (3, 2)
+    assert engine.status_line() == "serving 3 models, 1 loaded"
+
+    events = taken()
+    assert _changes(events) == [("a", "loading", "load"), ("a", "ready", "load")]
+    finished = [e for e in events if isinstance(e, RequestFinished)]
+    assert [(e.kind, e.status, e.completion_tokens) for e in finished] == [("infer", "ok", 2)]
+    assert engine.active_total == engine.queued_total == 0
+
+    # The child's own figures: the buffers its log names, its measured bytes.
+    await engine.refresh_memory()
+    assert engine.entry("a").measured == {"ram": MODEL_BYTES}
+    (ram,) = engine.budgets
+    assert (ram.mmd_bytes, ram.other_bytes) == (MODEL_BYTES, OTHERS)
+
+
+async def test_an_embedding_request_loads_its_model(rig: Callable[..., Rig]) -> None:
+    engine, children, _ = rig()
+    await engine.start()
+    vectors, tokens = await engine.embed("e", ["x", "y"])
+    assert (vectors, tokens) == ([[0.0, 0.5], [1.0, 0.5]], 4)
+    (child,) = children.made
+    assert child.spec.embedding
+
+
+async def test_a_load_that_fails_leaves_the_model_failed(rig: Callable[..., Rig]) -> None:
+    engine, children, _ = rig()
+    await engine.start()
+    children.behaviour["a"] = "fail"
+    taken = _events(engine)
+    with pytest.raises(RuntimeFailed, match="exited with status 1 during load"):
+        await _stages(engine, "a")
+    entry = engine.entry("a")
+    assert entry.state == State.FAILED
+    assert "during load" in entry.last_error
+    assert engine.pid_of("a") == 0
+    changes = _changes(taken())
+    assert changes == [("a", "loading", "load"), ("a", "failed", "load failed")]
+
+    # An explicit load retries at once, with a new child.
+    children.behaviour["a"] = "ok"
+    await _stages(engine, "a")
+    assert engine.entry("a").state == State.READY
+    assert len(children.of("a")) == 2
+
+
+async def test_a_load_timeout_stops_the_child_and_fails_the_load(
+    rig: Callable[..., Rig],
+) -> None:
+    engine, children, probe = rig(load_timeout=0.05)
+    await engine.start()
+    children.behaviour["a"] = "hang"
+    with pytest.raises(RuntimeFailed, match=r"not ready within 0\.05s"):
+        await _infer(engine, "a")
+    (child,) = children.made
+    assert child.exited.is_set()
+    assert engine.entry("a").state == State.FAILED
+    assert probe.held == {}
+
+
+async def test_a_crash_of_a_ready_child_fails_its_running_request(
+    rig: Callable[..., Rig],
+) -> None:
+    engine, children, _ = rig()
+    await engine.start()
+    await _stages(engine, "a")
+    (child,) = children.made
+    child.stall = True
+    taken = _events(engine)
+    stream = engine.infer("a", InferParams(prompt="hi"))
+    assert await anext(stream) == "Hel"
+    pending = asyncio.ensure_future(anext(stream))
+    await child.streaming.wait()
+    child.crash(-11)
+    with pytest.raises(RuntimeFailed, match=r"crashed: killed by SIGSEGV \(exit status -11\)"):
+        await pending
+    await stream.aclose()
+    for _ in range(100):
+        if engine.entry("a").state == State.FAILED:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.entry("a").state == State.FAILED
+    assert engine.pid_of("a") == 0
+    events = taken()
+    crashed = [e for e in events if isinstance(e, ModelChanged)]
+    assert [(e.state, e.reason, e.detail) for e in crashed] == [
+        ("failed", "crashed", "killed by SIGSEGV (exit status -11)")
+    ]
+    (finished,) = [e for e in events if isinstance(e, RequestFinished)]
+    assert finished.status == "UNAVAILABLE"
+    assert "crashed" in finished.error
+    assert engine.active_total == 0
+
+    # The next request loads it again.
+    assert (await _infer(engine, "a"))[:2] == ["Hel", "lo"]
+    assert len(children.of("a")) == 2
+
+
+async def test_a_forced_unload_aborts_the_running_request(rig: Callable[..., Rig]) -> None:
+    engine, children, probe = rig()
+    await engine.start()
+    await _stages(engine, "a")
+    (child,) = children.made
+    child.stall = True
+    taken = _events(engine)
+    stream = engine.infer("a", InferParams(prompt="hi"))
+    assert await anext(stream) == "Hel"
+    pending = asyncio.ensure_future(anext(stream))
+    await child.streaming.wait()
+    assert await engine.unload("a", force=True, timeout=5.0) == 1
+    with pytest.raises(RequestAborted, match="unloaded by an operator"):
+        await pending
+    await stream.aclose()
+    assert child.stop_grace == 0.5  # the configured stop_grace
+    assert engine.entry("a").state == State.UNLOADED
+    assert probe.held == {}
+    events = taken()
+    assert _changes(events) == [
+        ("a", "unloading", "forced unload"),
+        ("a", "unloaded", "forced unload"),
+    ]
+    (finished,) = [e for e in events if isinstance(e, RequestFinished)]
+    assert finished.status == "ABORTED"
+
+
+async def test_a_load_evicts_an_idle_model_to_make_room(rig: Callable[..., Rig]) -> None:
+    engine, children, probe = rig()
+    await engine.start()
+    await _stages(engine, "a")
+    taken = _events(engine)
+    plan = await engine.plan_load("b", None)
+    assert getattr(plan, "evict", None) == ("a",)
+    stages = await _stages(engine, "b")
+    # (A stage reported in the same loop turn as the admission may not reach the caller:
+    # the events below list every one.)
+    assert [s.stage for s in stages][:2] == ["planning", "evicting"]
+    assert stages[-1].stage == "ready"
+    assert stages[0].message == "cpu; evicting a"
+    (a_child,) = children.of("a")
+    assert a_child.stop_grace == 0.0  # an idle model evicted for a waiting load: at once
+    assert engine.entry("a").state == State.UNLOADED
+    assert engine.entry("b").state == State.READY
+    assert list(probe.held.values()) == [MODEL_BYTES]
+    changes = [
+        (e.model_id, e.state, e.reason, e.for_model) for e in taken() if isinstance(e, ModelChanged)
+    ]
+    assert changes == [
+        ("a", "unloading", "evicted", "b"),
+        ("a", "unloaded", "evicted", "b"),
+        ("b", "loading", "load", ""),
+        ("b", "ready", "load", ""),
+    ]
+
+
+async def test_an_idle_model_unloads_after_its_keep_alive(rig: Callable[..., Rig]) -> None:
+    engine, children, _ = rig(keep_alive=0.05)
+    await engine.start()
+    await _infer(engine, "a")
+    (child,) = children.made
+    await asyncio.wait_for(child.exited.wait(), 5.0)
+    for _ in range(100):
+        if engine.entry("a").state == State.UNLOADED:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.entry("a").state == State.UNLOADED
+
+
+async def test_memory_samples_and_alert_crossings_are_published(
+    rig: Callable[..., Rig],
+) -> None:
+    engine, _, probe = rig()
+    await engine.start()
+    taken = _events(engine)
+    probe.others = 15 * GIB  # 93.75% of the total in use: past the 85% alert
+    await engine.refresh_memory()
+    engine._publish_memory()
+    engine._publish_memory()  # still above: no second crossing
+    probe.others = OTHERS
+    await engine.refresh_memory()
+    engine._publish_memory()
+    events = taken()
+    assert sum(isinstance(e, MemorySampled) for e in events) == 3
+    crossings = [(e.device, e.above) for e in events if isinstance(e, AlertCrossed)]
+    assert crossings == [("ram", True), ("ram", False)]
