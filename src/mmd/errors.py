@@ -76,6 +76,13 @@ class ConfigError(Exception):
     """The configuration is invalid. The message names the file, the key and the problem."""
 
 
+class InvalidConfig(MmdError):
+    """A reload found the config file invalid; the old config stays in force."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    kind = "invalid_config"
+
+
 class StillBusy(MmdError):
     """An unload waited for running requests and they did not finish in time."""
 
