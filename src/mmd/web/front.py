@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mmd.engine import Engine
 from mmd.errors import ConfigError
-from mmd.web import admin_api, openai_api
+from mmd.web import admin_api, dashboard, openai_api
 from mmd.web.server import HttpFront
 from mmd.web.settings import HttpSettings, load_access
 
@@ -20,6 +20,7 @@ async def start_http(engine: Engine, settings: HttpSettings) -> HttpFront | None
     front = HttpFront(engine, settings, access)
     front.add_routes(openai_api.add_routes)
     front.add_routes(admin_api.add_routes)
+    front.add_routes(dashboard.add_routes)
     await front.start()
     engine.http_listen = tuple(front.addresses)
     return front
