@@ -400,6 +400,17 @@ def test_health_json_and_text(fake: FakeModelManager, socket_path: Path) -> None
     assert "1 active" in text
     assert "3 queued" in text
     assert "NVML unavailable" in text
+    assert "HTTP: off" in text
+    assert data["http_listen"] == []
+
+
+def test_health_shows_the_http_listeners(fake: FakeModelManager, socket_path: Path) -> None:
+    listen = ["http://127.0.0.1:8080", "unix:/run/mmd/http.sock"]
+    fake.health = mmd_pb2.Health(version="0.1.0", http_listen=listen)
+    text = invoke(socket_path, "health").stdout
+    assert "HTTP: http://127.0.0.1:8080, unix:/run/mmd/http.sock" in text.splitlines()
+    data = json.loads(invoke(socket_path, "health", "--json").stdout)
+    assert data["http_listen"] == listen
 
 
 def test_plan_refused_exits_5_with_reason(fake: FakeModelManager, socket_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""`mmctl doctor`'s checks: llama-server, GPUs, config, model files, socket, daemon.
+"""`mmctl doctor`'s checks: llama-server, GPUs, config, model files, socket, daemon, and
+the HTTP front door.
 
 Imported only when `mmctl doctor` runs: it needs most of mmd (config, footprints,
 memory probes, the planner), which the other commands do not.
@@ -12,13 +13,19 @@ import stat
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import grpc
+import httpx
 import typer
 
 from mmctl import render
-from mmctl.client import CliError, check_runtime_dir, locate_socket, permission_message
+from mmctl.client import (
+    CliError,
+    MmdClient,
+    check_runtime_dir,
+    locate_socket,
+    permission_message,
+)
 from mmd import paths, protojson
 from mmd.budget import BudgetSettings, DeviceBudgetView, compute_budgets, configured_cap
 from mmd.config import Config, ModelSpec, check_model_file, find_config, load_config
@@ -29,10 +36,16 @@ from mmd.planner import DeviceBudget, Plan, plan_load
 from mmd.runtime import llama_server_candidates
 from mmd.units import format_size
 from mmd.v1 import mmd_pb2
+from mmd.web.settings import Listen, parse_listen_address, read_keys_file
 
 Status = Literal["ok", "warn", "fail"]
 
 _HEALTH_TIMEOUT_S = 5.0
+# Says where the HTTP listeners come from: they start with the daemon.
+_HTTP_RESTART_HINT = (
+    "the HTTP listeners start with the daemon (a reload does not move them): restart mmd "
+    "('systemctl restart mmd'), and see 'journalctl -u mmd' if it still does not listen"
+)
 
 
 @dataclass
@@ -100,14 +113,18 @@ def _check_gpus(probe: MemoryProbe) -> Check:
     return Check("nvml", "ok", listed)
 
 
+def _raw_config(source: Path) -> dict[str, Any]:
+    """The config file's tables as TOML gives them, unchecked; {} when it cannot be read."""
+    try:
+        return tomllib.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}
+
+
 def _lenient_specs(source: Path) -> dict[str, ModelSpec | str]:
     """Each [models.<id>] as a spec, or the reason it is broken, even when the config as a
     whole is invalid: every bad model is named, not just the first."""
-    try:
-        raw = tomllib.loads(source.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return {}
-    models = raw.get("models")
+    models = _raw_config(source).get("models")
     found: dict[str, ModelSpec | str] = {}
     for model_id, table in (models if isinstance(models, dict) else {}).items():
         value = table.get("path") if isinstance(table, dict) else None
@@ -198,12 +215,13 @@ def _budget_settings(budget: BudgetSettings, views: list[DeviceBudgetView]) -> s
 _GROUP_HINT = "join the daemon's group (usermod -aG mmd $USER, then log in again) or use sudo"
 
 
-def _check_socket(socket: Path) -> list[Check]:
+def _check_socket(socket: Path) -> tuple[list[Check], mmd_pb2.Health | None]:
+    """The socket's checks and the daemon's; the daemon's Health when it answered."""
     try:
         check_runtime_dir(socket)
     except CliError as err:
         hint = f"remove {socket.parent} (mmd makes it anew, for you alone)"
-        return [Check("socket", "fail", err.message, hint)]
+        return [Check("socket", "fail", err.message, hint)], None
     try:
         info = socket.stat()
         dir_mode = stat.S_IMODE(socket.parent.stat().st_mode)
@@ -212,15 +230,16 @@ def _check_socket(socket: Path) -> list[Check]:
         return [
             Check("socket", "fail", f"{socket} does not exist", hint),
             Check("daemon", "fail", "not reachable: no socket", hint),
-        ]
+        ], None
     except OSError as err:  # a directory on the way is closed to us
         detail = permission_message(socket) if isinstance(err, PermissionError) else str(err)
         return [
             Check("socket", "fail", detail, _GROUP_HINT),
             Check("daemon", "fail", "not reachable: no access to the socket", _GROUP_HINT),
-        ]
+        ], None
     if not stat.S_ISSOCK(info.st_mode):
-        return [Check("socket", "fail", f"{socket} is not a socket", "remove it; restart mmd")]
+        hint = "remove it; restart mmd"
+        return [Check("socket", "fail", f"{socket} is not a socket", hint)], None
     mode = stat.S_IMODE(info.st_mode)
     checks = []
     if mode & 0o007 and dir_mode & 0o001:
@@ -235,28 +254,21 @@ def _check_socket(socket: Path) -> list[Check]:
         checks.append(Check("socket", "ok", f"{socket} (mode {mode:04o}, dir {dir_mode:04o})"))
     if not os.access(socket, os.R_OK | os.W_OK):
         checks.append(Check("daemon", "fail", permission_message(socket), _GROUP_HINT))
-        return checks
-    checks.append(_check_daemon(socket))
-    return checks
+        return checks, None
+    daemon, health = _check_daemon(socket)
+    return [*checks, daemon], health
 
 
-def _check_daemon(socket: Path) -> Check:
-    from mmd.v1 import mmd_pb2_grpc
-
+def _check_daemon(socket: Path) -> tuple[Check, mmd_pb2.Health | None]:
     try:
-        with grpc.insecure_channel(f"unix:{socket}") as channel:
-            stub = mmd_pb2_grpc.ModelManagerStub(channel)
-            health: mmd_pb2.Health = stub.GetHealth(
-                mmd_pb2.GetHealthRequest(), timeout=_HEALTH_TIMEOUT_S
-            )
-            registry: mmd_pb2.ListModelsResponse = stub.ListModels(
-                mmd_pb2.ListModelsRequest(), timeout=_HEALTH_TIMEOUT_S
-            )
-    except grpc.RpcError as err:
+        with MmdClient(socket, query_timeout=_HEALTH_TIMEOUT_S) as client:
+            health = client.get_health()
+            registry = client.list_models()
+    except CliError as err:
         hint = "check 'systemctl status mmd' and 'journalctl -u mmd'; a stale socket: restart mmd"
-        return Check("daemon", "fail", f"not reachable: {err.details() or err.code()}", hint)
+        return Check("daemon", "fail", f"not reachable: {err.message}", hint), None
     states = [protojson.state_name(model.state) for model in health.models]
-    counts = [f"{len(registry.models)} models, {states.count('ready')} loaded"]
+    counts = [f"{len(registry)} models, {states.count('ready')} loaded"]
     counts += [f"{states.count(s)} {s}" for s in ("loading", "unloading", "failed") if s in states]
     detail = (
         f"mmd {health.version}, up {render.format_duration(health.uptime_seconds)}, "
@@ -265,8 +277,156 @@ def _check_daemon(socket: Path) -> Check:
     failed = [model.id for model in health.models if protojson.state_name(model.state) == "failed"]
     if failed:
         hint = f"see why with 'mmctl ps' and 'mmctl logs {failed[0]}'"
-        return Check("daemon", "warn", detail, hint)
-    return Check("daemon", "ok", detail)
+        return Check("daemon", "warn", detail, hint), health
+    return Check("daemon", "ok", detail), health
+
+
+# ---------------------------------------------------------------------------
+# The HTTP front door ([http])
+
+
+@dataclass
+class HttpConfig:
+    """What the config says of [http]: each listen address as written, parsed or the reason
+    it does not parse; the keys a client may send; the keys file, when one is named."""
+
+    listen: list[tuple[str, Listen | str]]
+    keys: list[str]
+    keys_file: Path | None = None
+
+
+def http_config(config: Config | None, source: Path | None) -> HttpConfig:
+    """From the loaded config; from the file's raw [http] table when it did not load (each
+    address is still checked on its own)."""
+    if config is not None:
+        settings = config.http
+        parsed: list[tuple[str, Listen | str]] = [(a.text, a) for a in settings.listen]
+        return HttpConfig(parsed, list(settings.api_keys), settings.api_keys_file)
+    table = _raw_config(source).get("http") if source is not None else None
+    if not isinstance(table, dict):
+        return HttpConfig([], [])
+    value = table.get("listen", [])
+    items = value if isinstance(value, list) else [value]
+    listen: list[tuple[str, Listen | str]] = []
+    for item in items:
+        try:
+            if isinstance(item, bool) or not isinstance(item, str | int):
+                raise ValueError(f"expected an address string, got {item!r}")
+            listen.append((str(item), parse_listen_address(str(item))))
+        except ValueError as err:
+            listen.append((str(item), str(err)))
+    keys = table.get("api_keys")
+    keys_list = [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+    keys_file = table.get("api_keys_file")
+    file = Path(keys_file).expanduser() if isinstance(keys_file, str) and keys_file else None
+    return HttpConfig(listen, keys_list, file)
+
+
+def listen_text(address: Listen) -> str:
+    """The address as the daemon reports it in Health.http_listen."""
+    if address.path is not None:
+        return f"unix:{address.path}"
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"http://{host}:{address.port}"
+
+
+def _served_as(address: Listen, served: list[str], claimed: set[str]) -> str | None:
+    """The daemon's address for ``address``: the same text, or for port 0 (a free port
+    chosen at start) a TCP address on the same host that no other configured one names."""
+    text = listen_text(address)
+    if address.path is not None or address.port != 0:
+        return text if text in served else None
+    prefix = text.removesuffix(":0") + ":"
+    return next((s for s in served if s.startswith(prefix) and s not in claimed), None)
+
+
+def _check_keys_file(path: Path) -> tuple[Check, list[str]]:
+    name = "http api_keys_file"
+    if not os.access(path, os.R_OK) and path.exists():
+        detail = f"{path}: not readable by you (the daemon reads it as its own user); not checked"
+        return Check(name, "ok", detail), []
+    try:
+        keys = read_keys_file(path)
+    except ValueError as err:
+        hint = "the daemon refuses to start with it: fix the file (one key a line, chmod o-r)"
+        return Check(name, "fail", str(err), hint), []
+    count = f"{len(keys)} key" + ("" if len(keys) == 1 else "s")
+    return Check(name, "ok", f"{path}: {count}"), list(keys)
+
+
+def probe_health(served: str, key: str | None, timeout: float = _HEALTH_TIMEOUT_S) -> int:
+    """GET /health at an address as the daemon reports it ("http://HOST:PORT" or
+    "unix:/PATH"): the HTTP status; httpx.HTTPError when nothing answers."""
+    transport: httpx.HTTPTransport | None = None
+    if served.startswith("unix:"):
+        transport = httpx.HTTPTransport(uds=served.removeprefix("unix:"))
+        url = "http://localhost/health"
+    else:
+        # A wildcard address is reached on this machine through loopback.
+        url = served.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
+        url += "/health"
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(transport=transport, timeout=timeout, trust_env=False) as client:
+        return client.get(url, headers=headers).status_code
+
+
+def _probe_check(name: str, served: str, key: str | None) -> Check:
+    try:
+        status = probe_health(served, key)
+    except httpx.HTTPError as err:
+        detail = f"nothing answers at {served}: {str(err) or type(err).__name__}"
+        return Check(name, "fail", detail, _HTTP_RESTART_HINT)
+    if status == 200:
+        return Check(name, "ok", f"{served}: GET /health answers")
+    if status == 401 and not key:
+        detail = f"{served}: answers; needs an API key (none readable here to check /health)"
+        return Check(name, "ok", detail)
+    if status == 401:
+        hint = "the daemon holds other keys: it reads them when it starts; restart mmd"
+        return Check(name, "fail", f"{served}: the API key from the config was refused", hint)
+    return Check(name, "fail", f"{served}: GET /health answered {status}", _HTTP_RESTART_HINT)
+
+
+def check_http(http: HttpConfig, health: mmd_pb2.Health | None) -> list[Check]:
+    """Each [http] listen address: does it parse, and, with the daemon running, does
+    GET /health answer there (with a key from the config when one is readable).
+    ``health``: the daemon's, None when it is not reachable."""
+    served = list(health.http_listen) if health is not None else []
+    if not http.listen:
+        if not served:
+            return [Check("http", "ok", "off (no [http] listen)")]
+        # No [http] here, but the daemon serves from its own config.
+        return [_probe_check(f"http {s}", s, None) for s in served]
+    checks = []
+    keys = list(http.keys)
+    if http.keys_file is not None:
+        keys_check, file_keys = _check_keys_file(http.keys_file)
+        checks.append(keys_check)
+        keys += file_keys
+    key = keys[0] if keys else None
+    # The addresses with a port of their own are theirs; port 0 takes one of the others.
+    claimed = {
+        listen_text(a) for _, a in http.listen if isinstance(a, Listen) and (a.path or a.port)
+    }
+    for text, address in http.listen:
+        name = f"http {text}"
+        if isinstance(address, str):
+            hint = "write HOST:PORT, a port number (loopback) or unix:/absolute/path"
+            checks.append(Check(name, "fail", address, hint))
+            continue
+        if health is None:
+            detail = f"{listen_text(address)}; not probed: the daemon is not running"
+            checks.append(Check(name, "ok", detail))
+            continue
+        found = _served_as(address, served, claimed)
+        if found is None:
+            where = ", ".join(served) or "no HTTP address"
+            detail = f"the daemon does not listen on {listen_text(address)} (it has {where})"
+            checks.append(Check(name, "fail", detail, _HTTP_RESTART_HINT))
+            continue
+        claimed.add(found)  # for the next port 0 on this host
+        checks.append(_probe_check(name, found, key))
+    return checks
 
 
 def run_checks(config: Path | None, socket: Path | None) -> list[Check]:
@@ -282,7 +442,7 @@ def run_checks(config: Path | None, socket: Path | None) -> list[Check]:
     elif socket is None:
         candidates = paths.socket_candidates()  # as the other commands find it
         socket = locate_socket(candidates) or candidates[0]
-    socket_checks = _check_socket(socket.absolute())
+    socket_checks, health = _check_socket(socket.absolute())
     daemon = next((c for c in socket_checks if c.name == "daemon"), None)
     if loaded is not None and loaded.source is None and daemon and daemon.status != "fail":
         # No config here, but a daemon serves from its own (another user's, or one it was
@@ -292,7 +452,8 @@ def run_checks(config: Path | None, socket: Path | None) -> list[Check]:
             f"none found here; the daemon at {socket.absolute()} serves from its own config"
         )
         config_check.hint = ""
-    return checks + socket_checks
+    http = http_config(loaded, find_config(config))
+    return checks + socket_checks + check_http(http, health)
 
 
 def as_json(checks: list[Check]) -> dict[str, object]:

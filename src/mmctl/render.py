@@ -349,6 +349,7 @@ def print_health(health: mmd_pb2.Health, now: float | None = None) -> None:
     if health.llama_server:
         header += f", llama-server {health.llama_server}"
     out.line(header, style="bold")
+    out.line(http_line(health))
     out.line()
 
     devices = TextTable(
@@ -385,6 +386,11 @@ def print_health(health: mmd_pb2.Health, now: float | None = None) -> None:
     )
     for note in health.notes:
         out.line(f"note: {note}", style="yellow")
+
+
+def http_line(health: mmd_pb2.Health) -> str:
+    """Where the HTTP front door listens ([http] listen), or that it is off."""
+    return f"HTTP: {', '.join(health.http_listen) or 'off'}"
 
 
 def plan_lines(plan: mmd_pb2.LoadPlan) -> list[str]:
