@@ -474,3 +474,38 @@ def test_world_readable_keys_file_is_refused_at_start(
     )
     assert result.returncode == 2
     assert result.stderr.decode().strip().endswith("is readable by every user; chmod o-r it")
+
+
+def test_shutdown_answers_waiting_http_requests(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    """A request waiting on a load when the daemon stops gets 503 "aborted", not a reset."""
+    slow = model_files["tiny"].with_name("slow-s.gguf")
+    if not slow.exists():
+        slow.symlink_to(model_files["tiny"])
+    env = {
+        "MMD_LLAMA_SERVER": str(DELAYED),
+        "MMD_TEST_REAL_LLAMA_SERVER": str(resolve_llama_server(None).path),
+        "MMD_TEST_LOAD_DELAY": "4",
+    }
+    daemon: Daemon = make_daemon(HTTP + model("slow", slow), extra_env=env)
+    base = http_base(daemon)
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=60) as http:
+            waiting = asyncio.create_task(
+                http.post(base + "/v1/completions", json={"model": "slow", "prompt": "go"})
+            )
+            for _ in range(200):
+                if (await http.get(base + "/health")).json()["queued_requests"] == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert daemon.process is not None
+            daemon.process.terminate()
+            return await waiting
+
+    answer = asyncio.run(scenario())
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "aborted"
+    assert daemon.process is not None
+    assert daemon.process.wait(30) == 0
