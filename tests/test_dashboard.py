@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
@@ -12,6 +13,7 @@ import httpx
 from conftest import Daemon, wait_until
 
 from mmctl.observe import event_to_dict as mmctl_event_to_dict
+from mmd.events import AlertCrossed, EventBus, RequestFinished
 from mmd.v1 import mmd_pb2 as pb
 from mmd.web import dashboard
 
@@ -127,3 +129,52 @@ def test_the_event_stream_follows_the_daemon_until_it_stops(
     daemon.stop(signal.SIGTERM)
     reader.join(15)
     assert not reader.is_alive()
+
+
+class FakeEngine:
+    """What the event stream uses of the engine: its event bus and whether it is closed."""
+
+    def __init__(self) -> None:
+        self.events = EventBus(capacity=4)
+        self.closed = False
+
+
+async def test_keep_alive_lag_and_the_end_of_the_stream(monkeypatch: Any) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    snapshot = pb.Event(time_unix=1, snapshot=pb.Health(version="x"))
+    monkeypatch.setattr(dashboard, "snapshot_events", lambda engine: [snapshot])
+    monkeypatch.setattr(dashboard, "KEEPALIVE_S", 0.2)
+    monkeypatch.setattr(dashboard, "_SHUTDOWN_CHECK_S", 0.05)
+    engine = FakeEngine()
+    app = web.Application()
+    dashboard.add_routes(app, engine)  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/api/events")
+        assert response.headers["Cache-Control"].startswith("no-cache")
+
+        async def next_line() -> str:
+            while True:
+                line = (await asyncio.wait_for(response.content.readline(), 5)).decode()
+                if line.strip():
+                    return line.strip()
+
+        assert json.loads((await next_line())[6:])["type"] == "snapshot"
+        assert await next_line() == ": keep-alive"  # nothing else for KEEPALIVE_S
+        assert len(engine.events.subscribers) == 1
+        engine.events.publish(AlertCrossed("ram", 90.0, 85.0, True))
+        alert = json.loads((await next_line())[6:])
+        assert alert["type"] == "alert"
+        assert alert["above"] is True
+        assert alert["device"] == "ram"
+        # A reader that falls behind is told how much it lost, then gets a fresh snapshot.
+        for _ in range(10):
+            engine.events.publish(RequestFinished("m", "infer", "ok", 0, 1, 2))
+        events = [json.loads((await next_line())[6:]) for _ in range(3)]
+        assert [e["type"] for e in events] == ["request", "lagged", "snapshot"]
+        assert events[1]["dropped"] == 9  # 6 never queued, 3 queued behind the first
+        # The daemon shuts down: the stream ends (the page then shows "disconnected").
+        engine.closed = True
+        assert (await asyncio.wait_for(response.content.read(), 5)).strip() == b""
+    assert engine.events.subscribers == []

@@ -46,10 +46,14 @@ def free_port() -> int:
 
 
 def config(models: dict[str, Path], port: int, keys: str = "") -> str:
+    # alert_percent: any machine uses more than 1% of its memory, so RAM's gauge is in alert.
     return f"""
 [http]
 listen = ["127.0.0.1:{port}"]
 {keys}
+
+[budget]
+alert_percent = 1
 
 [models.chat]
 path = "{models["tiny"]}"
@@ -160,6 +164,11 @@ def test_load_prompt_elsewhere_and_unload_from_the_page(page: Page, served: Serv
     # The registry is there, unloaded models included (the snapshot holds loaded ones only).
     page.wait_state("chat", "unloaded")
     page.wait_state("helper", "unloaded")
+    # Memory: RAM's gauge, past alert_percent, in the alert colour.
+    ram = page.page.locator(".device[data-device=ram]")
+    assert "alert" in (ram.get_attribute("class") or "")
+    assert ram.locator(".alert-badge").is_visible()
+    assert "% used" in ram.locator(".device-used").inner_text()
     page.row("chat").get_by_role("button", name="Load chat").click()
     page.wait_state("chat", "ready")
     assert page.log("ready", "chat").count() == 1

@@ -341,9 +341,6 @@ function modelChanged(event) {
   } else if (state === 'unloaded') {
     kind = event.reason === 'evicted' ? 'evicted' : 'unloaded';
     label = event.reason === 'evicted' ? 'evicted' : 'unload';
-  } else if (state === 'loading') {
-    kind = 'loading';
-    label = 'load';
   }
   if (kind === null) return;
   const parts = [el('b', { text: event.model_id }), ` ${state}`];
@@ -480,7 +477,7 @@ function keepAliveText(model) {
   if (model.state !== 'ready') return '–';
   if (model.pinned) return 'pinned';
   if (model.keep_alive_seconds < 0) return 'kept';
-  if (model.unloads_at_unix) return `unloads in ${formatDuration(model.unloads_at_unix - daemonNow())}`;
+  if (model.unloads_at_unix) return `${formatDuration(model.unloads_at_unix - daemonNow())} left`;
   return '–';
 }
 
