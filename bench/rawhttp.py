@@ -13,6 +13,12 @@ llama-server (cpp-httplib) ends a connection after each streamed response, so a
 completion opens a connection of its own, as httpx's pool ends up doing; a
 plain response such as ``/health``'s keeps it, which lets the swap floor send
 its first request on the connection of its last readiness poll, as mmd does.
+
+The same client reads OpenAI-shaped streams (``/v1/chat/completions``): the first
+text is a choice's ``delta.content`` (or ``text``), and the closing event the one
+with a ``finish_reason`` (or ``usage``), whose ``timings`` give the token count.
+It connects to a Unix socket (a path) or to TCP (``(host, port)``), so that mmd's
+HTTP listener is read exactly as llama-server is.
 """
 
 from __future__ import annotations
@@ -26,14 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Where a server listens: a Unix socket's path, or a TCP (host, port).
+Address = Path | tuple[str, int]
+
 
 class ConnectionClosed(ConnectionError):
     """The server closed the connection before the response was complete."""
 
 
-def request_bytes(method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
+def request_bytes(
+    method: str, path: str, body: dict[str, Any] | None = None, host: str = "llama-server"
+) -> bytes:
     payload = json.dumps(body).encode() if body is not None else b""
-    head = f"{method} {path} HTTP/1.1\r\nHost: llama-server\r\n"
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
     if body is not None:
         head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
     return head.encode() + b"\r\n" + payload
@@ -42,8 +53,9 @@ def request_bytes(method: str, path: str, body: dict[str, Any] | None = None) ->
 class ResponseReader:
     """One HTTP response parsed as its bytes arrive (no I/O of its own).
 
-    For a streamed /completion: ``has_text`` turns true with the first event
-    that carries text, and ``final`` is the closing event (``stop`` true).
+    For a streamed /completion or OpenAI-shaped stream: ``has_text`` turns true
+    with the first event that carries text, and ``final`` is the closing event
+    (``stop`` true, or a ``finish_reason`` or ``usage``).
     """
 
     def __init__(self) -> None:
@@ -124,8 +136,7 @@ class ResponseReader:
                 data = event[6:]
                 if data.strip() == b"[DONE]":
                     continue
-                decoded = json.loads(data)
-                if isinstance(decoded, dict) and decoded.get("content"):
+                if _has_text(json.loads(data)):
                     self.has_text = True
                     break
         for event in reversed(events):
@@ -137,8 +148,41 @@ class ResponseReader:
         if not self._last_event:
             return
         decoded = json.loads(self._last_event[6:])
-        if isinstance(decoded, dict) and decoded.get("stop"):
+        if isinstance(decoded, dict) and _closes(decoded):
             self.final = decoded
+
+
+def _has_text(event: Any) -> bool:
+    """Whether a decoded event carries text: /completion's or an OpenAI choice's."""
+    if not isinstance(event, dict):
+        return False
+    if event.get("content"):
+        return True
+    for choice in event.get("choices") or ():
+        if isinstance(choice, dict) and (
+            (choice.get("delta") or {}).get("content") or choice.get("text")
+        ):
+            return True
+    return False
+
+
+def _closes(event: dict[str, Any]) -> bool:
+    """Whether a decoded event is a stream's closing one."""
+    if event.get("stop") or event.get("usage"):
+        return True
+    choices = event.get("choices") or ()
+    return any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+
+
+def _tokens(final: dict[str, Any]) -> int:
+    """Generated tokens by the closing event: /completion's count, OpenAI's usage, or
+    llama-server's timings (an OpenAI stream without ``stream_options``)."""
+    if "tokens_predicted" in final:
+        return int(final["tokens_predicted"])
+    usage = final.get("usage") or {}
+    if "completion_tokens" in usage:
+        return int(usage["completion_tokens"])
+    return int((final.get("timings") or {}).get("predicted_n", 0))
 
 
 @dataclass
@@ -164,21 +208,21 @@ def completed(reader: ResponseReader, sent_at: float, first_at: float, end_at: f
     """The Completion a finished reader describes; raises for an error response."""
     if reader.status != 200 or reader.final is None:
         detail = reader.body[-300:].decode(errors="replace") or "no closing event"
-        raise RuntimeError(f"llama-server answered {reader.status}: {detail}")
+        raise RuntimeError(f"the server answered {reader.status}: {detail}")
     timings = reader.final.get("timings") or {}
     return Completion(
         sent_at,
         first_at,
         end_at,
-        int(reader.final.get("tokens_predicted", 0)),
+        _tokens(reader.final),
         {k: float(v) for k, v in timings.items() if isinstance(v, int | float)},
     )
 
 
 class RawClient:
-    """A blocking client for one llama-server socket."""
+    """A blocking client for one server's socket (llama-server's, or mmd's HTTP)."""
 
-    def __init__(self, path: Path, timeout: float = 120.0) -> None:
+    def __init__(self, path: Address, timeout: float = 120.0) -> None:
         self.path = path
         self.timeout = timeout
         self._sock: socket.socket | None = None
@@ -196,10 +240,14 @@ class RawClient:
 
     def _connected(self) -> socket.socket:
         if self._sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            if isinstance(self.path, tuple):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
             try:
-                sock.connect(str(self.path))
+                sock.connect(self.path if isinstance(self.path, tuple) else str(self.path))
             except OSError:
                 sock.close()
                 raise
@@ -243,8 +291,11 @@ class RawClient:
         reader, _, _ = self._exchange(request_bytes("GET", path))
         return reader.status
 
-    def completion(self, body: dict[str, Any]) -> Completion:
-        request = request_bytes("POST", "/completion", body)
+    def completion(self, body: dict[str, Any], path: str = "/completion") -> Completion:
+        return self.send(request_bytes("POST", path, body))
+
+    def send(self, request: bytes) -> Completion:
+        """One streamed completion of a request made by ``request_bytes``."""
         sent_at = time.perf_counter()
         reader, first_at, end_at = self._exchange(request)
         return completed(reader, sent_at, first_at, end_at)
@@ -275,16 +326,18 @@ class _Protocol(asyncio.Protocol):
             self.finished.set_exception(ConnectionClosed(f"connection lost: {exc}"))
 
 
-async def completion_async(path: Path, request: bytes) -> Completion:
+async def completion_async(path: Address, request: bytes) -> Completion:
     """One streamed completion on a connection of its own (see the module's note)."""
     loop = asyncio.get_running_loop()
     sent_at = time.perf_counter()
     for attempt in range(2):
         reader = ResponseReader()
         finished: asyncio.Future[float] = loop.create_future()
-        transport, protocol = await loop.create_unix_connection(
-            functools.partial(_Protocol, reader, finished), str(path)
-        )
+        factory = functools.partial(_Protocol, reader, finished)
+        if isinstance(path, tuple):  # asyncio sets TCP_NODELAY on TCP connections
+            transport, protocol = await loop.create_connection(factory, *path)
+        else:
+            transport, protocol = await loop.create_unix_connection(factory, str(path))
         try:
             transport.write(request)
             end_at = await finished

@@ -29,6 +29,7 @@ from typing import Any
 
 import psutil
 from bench_daemon import ScaleSizes, daemon_footprint, estimate_error, scale
+from bench_http import http_path
 from bench_requests import Sizes, cli_latency, request_overhead, swap_latency, throughput
 from harness import Figure, Runtime
 
@@ -38,6 +39,7 @@ Benchmark = Callable[[Path, Runtime, Any], tuple[list[Figure], dict[str, Any]]]
 BENCHMARKS: dict[str, tuple[Benchmark, bool]] = {  # name: (function, takes ScaleSizes)
     "overhead": (request_overhead, False),
     "throughput": (throughput, False),
+    "http": (http_path, False),
     "swap": (swap_latency, False),
     "cli": (cli_latency, False),
     "footprint": (daemon_footprint, True),
@@ -66,7 +68,7 @@ def machine() -> dict[str, Any]:
 
 def versions(runtime: Runtime) -> dict[str, str]:
     found = {"python": platform.python_version(), "llama-server": runtime.version}
-    for package in ("mmd", "grpcio", "protobuf", "httpx", "psutil"):
+    for package in ("mmd", "grpcio", "protobuf", "httpx", "aiohttp", "psutil"):
         try:
             found[package] = version(package)
         except Exception:

@@ -16,6 +16,7 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import grpc
 import psutil
@@ -100,7 +101,7 @@ class Daemon:
         self.root.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(header + extra + textwrap.dedent(self.config_text))
 
-    def start(self, *extra_args: str, wait: bool = True) -> Daemon:
+    def start(self, *extra_args: str, wait: bool = True) -> Self:
         self.write_config()
         began = time.perf_counter()
         with self.log_path.open("ab") as log:

@@ -298,3 +298,105 @@ def test_the_swap_budget_holds_one_model_and_not_two(planned: int, counted: int)
     budget = one_not_two(planned, counted)
     assert max(planned, counted) <= budget  # a load is never refused, and fits once alone
     assert counted + planned > budget  # beside a loaded one, the next must evict it
+
+
+# ---------------------------------------------------------------- OpenAI streams, over TCP too
+
+
+def _chat(delta: dict[str, object], finish: str | None = None, **extra: object) -> bytes:
+    choice = {"finish_reason": finish, "index": 0, "delta": delta}
+    return _event({"choices": [choice], "object": "chat.completion.chunk", **extra})
+
+
+# As llama-server (and mmd's HTTP listener, which relays it) streams a 4-token chat answer:
+# a first event with the role and no text, the pieces, the reason with timings, [DONE].
+CHAT_STREAM = (
+    HEAD
+    + _chunk(_chat({"role": "assistant", "content": None}))
+    + b"".join(_chunk(_chat({"content": c})) for c in "ab\r\n")
+    + _chunk(_chat({}, "length", timings=TIMINGS))
+    + _chunk(b"data: [DONE]\n\n")
+    + b"0\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("size", [1, 3, 64, len(CHAT_STREAM)])
+def test_a_chat_stream_split_anywhere_gives_its_closing_event(size: int) -> None:
+    reader = _feed_in_pieces(CHAT_STREAM, size)
+    assert (reader.done, reader.has_text) == (True, True)
+    done = completed(reader, 1.0, 1.5, 2.0)
+    assert (done.tokens, done.timings["predicted_ms"]) == (4, 0.273)  # by llama-server's timings
+
+
+def test_a_chat_streams_role_event_is_no_text() -> None:
+    reader = ResponseReader()
+    reader.feed(HEAD + _chunk(_chat({"role": "assistant", "content": None})))
+    assert not reader.has_text
+    reader.feed(_chunk(_chat({"content": "x"})))
+    assert reader.has_text
+
+
+def test_a_usage_event_counts_the_tokens() -> None:
+    usage = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+    stream = (
+        HEAD
+        + _chunk(_chat({"content": "a"}))
+        + _chunk(_chat({}, "stop"))
+        + _chunk(_event({"choices": [], "usage": usage, "timings": TIMINGS}))
+        + _chunk(b"data: [DONE]\n\n")
+        + b"0\r\n\r\n"
+    )
+    assert completed(_feed_in_pieces(stream, 5), 0.0, 0.0, 1.0).tokens == 3
+
+
+def test_an_error_event_is_no_closing_event() -> None:
+    stream = (
+        HEAD
+        + _chunk(_chat({"content": "a"}))
+        + _chunk(_event({"error": {"message": "gone", "type": "server_error"}}))
+        + b"0\r\n\r\n"
+    )
+    with pytest.raises(RuntimeError, match="no closing event"):
+        completed(_feed_in_pieces(stream, 7), 0.0, 0.0, 0.0)
+
+
+def test_the_clients_read_a_tcp_listener() -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    address = listener.getsockname()
+    hosts: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = conn.recv(65536)
+                hosts.append(data.split(b"\r\nHost: ", 1)[1].split(b"\r\n", 1)[0])
+                conn.sendall(CHAT_STREAM)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    request = request_bytes("POST", "/v1/chat/completions", {"stream": True}, host="localhost")
+    try:
+        with RawClient(address, timeout=5) as client:
+            assert client.send(request).tokens == 4
+        assert asyncio.run(asyncio.wait_for(completion_async(address, request), 5)).tokens == 4
+    finally:
+        _close(listener)
+        thread.join(5)
+    assert hosts == [b"localhost", b"localhost"]
+
+
+def test_the_http_benchmark_flags_answers_of_other_lengths() -> None:
+    from bench_http import tcp_address, token_problem  # imports mmd and grpc: only here
+
+    assert token_problem({"mmd": [4, 4], "direct": [4]}, 4) == ""
+    problem = token_problem({"mmd": [4, 2], "direct": [4]}, 4)
+    assert "mmd: [2]" in problem
+    assert "direct" not in problem
+    assert tcp_address(["unix:/run/h.sock", "http://127.0.0.1:8123"]) == ("127.0.0.1", 8123)
+    assert tcp_address(["unix:/run/h.sock"]) is None
