@@ -281,6 +281,7 @@ class Scheduler(ModelRegistry):
         effects: list[Effect] = []
         if entry.active == 0 and not entry.queue:
             if entry.unload_requested:
+                # Whatever the model's state by now: a late unload (mmd.model_state.ALLOWED).
                 entry.unload_requested = False
                 effects += self._begin_stop(entry, "unload")
             elif entry.state == State.READY:
