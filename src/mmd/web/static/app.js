@@ -23,7 +23,7 @@ const view = {
   maxQueue: 0,
   skew: 0, // the daemon's clock minus this browser's, in seconds
   connected: false,
-  busy: new Set(), // models with a load or unload sent from this page
+  busy: new Map(), // model id -> the load or unload sent from this page
 };
 
 const $ = (id) => document.getElementById(id);
@@ -192,7 +192,7 @@ async function followEvents() {
       stall = setTimeout(() => control.abort(), STALL_MS);
     };
     try {
-      const response = await api('/api/events', { signal: control.signal });
+      const response = await api('api/events', { signal: control.signal });
       if (!response.ok) throw new Error(await errorText(response));
       arm();
       const reader = response.body.getReader();
@@ -305,7 +305,7 @@ function refreshModels() {
   }
   refreshing = (async () => {
     try {
-      const response = await api('/models');
+      const response = await api('models');
       if (!response.ok) return;
       const models = await response.json();
       const seen = new Set();
@@ -332,6 +332,7 @@ function modelChanged(event) {
   const state = event.state;
   if (event.model && event.model.id) view.models.set(event.model.id, event.model);
   else if (view.models.has(event.model_id)) view.models.get(event.model_id).state = state;
+  refreshModels(); // a reload adds and removes models with no event of their own
   let kind = null;
   let label = state;
   if (state === 'ready') kind = 'ready';
@@ -549,14 +550,16 @@ function renderModels() {
     setText(row.queue, String(model.queued_requests || 0));
     setText(row.keep, keepAliveText(model));
     const loaded = state === 'ready' || state === 'loading';
-    const action = loaded ? 'unload' : 'load';
-    const pending = view.busy.has(id) || state === 'unloading';
+    const action = loaded || state === 'unloading' ? 'unload' : 'load';
+    const sent = view.busy.get(id); // a load or unload sent from this page, not answered yet
+    let label = action === 'unload' ? 'Unload' : 'Load';
+    if (sent === 'load') label = 'Loading…';
+    else if (sent === 'unload' || state === 'unloading') label = 'Unloading…';
     row.button.dataset.action = action;
     row.button.className = `small ${action}`;
-    setText(row.button, pending ? (loaded || state === 'unloading' ? 'Unloading…' : 'Loading…') : loaded ? 'Unload' : 'Load');
-    if (state === 'loading' && !view.busy.has(id)) setText(row.button, 'Unload');
-    row.button.disabled = pending || !view.connected;
-    row.button.setAttribute('aria-label', `${loaded ? 'Unload' : 'Load'} ${id}`);
+    setText(row.button, label);
+    row.button.disabled = Boolean(sent) || state === 'unloading' || !view.connected;
+    row.button.setAttribute('aria-label', `${action === 'unload' ? 'Unload' : 'Load'} ${id}`);
   });
   $('models-empty').hidden = view.models.size > 0;
   const ready = [...view.models.values()].filter((m) => m.state === 'ready').length;
@@ -565,10 +568,10 @@ function renderModels() {
 
 async function modelAction(id, action) {
   if (action !== 'load' && action !== 'unload') return;
-  view.busy.add(id);
+  view.busy.set(id, action);
   renderModels();
   try {
-    const response = await api(`/${action}`, { method: 'POST', body: { model: id } });
+    const response = await api(action, { method: 'POST', body: { model: id } });
     if (!response.ok) toast(`${action} ${id}: ${await errorText(response)}`);
     else {
       const model = await response.json();
@@ -624,7 +627,7 @@ async function sendPrompt(event) {
     const maxTokens = parseInt($('try-max').value, 10);
     const body = { model, messages: [{ role: 'user', content: prompt }], stream: true };
     if (maxTokens > 0) body.max_tokens = maxTokens;
-    const response = await api('/v1/chat/completions', { method: 'POST', body, signal: tryControl.signal });
+    const response = await api('v1/chat/completions', { method: 'POST', body, signal: tryControl.signal });
     if (!response.ok) throw new Error(await errorText(response));
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
