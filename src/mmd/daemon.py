@@ -3,6 +3,7 @@
 start-up: config -> llama-server candidates -> lock -> socket -> engine -> serve -> READY=1.
 shutdown (SIGTERM/SIGINT, a second one forces exit): STOPPING=1 -> stop accepting ->
 drain running requests -> stop every child -> remove the socket.
+``Daemon`` holds one run: startup, run (until a stop signal) and shutdown.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from mmd.web.front import start_http
 
 log = logging.getLogger("mmd")
 
-# Calls the transport holds before mmd's handlers pick them up (see serve()).
+# Calls the transport holds before mmd's handlers pick them up (see Daemon._start_grpc).
 _MAX_PENDING_CALLS = 1_000_000
-# At shutdown, how often serve() looks whether the drain is over.
+# At shutdown, how often Daemon.shutdown looks whether the drain is over.
 _CLOSED_POLL_S = 0.02
 
 EXIT_CONFIG = 2
@@ -84,109 +85,147 @@ def _take_lock(sock: Path) -> IO[bytes]:
     return handle
 
 
-async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
-    watch_children_with_pidfd()
-    candidates, _ = llama_server_candidates(config.daemon.llama_server)
-    runtime = LlamaRuntime(candidates, VerdictCache(config.daemon.state_dir))
-    footprints = {m: footprint_for(spec) for m, spec in config.models.items()}
-    rundir.prepare_log_dir(config.daemon.log_dir)  # first: a bad one leaves nothing behind
-    rundir.prepare_socket_dir(sock)
-    lock = _take_lock(sock)
-    children = rundir.fresh_children_dir(sock)
-    probe = MemoryProbe()
-    engine = Engine(config, runtime, probe, children, footprints=footprints)
-    metrics = await start_metrics(engine, config.metrics.listen)
-    http = await start_http(engine, config.http)
-    runtime.start()  # proves the binary in the background when no verdict is cached
-    await engine.start()
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            # grpc-core randomly cancels calls the application has not picked up yet once
-            # more than 1,000 wait (all of them past 3,000): a burst of requests would see
-            # a bare CANCELLED. mmd bounds its own queue ([scheduler] max_queue) and refuses
-            # beyond it with RESOURCE_EXHAUSTED, so the transport must not refuse first.
-            ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
-            ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
-        ]
-    )
-    servicer = ModelManager(engine)
-    mmd_pb2_grpc.add_ModelManagerServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_names = (
-        mmd_pb2.DESCRIPTOR.services_by_name["ModelManager"].full_name,
-        health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(service_names, server)
-    old_umask = os.umask(0o117)  # socket rw for owner and group only
-    try:
-        server.add_insecure_port(f"unix:{sock}")
-    finally:
-        os.umask(old_umask)
-    await server.start()
-    for name in ("", service_names[0]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+class Daemon:
+    """One run of the daemon: ``startup`` makes what serving needs and keeps it here,
+    ``run`` waits for a stop signal, ``shutdown`` undoes what startup made, in order."""
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    forced = 0
+    def __init__(self, config: Config, sock: Path, notifier: Notifier) -> None:
+        self.config = config
+        self.sock = sock
+        self.notifier = notifier
+        self.stop = asyncio.Event()
+        self.forced = 0  # stop signals after the first
+        # Preloads and reloads: cancelled at shutdown.
+        self.tasks: set[asyncio.Task[Any]] = set()
 
-    def on_signal(signum: int) -> None:
-        nonlocal forced
-        if stop.is_set():
-            forced += 1
+    # --- startup ----------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Engine, listeners, gRPC server, signal handlers, then READY=1 and the preloads."""
+        await self._start_engine()
+        await self._start_grpc()
+        self._handle_signals()
+        self.watchdog = asyncio.get_running_loop().create_task(
+            run_watchdog(self.notifier, self.stop)
+        )
+        count = len(self.config.models)
+        self.notifier.ready(f"serving {self.sock} with {count} models")
+        log.info("mmd %s serving on %s (%d models)", __version__, self.sock, count)
+        self.start_task(_preload_and_report(self.engine, self.notifier))
+
+    async def _start_engine(self) -> None:
+        config, sock = self.config, self.sock
+        watch_children_with_pidfd()
+        candidates, _ = llama_server_candidates(config.daemon.llama_server)
+        runtime = LlamaRuntime(candidates, VerdictCache(config.daemon.state_dir))
+        footprints = {m: footprint_for(spec) for m, spec in config.models.items()}
+        rundir.prepare_log_dir(config.daemon.log_dir)  # first: a bad one leaves nothing behind
+        rundir.prepare_socket_dir(sock)
+        self.lock = _take_lock(sock)
+        children = rundir.fresh_children_dir(sock)
+        self.probe = MemoryProbe()
+        self.engine = Engine(config, runtime, self.probe, children, footprints=footprints)
+        self.metrics = await start_metrics(self.engine, config.metrics.listen)
+        self.http = await start_http(self.engine, config.http)
+        runtime.start()  # proves the binary in the background when no verdict is cached
+        await self.engine.start()
+
+    async def _start_grpc(self) -> None:
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                # grpc-core randomly cancels calls the application has not picked up yet
+                # once more than 1,000 wait (all of them past 3,000): a burst of requests
+                # would see a bare CANCELLED. mmd bounds its own queue ([scheduler]
+                # max_queue) and refuses beyond it with RESOURCE_EXHAUSTED, so the transport
+                # must not refuse first.
+                ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
+            ]
+        )
+        server = self.server
+        self.servicer = ModelManager(self.engine)
+        mmd_pb2_grpc.add_ModelManagerServicer_to_server(self.servicer, server)
+        self.health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
+        self.service_names = (
+            mmd_pb2.DESCRIPTOR.services_by_name["ModelManager"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(self.service_names, server)
+        old_umask = os.umask(0o117)  # socket rw for owner and group only
+        try:
+            server.add_insecure_port(f"unix:{self.sock}")
+        finally:
+            os.umask(old_umask)
+        await server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_health(self, status: Any) -> None:
+        for name in ("", self.service_names[0]):
+            await self.health_servicer.set(name, status)
+
+    def _handle_signals(self) -> None:
+        """SIGTERM and SIGINT stop (a second one exits at once); SIGHUP reloads."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_stop_signal(self, signum: int) -> None:
+        if self.stop.is_set():
+            self.forced += 1
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             os._exit(1)  # children get SIGKILL through their parent-death signal
         log.info("%s: shutting down", signal.Signals(signum).name)
-        stop.set()
+        self.stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    tasks: set[asyncio.Task[Any]] = set()
+    def _on_reload_signal(self) -> None:
+        log.info("SIGHUP: reloading %s", self.config.source or "the config")
+        self.start_task(self._reload())
 
-    def start_task(coro: Any) -> asyncio.Task[Any]:
-        task = loop.create_task(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return task
-
-    async def reload_on_signal() -> None:
-        notifier.reloading()
+    async def _reload(self) -> None:
+        self.notifier.reloading()
         try:
-            await reload_config(engine)
+            await reload_config(self.engine)
         except ConfigError as err:
             log.error("reload refused, the old config stays in force: %s", err)
         except Exception:
             log.exception("reload failed, the old config stays in force")
         finally:
-            notifier.ready(engine.status_line())
+            self.notifier.ready(self.engine.status_line())
 
-    def on_reload_signal() -> None:
-        log.info("SIGHUP: reloading %s", config.source or "the config")
-        start_task(reload_on_signal())
+    def start_task(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
-    loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
-    watchdog = loop.create_task(run_watchdog(notifier, stop))
-    count = len(config.models)
-    notifier.ready(f"serving {sock} with {count} models")
-    log.info("mmd %s serving on %s (%d models)", __version__, sock, count)
-    start_task(_preload_and_report(engine, notifier))
-    try:
-        await stop.wait()
-    finally:
-        for task in list(tasks):
+    # --- run --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT."""
+        await self.stop.wait()
+
+    # --- shutdown ---------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """STOPPING=1, stop accepting, drain, stop the children, then remove what startup
+        made: the listeners, the watchdog, the probe, the socket, its children's directory
+        and the lock."""
+        loop = asyncio.get_running_loop()
+        engine, config = self.engine, self.config
+        for task in list(self.tasks):
             task.cancel()  # preloads and reloads: nothing new starts from here
-        notifier.stopping("draining requests")
-        for name in ("", service_names[0]):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if http is not None:
-            await http.stop_accepting()
+        self.notifier.stopping("draining requests")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http is not None:
+            await self.http.stop_accepting()
         drain = config.daemon.drain_timeout
         # Stop taking new RPCs; running ones finish within the drain period.
-        server_stopped = loop.create_task(server.stop(drain + config.daemon.stop_grace))
+        server_stopped = loop.create_task(self.server.stop(drain + config.daemon.stop_grace))
         closing = loop.create_task(engine.close(drain))
         # Once the drain is over (the scheduler is closed), what still runs is told ABORTED
         # at once instead of waiting for its child to stop (up to stop_grace), past which
@@ -194,20 +233,30 @@ async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
         # end by themselves, with their own status.
         while not engine.closed and not closing.done():
             await asyncio.sleep(_CLOSED_POLL_S)
-        await interrupt_calls(servicer.calls, spare=frozenset({"Watch", "Logs"}))
+        await interrupt_calls(self.servicer.calls, spare=frozenset({"Watch", "Logs"}))
         await closing
-        if http is not None:
-            await http.close()
+        if self.http is not None:
+            await self.http.close()
         await server_stopped
-        if metrics is not None:
-            await metrics.close()
-        watchdog.cancel()
-        probe.close()
+        if self.metrics is not None:
+            await self.metrics.close()
+        self.watchdog.cancel()
+        self.probe.close()
         with contextlib.suppress(FileNotFoundError):
-            sock.unlink()
-        rundir.remove_children_dir(sock)
-        lock.close()
+            self.sock.unlink()
+        rundir.remove_children_dir(self.sock)
+        self.lock.close()
         log.info("stopped")
+
+
+async def serve(config: Config, sock: Path, notifier: Notifier) -> None:
+    """Start, serve until SIGTERM or SIGINT, then shut down (as uvicorn's Server.serve)."""
+    daemon = Daemon(config, sock, notifier)
+    await daemon.startup()
+    try:
+        await daemon.run()
+    finally:
+        await daemon.shutdown()
 
 
 async def _preload_and_report(engine: Engine, notifier: Notifier) -> None:
