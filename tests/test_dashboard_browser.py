@@ -103,7 +103,10 @@ class Served:
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
         pytest.fail(f"MMD_REQUIRE_BROWSER is set but {CHROMIUM} is missing")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    if REQUIRED:
+        import playwright.sync_api as sync_api
+    else:
+        sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         yield browser
