@@ -373,7 +373,7 @@ def probe_health(served: str, key: str | None, timeout: float = _HEALTH_TIMEOUT_
 def _probe_check(name: str, served: str, key: str | None) -> Check:
     try:
         status = probe_health(served, key)
-    except httpx.HTTPError as err:
+    except (httpx.HTTPError, httpx.InvalidURL) as err:
         detail = f"nothing answers at {served}: {str(err) or type(err).__name__}"
         return Check(name, "fail", detail, _HTTP_RESTART_HINT)
     if status == 200:
