@@ -8,6 +8,7 @@ real children and devices do is tested elsewhere (test_daemon, test_faults, ...)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 from collections.abc import AsyncIterator, Callable
@@ -16,8 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mmd.children import LoadStage
 from mmd.config import Config, DaemonSettings, ModelSpec, SchedulerSettings
-from mmd.engine import Engine, LoadStage
+from mmd.engine import Engine
 from mmd.errors import RequestAborted, RuntimeFailed
 from mmd.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
 from mmd.footprint import Footprint
@@ -444,12 +446,39 @@ async def test_memory_samples_and_alert_crossings_are_published(
     taken = _events(engine)
     probe.others = 15 * GIB  # 93.75% of the total in use: past the 85% alert
     await engine.refresh_memory()
-    engine._publish_memory()
-    engine._publish_memory()  # still above: no second crossing
+    engine.monitor.publish()
+    engine.monitor.publish()  # still above: no second crossing
     probe.others = OTHERS
     await engine.refresh_memory()
-    engine._publish_memory()
+    engine.monitor.publish()
     events = taken()
     assert sum(isinstance(e, MemorySampled) for e in events) == 3
     crossings = [(e.device, e.above) for e in events if isinstance(e, AlertCrossed)]
     assert crossings == [("ram", True), ("ram", False)]
+
+
+async def test_a_reload_adds_and_drains_models(rig: Callable[..., Rig]) -> None:
+    engine, children, _ = rig()
+    await engine.start()
+    await _stages(engine, "b")
+    (b_child,) = children.of("b")
+    old = engine.config
+    models = {m: s for m, s in old.models.items() if m != "b"}
+    models["c"] = ModelSpec("c", _model_file(old.models["a"].path.with_name("c.gguf")))
+    new = dataclasses.replace(
+        old, models=models, scheduler=dataclasses.replace(old.scheduler, max_queue=7)
+    )
+    footprints = {m: _footprint() for m in models}
+    async with engine.reload_lock:
+        diff = await engine.reload(new, footprints)
+    assert (diff.added, diff.removed, diff.changed) == (("c",), ("b",), ())
+    assert diff.applied == ("scheduler.max_queue",)
+    await asyncio.wait_for(b_child.exited.wait(), 5.0)
+    for _ in range(200):
+        if engine.find_entry("b") is None:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.find_entry("b") is None
+    assert [e.spec.id for e in engine.model_entries()] == ["a", "e", "c"]
+    assert engine.config.scheduler.max_queue == 7
+    assert (await _infer(engine, "c"))[:2] == ["Hel", "lo"]

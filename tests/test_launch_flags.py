@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmd.engine import RUNTIME_LOG_VERBOSITY, launch_flags
+from mmd.children import RUNTIME_LOG_VERBOSITY, launch_flags
 from mmd.runtime import LaunchSpec, build_argv, probe_binary, resolve_llama_server
 
 BOTH = frozenset({"--device", "--verbosity", "--fit"})

@@ -1,6 +1,6 @@
 """Config reload: what changed between two configs, and re-reading the daemon's file.
 
-What a reload does (the engine applies it, see ``Engine.reload``):
+What a reload does (:func:`apply_config` applies it to the engine, see ``Engine.reload``):
 
 * added models join the registry at once;
 * removed models are drained: their queued requests are refused, running ones finish, then
@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmd.config import Config, load_config
-from mmd.footprint import Footprint
+from mmd.footprint import Footprint, footprint_for
+from mmd.scheduler import Effect, State
 
 if TYPE_CHECKING:
     from mmd.engine import Engine
 
 log = logging.getLogger("mmd.reload")
+engine_log = logging.getLogger("mmd.engine")  # what the engine logged as it applied a reload
 
 # Settings bound at start: the socket is bound, the binary probed, the state directory in
 # use, the metrics listener open. Whole sections are named by their table.
@@ -132,11 +134,72 @@ def keep_restart_settings(old: Config, new: Config) -> Config:
     return dataclasses.replace(new, **sections)
 
 
+# --- applying a reload to the running engine ------------------------------------------
+
+
+async def apply_config(
+    engine: Engine, new_config: Config, footprints: dict[str, Footprint] | None = None
+) -> ConfigDiff:
+    """Apply a validated config to ``engine``: the registry, the settings, the budget."""
+    if footprints is None:
+        footprints = {m: footprint_for(s) for m, s in new_config.models.items()}
+    core = engine.core
+    current = {
+        m: core.pending_specs.get(m, (e.spec, e.footprint))[1] for m, e in core.models.items()
+    }
+    diff = diff_configs(engine.config, new_config, current, footprints)
+    old_log_dir = engine.config.daemon.log_dir
+    engine.config = keep_restart_settings(engine.config, new_config)
+    log_dir = engine.config.daemon.log_dir
+    if log_dir != old_log_dir:
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            engine_log.error("cannot create log directory %s: %s", log_dir, err)
+    now = engine.now()
+    for model_id in diff.added:
+        core.add_model(new_config.models[model_id], footprints[model_id])
+    for model_id in diff.changed:
+        core.update_spec(new_config.models[model_id], footprints[model_id])
+    engine.monitor.attach_learned([*diff.added, *diff.changed])
+    effects: list[Effect] = []
+    for model_id in diff.removed:
+        engine.cancel_timer(model_id)
+        effects += core.remove_model(model_id, now)
+    effects += core.update_settings(new_config.scheduler, now)
+    engine.apply(effects)
+    forget_removed(engine)
+    if core.removing and (engine.removal_task is None or engine.removal_task.done()):
+        engine.removal_task = engine.spawn(finish_removals(engine))
+    await engine.refresh_memory()  # the new budget, at once
+    engine.apply(core.pump(engine.now()))
+    return diff
+
+
+def forget_removed(engine: Engine) -> None:
+    """Drop the removed models whose child has stopped from the registry."""
+    for model_id in engine.core.forget_removed():
+        engine.children.stops.pop(model_id, None)
+        engine.cancel_timer(model_id)
+        engine_log.info("%s: removed from the registry", model_id)
+
+
+async def finish_removals(engine: Engine) -> None:
+    """Drop removed models once their child has stopped."""
+    core = engine.core
+    while core.removing and not core.closed:
+        forget_removed(engine)
+        for model_id in list(core.removing):
+            entry = core.models[model_id]
+            if entry.state == State.READY and not entry.unload_requested:
+                # An operator's unload timed out and cancelled the drain: drain again.
+                engine.apply(core.remove_model(model_id, engine.now()))
+        await asyncio.sleep(0.05)
+
+
 def read_config(source: Path | None) -> tuple[Config, dict[str, Footprint]]:
     """Read and validate the config and every model's footprint (blocking; raises
     ConfigError with the one-line reason)."""
-    from mmd.footprint import footprint_for
-
     config = load_config(source)
     footprints = {model_id: footprint_for(spec) for model_id, spec in config.models.items()}
     return config, footprints
