@@ -353,42 +353,34 @@ class Engine:
         self, model_id: str, gpu_layers: int | None = None
     ) -> AsyncGenerator[LoadStage, None]:
         """Load (if needed) and wait until ready: the plan ("planning", when the model is
-        not loaded yet), then each stage as it happens, ending with "ready"."""
+        not loaded yet), then each stage as it happens, ending with "ready". The one way
+        to load: LoadModel, POST /load and preloads all follow it."""
         plan = await self.plan(model_id, gpu_layers)
         if isinstance(plan, Plan):
             evict = f"; evicting {', '.join(plan.evict)}" if plan.evict else ""
             yield LoadStage("planning", f"{plan.placement.kind}{evict}")
-        stages: asyncio.Queue[LoadStage | None] = asyncio.Queue()
-        load = self.loop.create_task(self.load(model_id, gpu_layers, stages.put_nowait))
-        load.add_done_callback(lambda _: stages.put_nowait(None))
-        try:
-            while (stage := await stages.get()) is not None:
-                if stage.stage != "ready":
-                    yield stage
-            await load
-        finally:
-            load.cancel()
-        yield LoadStage("ready", "")
-
-    async def load(
-        self, model_id: str, gpu_layers: int | None, report: Callable[[LoadStage], None]
-    ) -> None:
-        """Load (if needed) and wait until ready, reporting stages as they happen."""
         queue: asyncio.Queue[LoadStage] = asyncio.Queue()
         self.children.progress.setdefault(model_id, []).append(queue)
         admitted = self.loop.create_task(self._admit(model_id, Kind.LOAD, None, gpu_layers))
         try:
-            while not admitted.done():
+            while True:
                 getter = self.loop.create_task(queue.get())
                 await asyncio.wait({admitted, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    report(getter.result())
-                else:
+                if not getter.done():
                     getter.cancel()
+                    break
+                if getter.result().stage != "ready":  # said last, once admitted
+                    yield getter.result()
+            # Stages reported in the turn that admitted the load are still queued.
+            while not queue.empty():
+                stage = queue.get_nowait()
+                if stage.stage != "ready":
+                    yield stage
             admitted.result()
         finally:
             admitted.cancel()
             self.children.progress[model_id].remove(queue)
+        yield LoadStage("ready", "")
 
     async def unload(self, model_id: str, force: bool, timeout: float) -> int:
         """Unload; returns how many running requests were aborted."""

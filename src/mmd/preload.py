@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -46,7 +47,9 @@ async def preload_models(
                         ", ".join(plan.evict),
                     )
                     continue
-            await engine.load(spec.id, None, lambda stage: None)
+            async with contextlib.aclosing(engine.load_stages(spec.id)) as stages:
+                async for _ in stages:
+                    pass
         except MmdError as err:
             log.error("preload of %s failed: %s", spec.id, err.message)
             continue

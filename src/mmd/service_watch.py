@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mmd import paths
+from mmd.budget import over_alert
 from mmd.engine import Engine
 from mmd.errors import FailedPrecondition, InvalidRequest
 from mmd.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
@@ -92,7 +93,7 @@ def snapshot_events(engine: Engine) -> list[pb.Event]:
     events = [pb.Event(time_unix=now, snapshot=health_proto(engine))]
     threshold = engine.config.budget.alert_percent
     for view in engine.budgets:
-        if view.total and view.used_percent >= threshold:
+        if view.total and over_alert(view, threshold):
             alert = pb.MemoryAlert(
                 device=view.id,
                 used_percent=view.used_percent,
