@@ -13,7 +13,7 @@ import grpc
 import typer
 from typer.core import TyperGroup
 
-from mmctl import observe, render, top
+from mmctl import generate, observe, render, top
 from mmctl.client import (
     EXIT_BROKEN_PIPE,
     EXIT_ERROR,
@@ -25,9 +25,7 @@ from mmctl.client import (
 )
 from mmctl.options import JsonFlag, ModelId, client_for, finite
 from mmd import paths, protojson
-from mmd.units import parse_keep_alive
 from mmd.v1 import mmd_pb2
-from mmd.validate import MAX_TEMPERATURE
 
 EXIT_CODES_HELP = """\
 Exit codes:
@@ -189,14 +187,6 @@ GpuLayers = Annotated[
         help="Layers to offload to GPUs, overriding the registry for this load.",
     ),
 ]
-KeepAlive = Annotated[
-    str | None,
-    typer.Option(
-        "--keep-alive",
-        metavar="DUR",
-        help="Keep the model loaded this long after the request ('30s', '5m', '1h'; -1: forever).",
-    ),
-]
 
 
 def _version_callback(value: bool) -> None:
@@ -232,41 +222,6 @@ def _root(
     ] = False,
 ) -> None:
     ctx.obj = socket  # None: MmdClient tries paths.socket_candidates()
-
-
-def _read_input(value: str | None, what: str) -> str:
-    """The argument, or stdin when it is omitted or '-'; strict UTF-8; never empty."""
-    if value is None or value == "-":
-        if sys.stdin.isatty():
-            sys.stderr.write(f"mmctl: reading the {what} from stdin (end with Ctrl-D)\n")
-            sys.stderr.flush()
-        data = sys.stdin.buffer.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise CliError(
-                f"the {what} on stdin is not valid UTF-8 "
-                f"(byte 0x{data[err.start]:02x} at offset {err.start})",
-                EXIT_USAGE,
-            ) from None
-    else:
-        text = value
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise CliError(f"the {what} argument is not valid UTF-8", EXIT_USAGE) from None
-    if not text.strip():
-        raise CliError(f"empty {what}", EXIT_USAGE)
-    return text
-
-
-def _keep_alive_seconds(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_keep_alive(value)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="'--keep-alive'") from None
 
 
 def _is_listed(model: mmd_pb2.Model) -> bool:
@@ -371,134 +326,9 @@ def unload(
     typer.echo(line)
 
 
-@app.command()
-def infer(
-    ctx: typer.Context,
-    model_id: ModelId,
-    prompt: Annotated[
-        str | None,
-        typer.Argument(
-            metavar="PROMPT",
-            help="The prompt; read from stdin when omitted or '-'.",
-            show_default=False,
-        ),
-    ] = None,
-    system: Annotated[
-        str | None,
-        typer.Option(
-            "--system", metavar="S", help="A system prompt; the model's chat template is used."
-        ),
-    ] = None,
-    max_tokens: Annotated[
-        int | None,
-        typer.Option("--max-tokens", metavar="N", min=1, help="Generate at most N tokens."),
-    ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option(
-            "--temperature",
-            metavar="T",
-            min=0.0,
-            max=MAX_TEMPERATURE,
-            callback=finite,
-            help="Sampling temperature.",
-        ),
-    ] = None,
-    keep_alive: KeepAlive = None,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object with the text and totals.")
-    ] = False,
-) -> None:
-    """Generate text; it streams to stdout as it arrives.
-
-    Example: `cat notes.txt | mmctl infer summarizer --max-tokens 200`
-    """
-    keep_alive_seconds = _keep_alive_seconds(keep_alive)
-    text = _read_input(prompt, "prompt")
-    request = mmd_pb2.InferRequest(model_id=model_id)
-    if system is not None:
-        request.messages.append(mmd_pb2.ChatMessage(role="user", content=text))
-        request.system = system
-    else:
-        request.prompt = text
-    if max_tokens is not None:
-        request.max_tokens = max_tokens
-    if temperature is not None:
-        request.temperature = temperature
-    if keep_alive_seconds is not None:
-        request.keep_alive_seconds = keep_alive_seconds
-
-    pieces: list[str] = []
-    done: mmd_pb2.InferDone | None = None
-    with client_for(ctx) as client:
-        try:
-            for chunk in client.infer(request):
-                kind = chunk.WhichOneof("kind")
-                if kind == "text":
-                    pieces.append(chunk.text)
-                    if not json_out:
-                        sys.stdout.write(chunk.text)
-                        sys.stdout.flush()
-                elif kind == "done":
-                    done = chunk.done
-        finally:
-            # Keep the shell prompt (or an error line) off the end of the text.
-            wrote = "".join(pieces)
-            if not json_out and (done is not None or wrote) and not wrote.endswith("\n"):
-                sys.stdout.write("\n")
-                sys.stdout.flush()
-    if done is None:
-        raise CliError(f"mmd ended the answer from {model_id!r} without its final totals")
-    if json_out:
-        render.print_json(
-            {
-                "model": model_id,
-                "text": "".join(pieces),
-                "finish_reason": done.finish_reason,
-                "prompt_tokens": done.prompt_tokens,
-                "completion_tokens": done.completion_tokens,
-                "timings": protojson.message_to_dict(done.timings),
-            }
-        )
-
-
-@app.command()
-def embed(
-    ctx: typer.Context,
-    model_id: ModelId,
-    texts: Annotated[
-        list[str] | None,
-        typer.Argument(
-            metavar="TEXT",
-            help="Text(s) to embed; read from stdin when omitted or '-'.",
-            show_default=False,
-        ),
-    ] = None,
-    keep_alive: KeepAlive = None,
-    json_out: Annotated[
-        bool,
-        typer.Option(
-            "--json", help='Print {"model", "embeddings", "prompt_tokens"} instead of vectors.'
-        ),
-    ] = False,
-) -> None:
-    """Print embedding vectors as JSON: a list of floats for one text, a list of lists for more."""
-    keep_alive_seconds = _keep_alive_seconds(keep_alive)
-    if not texts or texts == ["-"]:
-        inputs = [_read_input(None, "text")]
-    else:
-        inputs = [_read_input(text, "text") for text in texts]
-    with client_for(ctx) as client:
-        response = client.embed(model_id, inputs, keep_alive_seconds=keep_alive_seconds)
-    vectors = [protojson.message_to_dict(embedding)["values"] for embedding in response.embeddings]
-    if json_out:
-        render.print_json(
-            {"model": model_id, "embeddings": vectors, "prompt_tokens": response.prompt_tokens}
-        )
-    else:
-        import json
-
-        typer.echo(json.dumps(vectors[0] if len(inputs) == 1 and vectors else vectors))
+# Commands that run a model (mmctl.generate), listed here to keep --help's order.
+app.command()(generate.infer)
+app.command()(generate.embed)
 
 
 @app.command()
