@@ -24,9 +24,9 @@ from mmd.errors import RequestAborted, RuntimeFailed
 from mmd.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
 from mmd.footprint import Footprint
 from mmd.memory import DeviceReading, MemorySnapshot, ProcessMemory
+from mmd.model_state import State
 from mmd.runtime import LaunchSpec, LlamaBinary
 from mmd.runtime_check import LlamaRuntime, Verdict, VerdictCache
-from mmd.scheduler import State
 from mmd.units import GIB
 from mmd.upstream import Final, InferParams
 

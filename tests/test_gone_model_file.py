@@ -10,8 +10,9 @@ from typing import Any
 from conftest import Daemon
 from test_scheduler import failed, load, loads, make, state_of, stops
 
+from mmd.effects import Kind, LoadFailed
 from mmd.errors import RuntimeFailed
-from mmd.scheduler import Kind, LoadFailed, State
+from mmd.model_state import State
 from mmd.synthetic import write_model
 
 

@@ -16,11 +16,13 @@ import pytest
 from conftest import Daemon, wait_until
 
 from mmd.config import Config, DaemonSettings, ModelSpec, SchedulerSettings
+from mmd.effects import Admit, Fail, Kind, StartLoad, Stop
 from mmd.errors import FailedPrecondition
 from mmd.footprint import Footprint
+from mmd.model_state import State
 from mmd.planner import DeviceBudget
 from mmd.reload import diff_configs, keep_restart_settings
-from mmd.scheduler import Admit, Fail, Kind, Scheduler, StartLoad, State, Stop
+from mmd.scheduler import Scheduler
 from mmd.units import GIB
 from mmd.v1 import mmd_pb2 as pb
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from mmd.config import ModelSpec, SchedulerSettings
+from mmd.effects import AbortRunning, Admit, ArmTimer, Effect, Fail, Kind, StartLoad, Stop
 from mmd.errors import (
     FailedPrecondition,
     InsufficientMemory,
@@ -26,19 +27,9 @@ from mmd.errors import (
     UnknownModel,
 )
 from mmd.footprint import Footprint, LearnedBytes
+from mmd.model_state import State
 from mmd.planner import DeviceBudget
-from mmd.scheduler import (
-    AbortRunning,
-    Admit,
-    ArmTimer,
-    Effect,
-    Fail,
-    Kind,
-    Scheduler,
-    StartLoad,
-    State,
-    Stop,
-)
+from mmd.scheduler import Scheduler
 from mmd.units import GIB
 
 

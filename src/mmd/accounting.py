@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mmd.effects import Kind
 from mmd.events import RequestFinished
-from mmd.scheduler import Kind
 from mmd.upstream import Final
 
 

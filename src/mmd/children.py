@@ -25,12 +25,13 @@ from mmd import paths
 from mmd.buffers import buffer_sizes
 from mmd.config import Config, ModelSpec, check_model_file
 from mmd.cpu import is_sigill, sigill_line
+from mmd.effects import Effect
 from mmd.errors import ConfigError, MmdError, RuntimeFailed
 from mmd.events import EventBus, ModelChanged
 from mmd.planner import Placement
 from mmd.runtime import LaunchSpec, LlamaBinary
 from mmd.runtime_check import LlamaRuntime
-from mmd.scheduler import Effect, Scheduler
+from mmd.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from mmd.monitor import MemoryMonitor

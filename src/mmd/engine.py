@@ -23,18 +23,7 @@ from mmd.accounting import RequestRecord
 from mmd.budget import DeviceBudgetView
 from mmd.children import Child, ChildFactory, Children, LoadStage, model_file_problem
 from mmd.config import Config
-from mmd.errors import MmdError, RuntimeFailed, StillBusy
-from mmd.events import EventBus
-from mmd.footprint import Footprint, footprint_for, has_chat_template
-from mmd.learned import LearnedStore
-from mmd.memory import MemoryReader, MemorySnapshot
-from mmd.monitor import MemoryMonitor
-from mmd.planner import Placement, Plan, Refusal
-from mmd.preload import preload_models
-from mmd.reload import ConfigDiff, apply_config
-from mmd.runtime import LlamaServer, read_log_tail
-from mmd.runtime_check import LlamaRuntime
-from mmd.scheduler import (
+from mmd.effects import (
     AbortRunning,
     Admit,
     ArmTimer,
@@ -42,12 +31,22 @@ from mmd.scheduler import (
     Fail,
     Kind,
     LoadFailed,
-    ModelEntry,
-    Scheduler,
     StartLoad,
-    State,
     Stop,
 )
+from mmd.errors import MmdError, RuntimeFailed, StillBusy
+from mmd.events import EventBus
+from mmd.footprint import Footprint, footprint_for, has_chat_template
+from mmd.learned import LearnedStore
+from mmd.memory import MemoryReader, MemorySnapshot
+from mmd.model_state import ModelEntry, State
+from mmd.monitor import MemoryMonitor
+from mmd.planner import Placement, Plan, Refusal
+from mmd.preload import preload_models
+from mmd.reload import ConfigDiff, apply_config
+from mmd.runtime import LlamaServer, read_log_tail
+from mmd.runtime_check import LlamaRuntime
+from mmd.scheduler import Scheduler
 from mmd.upstream import Final, InferParams, embed, relay, stream_infer
 
 log = logging.getLogger("mmd.engine")

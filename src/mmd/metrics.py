@@ -21,7 +21,7 @@ from mmd import __version__
 from mmd.config import parse_listen
 from mmd.errors import ConfigError
 from mmd.events import AlertCrossed, Event, ModelChanged, RequestFinished, Subscription
-from mmd.scheduler import State
+from mmd.model_state import State
 
 if TYPE_CHECKING:
     from mmd.engine import Engine

@@ -22,9 +22,10 @@ from mmd.events import AlertCrossed, EventBus, MemorySampled
 from mmd.footprint import LearnedBytes
 from mmd.learned import LearnedStore, ModelIdentity, model_identity
 from mmd.memory import RAM_ID, MemoryReader, MemorySnapshot, ProcessMemory
+from mmd.model_state import State
 from mmd.planner import Placement
 from mmd.runtime_check import LlamaRuntime
-from mmd.scheduler import Scheduler, State
+from mmd.scheduler import Scheduler
 
 log = logging.getLogger("mmd.engine")
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mmd.errors import MmdError
+from mmd.model_state import State
 from mmd.planner import Refusal
-from mmd.scheduler import State
 
 if TYPE_CHECKING:
     from mmd.engine import Engine

@@ -9,8 +9,8 @@ from mmd.budget import DeviceBudgetView
 from mmd.engine import Engine
 from mmd.footprint import Footprint
 from mmd.memory import RAM_ID
+from mmd.model_state import ModelEntry, State
 from mmd.planner import Placement
-from mmd.scheduler import ModelEntry, State
 from mmd.v1 import mmd_pb2 as pb
 
 STATES = {

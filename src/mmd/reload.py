@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmd.config import Config, load_config
+from mmd.effects import Effect
 from mmd.footprint import Footprint, footprint_for
-from mmd.scheduler import Effect, State
+from mmd.model_state import State
 
 if TYPE_CHECKING:
     from mmd.engine import Engine

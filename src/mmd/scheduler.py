@@ -53,7 +53,6 @@ from mmd.effects import (
     Kind,
     LoadFailed,
     StartLoad,
-    Stop,
     Ticket,
 )
 from mmd.errors import (
@@ -65,28 +64,11 @@ from mmd.errors import (
     RuntimeFailed,
 )
 from mmd.footprint import Footprint
-from mmd.model_state import MAX_BACKOFF_S, InvalidTransition, ModelEntry, State
+from mmd.model_state import ModelEntry, State
 from mmd.planner import Plan, plan_load
 from mmd.registry import ModelRegistry
 
 # Importable from here as before; the definitions live in mmd.effects and mmd.model_state.
-__all__ = [
-    "MAX_BACKOFF_S",
-    "AbortRunning",
-    "Admit",
-    "ArmTimer",
-    "Effect",
-    "Fail",
-    "InvalidTransition",
-    "Kind",
-    "LoadFailed",
-    "ModelEntry",
-    "Scheduler",
-    "StartLoad",
-    "State",
-    "Stop",
-    "Ticket",
-]
 
 
 class Scheduler(ModelRegistry):

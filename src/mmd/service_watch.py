@@ -14,8 +14,8 @@ from mmd.engine import Engine
 from mmd.errors import FailedPrecondition, InvalidRequest
 from mmd.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
 from mmd.grpc_errors import Context, streaming
+from mmd.model_state import State
 from mmd.protos import STATES, device_proto, health_proto, model_proto
-from mmd.scheduler import State
 from mmd.v1 import mmd_pb2 as pb
 
 DEFAULT_MEMORY_INTERVAL_S = 1.0

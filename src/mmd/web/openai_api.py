@@ -18,11 +18,11 @@ from typing import Any
 from aiohttp import web
 
 from mmd import validate
+from mmd.effects import Kind
 from mmd.engine import Engine
 from mmd.errors import InvalidRequest, MmdError
 from mmd.protojson import model_to_dict
 from mmd.protos import model_proto
-from mmd.scheduler import Kind
 from mmd.units import parse_keep_alive
 from mmd.web.server import read_json
 
