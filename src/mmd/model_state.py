@@ -31,16 +31,11 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
-# A late unload: an unload (or a removal from the config) that waits for running requests
-# leaves ``unload_requested`` set while the model crashes, is unloaded once failed, or is
-# shut down; the last of those requests to end then stops the model once more, whatever
-# state it is in by then (the engine's stop finds no child and reports it stopped).
 ALLOWED: dict[State, frozenset[State]] = {
     State.UNLOADED: frozenset(
         {
             State.LOADING,  # a request or an explicit load (the model fits, or made room)
             State.FAILED,  # its file is gone: refused before anything was started
-            State.UNLOADING,  # a late unload (below)
         }
     ),
     State.LOADING: frozenset(
@@ -59,7 +54,6 @@ ALLOWED: dict[State, frozenset[State]] = {
     State.UNLOADING: frozenset(
         {
             State.UNLOADED,  # the child is gone
-            State.UNLOADING,  # a late unload (below)
         }
     ),
     State.FAILED: frozenset(
@@ -67,7 +61,6 @@ ALLOWED: dict[State, frozenset[State]] = {
             State.LOADING,  # a retry (after the back-off, or an explicit load)
             State.FAILED,  # a retry refused before it started: the file is still gone
             State.UNLOADED,  # an operator's unload clears the failure
-            State.UNLOADING,  # a late unload (below)
         }
     ),
 }
@@ -121,6 +114,10 @@ class ModelEntry:
         table does not allow (and leaves the state as it was)."""
         if new not in ALLOWED[self._state]:
             raise InvalidTransition(self.spec.id, self._state, new)
+        if self._state is State.READY:
+            # An unload waiting for running requests meant this process; it is going
+            # (stopped, crashed): the last request's end must not stop what comes next.
+            self.unload_requested = False
         self._state = new
 
     # --- queries ----------------------------------------------------------------------

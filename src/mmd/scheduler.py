@@ -262,8 +262,7 @@ class Scheduler(ModelRegistry):
         entry.last_used = now
         effects: list[Effect] = []
         if entry.active == 0 and not entry.queue:
-            if entry.unload_requested:
-                # Whatever the model's state by now: a late unload (mmd.model_state.ALLOWED).
+            if entry.unload_requested:  # set only while ready (ModelEntry.move)
                 entry.unload_requested = False
                 effects += self._begin_stop(entry, "unload")
             elif entry.state == State.READY:
