@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import aiohttp
 import httpx
 
 from mmd import paths
@@ -45,6 +46,7 @@ class Child(Protocol):
     binary: LlamaBinary
     spec: LaunchSpec
     client: httpx.AsyncClient  # requests to the child, once start() has begun
+    relay_session: aiohttp.ClientSession  # the HTTP front door's relayed requests, as well
 
     @property
     def pid(self) -> int:

@@ -1,4 +1,5 @@
-"""Text pieces joined while the previous one is being written, or sent too recently.
+"""Text pieces (or bytes) joined while the previous one is being written, or sent too
+recently.
 
 Every gRPC message costs the daemon about as much CPU as llama-server spends on a
 token of a small model, and on a busy machine that CPU is taken from generation.
@@ -14,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 def _drain(queue: deque[str | T]) -> list[str | T]:
@@ -38,10 +40,33 @@ def _drain(queue: deque[str | T]) -> list[str | T]:
     return out
 
 
-async def coalesce_text(
+def _drain_bytes(queue: deque[bytes]) -> list[bytes]:
+    joined = b"".join(queue)
+    queue.clear()
+    return [joined]
+
+
+def coalesce_text(
     source: AsyncGenerator[str | T, None], min_interval: float = 0.0
 ) -> AsyncGenerator[str | T, None]:
-    """The items of ``source`` in order, text that piles up joined into one piece.
+    """The items of ``source`` in order, text that piles up joined into one piece."""
+    return _coalesce(source, min_interval, _drain)
+
+
+def coalesce_bytes(
+    source: AsyncGenerator[bytes, None], min_interval: float = 0.0
+) -> AsyncGenerator[bytes, None]:
+    """The bytes of ``source`` in order, what piles up joined: the same byte stream (a
+    relayed stream of server-sent events) in fewer, larger writes."""
+    return _coalesce(source, min_interval, _drain_bytes)
+
+
+async def _coalesce(
+    source: AsyncGenerator[U, None],
+    min_interval: float,
+    drain: Callable[[deque[U]], list[U]],
+) -> AsyncGenerator[U, None]:
+    """The items of ``source`` in order, what piles up joined by ``drain``.
 
     The first item is awaited in the caller's task: a request still queued for
     admission has no second task to cancel when its client goes away. The rest of
@@ -60,7 +85,7 @@ async def coalesce_text(
     except GeneratorExit:
         await source.aclose()
         raise
-    queue: deque[str | T] = deque()
+    queue: deque[U] = deque()
     wake = asyncio.Event()  # something was queued, or the source ended
     finished = asyncio.Event()
     ended: list[BaseException | None] = []  # one entry once the source is finished
@@ -89,7 +114,7 @@ async def coalesce_text(
                         await finished.wait()
             wake.clear()
             last_sent = loop.time()
-            for item in _drain(queue):
+            for item in drain(queue):
                 yield item
             if ended and not queue:
                 if ended[0] is not None:

@@ -118,6 +118,7 @@ class Engine:
             apply=self.apply,
         )
         self._warned_no_template: set[str] = set()
+        self._chat_templates: dict[tuple[Path, int, int], bool] = {}  # file version -> has one
         # Where the HTTP front door listens (set by the daemon once bound), for health.
         self.http_listen: tuple[str, ...] = ()
         self.reload_lock = asyncio.Lock()  # serialises reloads (SIGHUP and the Reload RPC)
@@ -331,7 +332,7 @@ class Engine:
         full, no memory) is raised before the first bytes."""
         async with self._slot(model_id, kind, keep_alive) as (server, record):
             final = Final()
-            answer = relay(server.client, model_id, path, body, final)
+            answer = relay(server.relay_session, model_id, path, body, final)
             async with contextlib.aclosing(answer):
                 async for chunk in answer:
                     if not record.first_token:
@@ -445,7 +446,18 @@ class Engine:
         demo model, for one) may not know: it answered with ChatML's markers. Logged once
         per model; returned for each such client ("" when the model has a template)."""
         path = self.core.entry(model_id).spec.path
-        if await asyncio.to_thread(has_chat_template, path) is not False:
+        try:
+            info = path.stat()
+            version = (path, info.st_size, info.st_mtime_ns)
+        except OSError:
+            return ""  # the load reports a missing file, with its own error
+        known = self._chat_templates.get(version)
+        if known is None:
+            # The header is read once per file version (a thread: it is disk I/O); every
+            # chat after that costs a stat.
+            known = await asyncio.to_thread(has_chat_template, path) is not False
+            self._chat_templates[version] = known
+        if known:
             return ""
         warning = (
             f"model {model_id!r} has no chat template in its GGUF file (no "

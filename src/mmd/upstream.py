@@ -15,9 +15,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 
-from mmd.errors import InvalidRequest, RuntimeFailed
+from mmd.errors import InvalidRequest, MmdError, RuntimeFailed
 
 log = logging.getLogger("mmd.upstream")
 
@@ -132,17 +133,20 @@ async def _sse_batches(response: httpx.Response) -> AsyncIterator[list[dict[str,
             yield batch
 
 
-async def _raise_for_status(model_id: str, response: httpx.Response) -> None:
-    if response.status_code == 200:
-        return
-    body = (await response.aread()).decode("utf-8", errors="replace")
+def _status_error(model_id: str, status: int, body: bytes) -> MmdError:
+    text = body.decode("utf-8", errors="replace")
     try:
-        message = json.loads(body)["error"]["message"]
+        message = json.loads(text)["error"]["message"]
     except (ValueError, KeyError, TypeError):
-        message = body[:300]
-    if response.status_code == 400:
-        raise InvalidRequest(f"model {model_id!r} rejected the request: {message}")
-    raise RuntimeFailed(f"model {model_id!r} answered {response.status_code}: {message}")
+        message = text[:300]
+    if status == 400:
+        return InvalidRequest(f"model {model_id!r} rejected the request: {message}")
+    return RuntimeFailed(f"model {model_id!r} answered {status}: {message}")
+
+
+async def _raise_for_status(model_id: str, response: httpx.Response) -> None:
+    if response.status_code != 200:
+        raise _status_error(model_id, response.status_code, await response.aread())
 
 
 def _timings(event: dict[str, Any], final: Final) -> None:
@@ -254,19 +258,46 @@ def _last_data_events(chunk: bytes) -> list[bytes]:
     return [line[6:] for line in chunk.split(b"\n") if line.startswith(b"data: {")][-2:]
 
 
+# What a relayed request may meet before its answer began, and so may send again (as
+# _RESENDABLE above): a pooled connection the child closed, a reset, a full accept queue.
+_RELAY_RESENDABLE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# The last bytes of a stream kept to read its totals from (the closing events).
+_TAIL_BYTES = 16384
+
+
+async def _relay_send(
+    session: aiohttp.ClientSession, path: str, body: dict[str, Any]
+) -> aiohttp.ClientResponse:
+    """POST and return the response once its status line and headers are in."""
+    for attempt in range(1, _SEND_ATTEMPTS):
+        try:
+            return await session.post(path, json=body)
+        except _RELAY_RESENDABLE as err:
+            log.debug("%s: sent again (attempt %d): %r", path, attempt + 1, err)
+            if isinstance(err, aiohttp.ClientConnectorError):
+                await asyncio.sleep(_RESEND_PAUSE_S * attempt)
+    return await session.post(path, json=body)
+
+
 async def relay(
-    client: httpx.AsyncClient, model_id: str, path: str, body: dict[str, Any], final: Final
+    session: aiohttp.ClientSession,
+    model_id: str,
+    path: str,
+    body: dict[str, Any],
+    final: Final,
 ) -> AsyncGenerator[bytes, None]:
     """POST an OpenAI-shaped request and yield the child's answer as it comes, unchanged:
     a stream's SSE bytes, or a whole JSON answer. ``final`` gets the totals (finish
     reason, tokens, speeds), read from the answer's last events only: the bytes in
     between pass through without being parsed."""
+    tail = b""
     try:
-        response = await _send(client, path, body)
-        async with contextlib.aclosing(response):
-            await _raise_for_status(model_id, response)
+        response = await _relay_send(session, path, body)
+        async with response:
+            if response.status != 200:
+                raise _status_error(model_id, response.status, await response.read())
             if not body.get("stream"):
-                data = await response.aread()
+                data = await response.read()
                 with contextlib.suppress(ValueError):
                     answer = json.loads(data)
                     if isinstance(answer, dict):
@@ -274,12 +305,12 @@ async def relay(
                 final.finished = True
                 yield data
                 return
-            tail = b""
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.content.iter_any():
                 yield chunk
-                tail = (tail + chunk)[-16384:]
-    except httpx.TransportError as err:
-        raise _lost(model_id, err) from None
+                tail = chunk if len(chunk) >= _TAIL_BYTES else (tail + chunk)[-_TAIL_BYTES:]
+    except aiohttp.ClientError as err:
+        why = str(err) or type(err).__name__
+        raise RuntimeFailed(f"model {model_id!r}: connection to llama-server lost: {why}") from None
     if not tail.rstrip().endswith(b"data: [DONE]"):
         raise RuntimeFailed(f"model {model_id!r}: llama-server ended the stream early")
     final.finished = True

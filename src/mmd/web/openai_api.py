@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from mmd import validate
+from mmd.coalesce import coalesce_bytes
 from mmd.effects import Kind
 from mmd.engine import Engine
 from mmd.errors import InvalidRequest, MmdError
@@ -189,7 +190,8 @@ class OpenAIApi:
             finally:
                 await answer.aclose()
             return web.Response(body=data, content_type="application/json", headers=headers)
-        return await _stream(request, answer, headers)
+        interval = self.engine.config.daemon.stream_interval
+        return await _stream(request, coalesce_bytes(answer, interval), headers)
 
 
 async def _stream(
