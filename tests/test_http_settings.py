@@ -83,3 +83,14 @@ def test_no_http_table_is_off() -> None:
     config = parse_config("", None)
     assert not config.http.enabled
     assert not load_access(config.http).required
+
+
+def test_changing_http_needs_a_restart() -> None:
+    from mmd.reload import diff_configs, keep_restart_settings
+
+    old = parse_config(http('listen = ["8080"]'), None)
+    new = parse_config(http(f'listen = ["8081"]\napi_keys = ["{KEY}"]'), None)
+    diff = diff_configs(old, new)
+    assert set(diff.restart_needed) == {"http.listen", "http.api_keys"}
+    assert "http.listen (needs a restart)" in diff.changed_entries()
+    assert keep_restart_settings(old, new).http == old.http

@@ -34,8 +34,8 @@ log = logging.getLogger("mmd.reload")
 engine_log = logging.getLogger("mmd.engine")  # what the engine logged as it applied a reload
 
 # Settings bound at start: the socket is bound, the binary probed, the state directory in
-# use, the metrics listener open. Whole sections are named by their table.
-RESTART_KEYS = ("daemon.socket", "daemon.llama_server", "daemon.state_dir", "metrics")
+# use, the metrics and HTTP listeners open. Whole sections are named by their table.
+RESTART_KEYS = ("daemon.socket", "daemon.llama_server", "daemon.state_dir", "metrics", "http")
 
 RESTART_NOTE = "needs a restart"
 
