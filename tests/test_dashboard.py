@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 from conftest import Daemon, wait_until
 
-from mmctl.observe import event_to_dict as mmctl_event_to_dict
 from mmd.events import AlertCrossed, EventBus, RequestFinished
+from mmd.protojson import EVENT_TYPES, event_to_dict
 from mmd.v1 import mmd_pb2 as pb
 from mmd.web import dashboard
 
@@ -36,9 +36,17 @@ def sample_events() -> list[pb.Event]:
     ]
 
 
-def test_events_have_the_keys_of_mmctl_events_json() -> None:
-    for event in sample_events():
-        assert dashboard.event_to_dict(event) == mmctl_event_to_dict(event)
+def test_events_have_the_shape_of_mmctl_events_json() -> None:
+    """The stream sends what ``mmctl events --json`` prints (both use
+    protojson.event_to_dict): the type, the time, then the event's own fields."""
+    shown = [event_to_dict(event) for event in sample_events()]
+    assert [(e["type"], e["time"]) for e in shown] == [
+        (kind, float(n)) for n, kind in zip([1.5, 2, 3, 4, 5, 6], EVENT_TYPES, strict=True)
+    ]
+    model = shown[1]
+    assert (model["model_id"], model["state"], model["reason"]) == ("m", "failed", "crashed")
+    assert shown[4]["above"] is True
+    assert shown[5]["dropped"] == 3
 
 
 def test_an_event_is_one_data_line_of_json() -> None:

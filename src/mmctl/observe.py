@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from mmctl import render
 from mmctl.options import ModelId, client_for, finite
 from mmd import protojson
+from mmd.protojson import event_to_dict, event_type
 from mmd.units import format_size
 from mmd.v1 import mmd_pb2 as pb
-
-EVENT_TYPES = ("snapshot", "model", "request", "memory", "alert", "lagged")
 
 Interval = Annotated[
     float,
@@ -31,19 +30,6 @@ Interval = Annotated[
 
 # ---------------------------------------------------------------------------
 # One event as JSON or as a line
-
-
-def event_type(event: pb.Event) -> str:
-    return event.WhichOneof("kind") or "unknown"
-
-
-def event_to_dict(event: pb.Event) -> dict[str, Any]:
-    """{"type": ..., "time": unix seconds, then the event's own fields}."""
-    kind = event_type(event)
-    out: dict[str, Any] = {"type": kind, "time": event.time_unix}
-    if kind in EVENT_TYPES:
-        out.update(protojson.message_to_dict(getattr(event, kind)))
-    return out
 
 
 def _clock(unix: float) -> str:

@@ -82,3 +82,20 @@ def message_to_dict(message: Message) -> dict[str, Any]:
 def model_to_dict(model: mmd_pb2.Model) -> dict[str, Any]:
     """A model as JSON: always has "id", "state" (short name) and "pid"."""
     return message_to_dict(model)
+
+
+EVENT_TYPES = ("snapshot", "model", "request", "memory", "alert", "lagged")
+
+
+def event_type(event: mmd_pb2.Event) -> str:
+    return event.WhichOneof("kind") or "unknown"
+
+
+def event_to_dict(event: mmd_pb2.Event) -> dict[str, Any]:
+    """An event as ``mmctl events --json`` and the dashboard's stream show it: {"type": ...,
+    "time": unix seconds, then the event's own fields}."""
+    kind = event_type(event)
+    out: dict[str, Any] = {"type": kind, "time": event.time_unix}
+    if kind in EVENT_TYPES:
+        out.update(message_to_dict(getattr(event, kind)))
+    return out

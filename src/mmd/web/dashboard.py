@@ -26,7 +26,7 @@ from aiohttp import web
 
 from mmd.engine import Engine
 from mmd.events import MemorySampled
-from mmd.protojson import message_to_dict
+from mmd.protojson import event_to_dict
 from mmd.service_watch import event_proto, snapshot_events
 from mmd.v1 import mmd_pb2 as pb
 
@@ -49,7 +49,6 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-cache",
 }
-EVENT_TYPES = ("snapshot", "model", "request", "memory", "alert", "lagged")
 KEEPALIVE_S = 15.0
 MEMORY_INTERVAL_S = 1.0
 # Engine samples arrive about once a second; jitter must not make the stream skip one.
@@ -64,16 +63,6 @@ def add_routes(app: web.Application, engine: Engine) -> None:
     app.router.add_get("/favicon.ico", dashboard.favicon)
     app.router.add_get("/static/{name}", dashboard.static)
     app.router.add_get("/api/events", dashboard.events)
-
-
-def event_to_dict(event: pb.Event) -> dict[str, Any]:
-    """{"type": ..., "time": unix seconds, then the event's own fields}: ``mmctl events
-    --json``'s shape."""
-    kind = event.WhichOneof("kind") or "unknown"
-    out: dict[str, Any] = {"type": kind, "time": event.time_unix}
-    if kind in EVENT_TYPES:
-        out.update(message_to_dict(getattr(event, kind)))
-    return out
 
 
 def _finite(value: Any) -> Any:
