@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +169,52 @@ def _batches(lines: list[str]) -> list[pb.LogLines]:
     return [pb.LogLines(lines=lines[i : i + step]) for i in range(0, len(lines), step)]
 
 
+async def follow_events(
+    engine: Engine, memory_interval: float, idle_after: float | None = None
+) -> AsyncGenerator[pb.Event | None, None]:
+    """What a watcher sees (gRPC Watch, the dashboard's /api/events): a snapshot, then
+    events as they happen, memory samples at most every ``memory_interval`` seconds,
+    until the daemon shuts down. A watcher that fell behind is told how many events it
+    lost, then gets a fresh snapshot. With ``idle_after``, None after that many seconds
+    without an event (for a keep-alive)."""
+    subscription = engine.events.subscribe()
+    try:
+        for event in snapshot_events(engine):
+            yield event
+        last_memory = 0.0
+        last_sent = time.monotonic()
+        while not engine.closed:
+            if subscription.dropped:
+                # Fell behind: what is still queued is stale too. Say how much was lost,
+                # then a fresh snapshot replaces it.
+                dropped = subscription.take_dropped()
+                while not subscription.queue.empty():
+                    subscription.queue.get_nowait()
+                    dropped += 1
+                yield pb.Event(time_unix=time.time(), lagged=pb.Lagged(dropped=dropped))
+                for event in snapshot_events(engine):
+                    yield event
+                last_sent = time.monotonic()
+                continue
+            try:
+                stamp, item = await asyncio.wait_for(subscription.queue.get(), _SHUTDOWN_CHECK_S)
+            except TimeoutError:
+                item = None
+            if item is not None and isinstance(item, MemorySampled):
+                if stamp - last_memory < memory_interval - _INTERVAL_SLACK_S:
+                    item = None
+                else:
+                    last_memory = stamp
+            if item is not None:
+                last_sent = time.monotonic()
+                yield event_proto(engine, stamp, item)
+            elif idle_after is not None and time.monotonic() - last_sent >= idle_after:
+                last_sent = time.monotonic()
+                yield None
+    finally:
+        engine.events.unsubscribe(subscription)
+
+
 class WatchService:
     engine: Engine
 
@@ -176,37 +224,10 @@ class WatchService:
         if interval < 0:
             raise InvalidRequest(f"memory_interval_seconds must not be negative, got {interval:g}")
         interval = interval or DEFAULT_MEMORY_INTERVAL_S
-        engine = self.engine
-        subscription = engine.events.subscribe()
-        try:
-            for event in snapshot_events(engine):
-                yield event
-            last_memory = 0.0
-            while not engine.closed:
-                if subscription.dropped:
-                    # Fell behind: what is still queued is stale too. Say how much was lost,
-                    # then a fresh snapshot replaces it.
-                    dropped = subscription.take_dropped()
-                    while not subscription.queue.empty():
-                        subscription.queue.get_nowait()
-                        dropped += 1
-                    yield pb.Event(time_unix=time.time(), lagged=pb.Lagged(dropped=dropped))
-                    for event in snapshot_events(engine):
-                        yield event
-                    continue
-                try:
-                    stamp, item = await asyncio.wait_for(
-                        subscription.queue.get(), _SHUTDOWN_CHECK_S
-                    )
-                except TimeoutError:
-                    continue
-                if isinstance(item, MemorySampled):
-                    if stamp - last_memory < interval - _INTERVAL_SLACK_S:
-                        continue
-                    last_memory = stamp
-                yield event_proto(engine, stamp, item)
-        finally:
-            engine.events.unsubscribe(subscription)
+        async with contextlib.aclosing(follow_events(self.engine, interval)) as events:
+            async for event in events:
+                if event is not None:
+                    yield event
 
     @streaming
     async def Logs(self, request: pb.LogsRequest, context: Context) -> Any:

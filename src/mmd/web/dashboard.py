@@ -15,20 +15,17 @@ send the Authorization header), so it is a GET with no state change, like every 
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from mmd.engine import Engine
-from mmd.events import MemorySampled
 from mmd.protojson import event_to_dict
-from mmd.service_watch import event_proto, snapshot_events
-from mmd.v1 import mmd_pb2 as pb
+from mmd.service_watch import follow_events
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The files the page is made of, with their types: nothing else under /static/ is served.
@@ -51,10 +48,6 @@ PAGE_HEADERS = {
 }
 KEEPALIVE_S = 15.0
 MEMORY_INTERVAL_S = 1.0
-# Engine samples arrive about once a second; jitter must not make the stream skip one.
-_INTERVAL_SLACK_S = 0.1
-# How often the stream checks whether the daemon is shutting down, when no event comes.
-_SHUTDOWN_CHECK_S = 0.5
 
 
 def add_routes(app: web.Application, engine: Engine) -> None:
@@ -112,53 +105,21 @@ class Dashboard:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The Watch stream as server-sent events, until the daemon shuts down."""
-        engine = self.engine
-        subscription = engine.events.subscribe()
-        try:
-            response = web.StreamResponse(
-                headers={
-                    "Content-Type": "text/event-stream; charset=utf-8",
-                    "Cache-Control": "no-cache, no-store",
-                    "X-Accel-Buffering": "no",  # a reverse proxy must not hold events back
-                    "X-Content-Type-Options": "nosniff",
-                }
-            )
-            await response.prepare(request)
-            for event in snapshot_events(engine):
-                await response.write(sse_data(event_to_dict(event)))
-            last_memory = 0.0
-            last_write = time.monotonic()
-            while not engine.closed:
-                if subscription.dropped:
-                    # Fell behind: what is still queued is stale too. Say how much was lost,
-                    # then a fresh snapshot replaces it.
-                    dropped = subscription.take_dropped()
-                    while not subscription.queue.empty():
-                        subscription.queue.get_nowait()
-                        dropped += 1
-                    lagged = pb.Event(time_unix=time.time(), lagged=pb.Lagged(dropped=dropped))
-                    for event in [lagged, *snapshot_events(engine)]:
-                        await response.write(sse_data(event_to_dict(event)))
-                    last_write = time.monotonic()
-                    continue
-                try:
-                    stamp, item = await asyncio.wait_for(
-                        subscription.queue.get(), _SHUTDOWN_CHECK_S
-                    )
-                except TimeoutError:
-                    item = None
-                if item is not None and not (
-                    isinstance(item, MemorySampled)
-                    and stamp - last_memory < MEMORY_INTERVAL_S - _INTERVAL_SLACK_S
-                ):
-                    if isinstance(item, MemorySampled):
-                        last_memory = stamp
-                    await response.write(sse_data(event_to_dict(event_proto(engine, stamp, item))))
-                    last_write = time.monotonic()
-                elif time.monotonic() - last_write >= KEEPALIVE_S:
+        events = follow_events(self.engine, MEMORY_INTERVAL_S, idle_after=KEEPALIVE_S)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache, no-store",
+                "X-Accel-Buffering": "no",  # a reverse proxy must not hold events back
+                "X-Content-Type-Options": "nosniff",
+            }
+        )
+        await response.prepare(request)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if event is None:
                     await response.write(b": keep-alive\n\n")
-                    last_write = time.monotonic()
-            await response.write_eof()
-            return response
-        finally:
-            engine.events.unsubscribe(subscription)
+                else:
+                    await response.write(sse_data(event_to_dict(event)))
+        await response.write_eof()
+        return response
