@@ -38,6 +38,22 @@ def client(daemon: Daemon, key: str = "unused", retries: int = 0) -> openai.Open
     return openai.OpenAI(base_url=http_base(daemon) + "/v1", api_key=key, max_retries=retries)
 
 
+def slow_loading(
+    model_files: dict[str, Path], name: str, delay: int
+) -> tuple[Path, dict[str, str]]:
+    """A tiny model whose load takes ``delay`` seconds (tests/delayed_llama_server.sh,
+    which delays paths containing "slow"), and the environment that makes it so."""
+    slow = model_files["tiny"].with_name(name)
+    if not slow.exists():
+        slow.symlink_to(model_files["tiny"])
+    env = {
+        "MMD_LLAMA_SERVER": str(DELAYED),
+        "MMD_TEST_REAL_LLAMA_SERVER": str(resolve_llama_server(None).path),
+        "MMD_TEST_LOAD_DELAY": str(delay),
+    }
+    return slow, env
+
+
 def listening_tcp_ports(pid: int) -> list[int]:
     return [
         c.laddr.port
@@ -150,14 +166,7 @@ def test_prompt_over_max_prompt_bytes_is_refused(
 
 
 def test_queue_full_is_429_with_retry_after(make_daemon: Any, model_files: dict[str, Path]) -> None:
-    slow = model_files["tiny"].with_name("slow-q.gguf")
-    if not slow.exists():
-        slow.symlink_to(model_files["tiny"])
-    env = {
-        "MMD_LLAMA_SERVER": str(DELAYED),
-        "MMD_TEST_REAL_LLAMA_SERVER": str(resolve_llama_server(None).path),
-        "MMD_TEST_LOAD_DELAY": "3",
-    }
+    slow, env = slow_loading(model_files, "slow-q.gguf", delay=3)
     config = HTTP + "[scheduler]\nmax_queue = 1\n" + model("slow", slow)
     daemon: Daemon = make_daemon(config, extra_env=env)
     base = http_base(daemon)
@@ -480,14 +489,7 @@ def test_shutdown_answers_waiting_http_requests(
     make_daemon: Any, model_files: dict[str, Path]
 ) -> None:
     """A request waiting on a load when the daemon stops gets 503 "aborted", not a reset."""
-    slow = model_files["tiny"].with_name("slow-s.gguf")
-    if not slow.exists():
-        slow.symlink_to(model_files["tiny"])
-    env = {
-        "MMD_LLAMA_SERVER": str(DELAYED),
-        "MMD_TEST_REAL_LLAMA_SERVER": str(resolve_llama_server(None).path),
-        "MMD_TEST_LOAD_DELAY": "4",
-    }
+    slow, env = slow_loading(model_files, "slow-s.gguf", delay=4)
     daemon: Daemon = make_daemon(HTTP + model("slow", slow), extra_env=env)
     base = http_base(daemon)
 

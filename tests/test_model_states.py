@@ -20,43 +20,16 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from test_scheduler import admitted, footprint, make
 
-from mmd.config import ModelSpec, SchedulerSettings
-from mmd.effects import Admit, Effect, Fail, Kind, Stop
+from mmd.config import ModelSpec
+from mmd.effects import Effect, Fail, Kind, Stop
 from mmd.errors import MmdError, RuntimeFailed, UnknownModel
-from mmd.footprint import Footprint
 from mmd.model_state import ALLOWED, InvalidTransition, ModelEntry, State
-from mmd.planner import DeviceBudget
 from mmd.scheduler import Scheduler
-from mmd.units import GIB
 
 Move = tuple[State, State]
 EVERY_MOVE: frozenset[Move] = frozenset((old, new) for old in ALLOWED for new in ALLOWED[old])
-
-
-def footprint(size_gib: float) -> Footprint:
-    size = int(size_gib * GIB)
-    return Footprint((), 0, size, size, 0, 0)
-
-
-def make(
-    sizes: dict[str, float],
-    specs: dict[str, dict[str, Any]] | None = None,
-    budget: float = 10,
-    **scheduler: Any,
-) -> Scheduler:
-    options = specs or {}
-    models = {
-        m: (ModelSpec(id=m, path=Path(f"{m}.gguf"), **options.get(m, {})), footprint(size))
-        for m, size in sizes.items()
-    }
-    core = Scheduler(SchedulerSettings(**scheduler), models)
-    core.update_devices([DeviceBudget("ram", "ram", int(budget * GIB))], frozenset())
-    return core
-
-
-def admitted(effects: Sequence[Effect]) -> list[int]:
-    return [e.ticket for e in effects if isinstance(e, Admit)]
 
 
 def path_to(target: State) -> list[State]:
@@ -230,7 +203,7 @@ class AnyOrderMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.core = make(
-            SIZES, SPECS, max_concurrent=3, max_queue=4, swap_batch=2, default_keep_alive=5.0
+            SIZES, specs=SPECS, max_concurrent=3, max_queue=4, swap_batch=2, default_keep_alive=5.0
         )
         self.now = 0.0
         self.tickets: list[int] = []  # every ticket handed out
