@@ -282,8 +282,12 @@ class RawClient:
                     raise
                 continue
             end_at = time.perf_counter()
-            if reader.chunked or not reader.keep_alive:
-                self.close()  # llama-server ends the connection after a stream
+            if not reader.keep_alive:
+                self.close()
+            # Else the connection is kept, as mmd keeps its own to the child: llama-server
+            # answers a request on a kept connection ~5 ms sooner than on a new one. A kept
+            # connection the server has closed meanwhile fails before any answer, and the
+            # request goes out again on a new one (above).
             return reader, first_at, end_at
         raise AssertionError("unreachable")
 
