@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import aiohttp
 import httpx
 
 from mmd import paths
@@ -35,6 +34,8 @@ from mmd.runtime_check import LlamaRuntime
 from mmd.scheduler import Scheduler
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from mmd.monitor import MemoryMonitor
 
 log = logging.getLogger("mmd.engine")
@@ -46,7 +47,11 @@ class Child(Protocol):
     binary: LlamaBinary
     spec: LaunchSpec
     client: httpx.AsyncClient  # requests to the child, once start() has begun
-    relay_session: aiohttp.ClientSession  # the HTTP front door's relayed requests, as well
+
+    @property
+    def relay_session(self) -> aiohttp.ClientSession:
+        """The HTTP front door's relayed requests to the child, once start() has begun."""
+        ...
 
     @property
     def pid(self) -> int:

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -37,7 +37,9 @@ from mmd.runtime_check import LlamaRuntime, VerdictCache, choose, failure_line
 from mmd.sdnotify import Notifier, run_watchdog
 from mmd.service import ModelManager
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
-from mmd.web.front import start_http
+
+if TYPE_CHECKING:
+    from mmd.web.server import HttpFront
 
 log = logging.getLogger("mmd")
 
@@ -97,6 +99,7 @@ class Daemon:
         self.forced = 0  # stop signals after the first
         # Preloads and reloads: cancelled at shutdown.
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.http: HttpFront | None = None  # the [http] listener, when there is one
 
     # --- startup ----------------------------------------------------------------------
 
@@ -126,7 +129,11 @@ class Daemon:
         self.probe = MemoryProbe()
         self.engine = Engine(config, runtime, self.probe, children, footprints=footprints)
         self.metrics = await start_metrics(self.engine, config.metrics.listen)
-        self.http = await start_http(self.engine, config.http)
+        if config.http.enabled:
+            # aiohttp and the front door's modules load only when [http] is set.
+            from mmd.web.front import start_http
+
+            self.http = await start_http(self.engine, config.http)
         runtime.start()  # proves the binary in the background when no verdict is cached
         await self.engine.start()
 

@@ -13,12 +13,14 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import httpx
 
 from mmd.errors import InvalidRequest, MmdError, RuntimeFailed
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("mmd.upstream")
 
@@ -258,9 +260,6 @@ def _last_data_events(chunk: bytes) -> list[bytes]:
     return [line[6:] for line in chunk.split(b"\n") if line.startswith(b"data: {")][-2:]
 
 
-# What a relayed request may meet before its answer began, and so may send again (as
-# _RESENDABLE above): a pooled connection the child closed, a reset, a full accept queue.
-_RELAY_RESENDABLE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # The last bytes of a stream kept to read its totals from (the closing events).
 _TAIL_BYTES = 16384
 
@@ -269,10 +268,15 @@ async def _relay_send(
     session: aiohttp.ClientSession, path: str, body: dict[str, Any]
 ) -> aiohttp.ClientResponse:
     """POST and return the response once its status line and headers are in."""
+    import aiohttp
+
+    # What may come before the answer began, and so may be sent again (as _RESENDABLE
+    # above): a pooled connection the child closed, a reset, a full accept queue.
+    resendable = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
     for attempt in range(1, _SEND_ATTEMPTS):
         try:
             return await session.post(path, json=body)
-        except _RELAY_RESENDABLE as err:
+        except resendable as err:
             log.debug("%s: sent again (attempt %d): %r", path, attempt + 1, err)
             if isinstance(err, aiohttp.ClientConnectorError):
                 await asyncio.sleep(_RESEND_PAUSE_S * attempt)
@@ -290,6 +294,8 @@ async def relay(
     a stream's SSE bytes, or a whole JSON answer. ``final`` gets the totals (finish
     reason, tokens, speeds), read from the answer's last events only: the bytes in
     between pass through without being parsed."""
+    import aiohttp  # only a daemon with an HTTP front door relays
+
     tail = b""
     try:
         response = await _relay_send(session, path, body)
