@@ -511,3 +511,37 @@ def test_shutdown_answers_waiting_http_requests(
     assert answer.json()["error"]["code"] == "aborted"
     assert daemon.process is not None
     assert daemon.process.wait(30) == 0
+
+
+def test_unix_listener_replaces_a_stale_socket_and_refuses_anything_else(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    import socket as socketlib
+
+    sock = Path(f"/tmp/mmd-http-{os.getpid()}-{time.monotonic_ns() % 100000}.sock")
+    config = f'[http]\nlisten = ["unix:{sock}"]\n' + model("tiny", model_files["tiny"])
+    try:
+        sock.write_text("not a socket")
+        refused: Daemon = make_daemon(config, start=False)
+        refused.write_config()
+        result = subprocess.run(
+            [*daemon_cmd(), "--config", str(refused.config_path)],
+            capture_output=True,
+            env=refused.env(),
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 2
+        assert "exists and is not a socket of this user's" in result.stderr.decode()
+        assert sock.read_text() == "not a socket"  # left as it was
+        sock.unlink()
+        stale = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        stale.bind(str(sock))  # bound, never listened on, closed: a dead daemon's leftover
+        stale.close()
+        daemon: Daemon = make_daemon(config)
+        transport = httpx.HTTPTransport(uds=str(sock))
+        with httpx.Client(transport=transport, base_url="http://mmd") as http:
+            assert http.get("/health").status_code == 200
+        assert daemon.stop() == 0
+    finally:
+        sock.unlink(missing_ok=True)
