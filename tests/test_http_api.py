@@ -545,3 +545,31 @@ def test_unix_listener_replaces_a_stale_socket_and_refuses_anything_else(
         assert daemon.stop() == 0
     finally:
         sock.unlink(missing_ok=True)
+
+
+def test_a_stream_cut_by_a_forced_unload_ends_with_an_error_event(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    config = HTTP + model("b", model_files["m50"], ctx=2048, parallel=1)
+    daemon: Daemon = make_daemon(config)
+    base = http_base(daemon)
+    body = {
+        "model": "b",
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 1900,
+        "stream": True,
+    }
+    with (
+        httpx.Client(base_url=base, timeout=60) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        unloaded = httpx.post(base + "/unload", json={"model": "b", "force": True}, timeout=60)
+        assert unloaded.json()["aborted_requests"] == 1
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    assert events[-1] != "[DONE]"
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "aborted"
+    assert "unloaded by an operator" in error["message"]
