@@ -1,6 +1,7 @@
 """The engine driven with stand-in children and a stand-in probe: no process, no device.
 
-Each child answers over an in-memory HTTP transport the way llama-server does; the probe
+Each child answers over HTTP on a Unix socket (an aiohttp server in the test's own
+event loop) the way llama-server does; the probe
 reports one RAM device whose free memory is what the running stand-ins leave. What the
 real children and devices do is tested elsewhere (test_daemon, test_faults, ...).
 """
@@ -10,12 +11,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import json
+import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp import web
 
 from mmd.children import LoadStage
 from mmd.config import Config, DaemonSettings, ModelSpec, SchedulerSettings
@@ -25,7 +30,7 @@ from mmd.events import AlertCrossed, Event, MemorySampled, ModelChanged, Request
 from mmd.footprint import Footprint
 from mmd.memory import DeviceReading, MemorySnapshot, ProcessMemory
 from mmd.model_state import State
-from mmd.runtime import LaunchSpec, LlamaBinary
+from mmd.runtime import LaunchSpec, LlamaBinary, close_child_session, open_child_session
 from mmd.runtime_check import LlamaRuntime, Verdict, VerdictCache
 from mmd.units import GIB
 from mmd.upstream import Final, InferParams
@@ -58,8 +63,10 @@ class FakeProbe:
 
 class FakeChild:
     """A llama-server stand-in: ``behaviour`` "ok" serves, "fail" exits during its load,
-    "hang" never becomes ready. With ``stall`` set a completion sends one piece, then
-    waits until the child is gone, whose stream then breaks as a lost connection does."""
+    "hang" never becomes ready. Once started it answers over HTTP on a Unix socket, from
+    an aiohttp server in this process. With ``stall`` set a completion sends one piece,
+    then waits until the child is gone, whose stream then breaks as a lost connection
+    does."""
 
     def __init__(
         self, binary: LlamaBinary, spec: LaunchSpec, probe: FakeProbe, behaviour: str
@@ -74,8 +81,9 @@ class FakeChild:
         self.status: int | None = None
         self.stop_grace: float | None = None
         self._pid = 0
-        transport = httpx.MockTransport(self._answer)
-        self.client = httpx.AsyncClient(transport=transport, base_url="http://llama-server")
+        self._runner: web.AppRunner | None = None
+        self._dir: str | None = None
+        self._responses: weakref.WeakSet[aiohttp.ClientResponse] = weakref.WeakSet()
 
     @property
     def pid(self) -> int:
@@ -95,11 +103,24 @@ class FakeChild:
                 raise RuntimeFailed(
                     f"model {name!r} was not ready within {timeout:g}s (load timeout)"
                 ) from None
+        await self._serve()
         self.probe.held[self._pid] = MODEL_BYTES
         self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.spec.log_path.open("a") as log:
             log.write("load_tensors:   CPU_Mapped model buffer size =   100.00 MiB\n")
             log.write("sched_reserve:        CPU compute buffer size =    12.00 MiB\n")
+
+    async def _serve(self) -> None:
+        app = web.Application()
+        app.router.add_post("/completion", self._completion)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_route("*", "/{path:.*}", self._missing)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+        await self._runner.setup()
+        self._dir = tempfile.mkdtemp(prefix="mmd-fake-")  # short: a socket path has a limit
+        socket = os.path.join(self._dir, "child.sock")
+        await web.UnixSite(self._runner, socket).start()
+        self.session = open_child_session(Path(socket), 8, self._responses)
 
     async def wait(self) -> int:
         await self.exited.wait()
@@ -111,8 +132,18 @@ class FakeChild:
             return None
         self.stop_grace = grace
         self._exit(-15 if grace > 0 else -9)
-        await self.client.aclose()
+        await self.close()
         return self.status
+
+    async def close(self) -> None:
+        """The session and the server, once: at stop, or at the test's end after a crash."""
+        if self._runner is not None:
+            await close_child_session(self.session, self._responses)
+            await self._runner.cleanup()
+            self._runner = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     def crash(self, status: int = -11) -> None:
         self._exit(status)
@@ -123,23 +154,29 @@ class FakeChild:
             self.probe.held.pop(self._pid, None)
             self.exited.set()
 
-    async def _answer(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/completion":
-            return httpx.Response(200, content=self._completion())
-        if request.url.path == "/v1/embeddings":
-            inputs = json.loads(request.content)["input"]
-            data = [{"index": i, "embedding": [float(i), 0.5]} for i in range(len(inputs))]
-            return httpx.Response(200, json={"data": data, "usage": {"prompt_tokens": 4}})
-        return httpx.Response(404, json={"error": {"message": "no such endpoint"}})
-
-    async def _completion(self) -> AsyncIterator[bytes]:
-        yield b'data: {"content": "Hel"}\n\n'
+    async def _completion(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"content": "Hel"}\n\n')
         if self.stall:
             self.streaming.set()
             await self.exited.wait()
-            raise httpx.ReadError("the child closed the connection")
-        yield b'data: {"content": "lo", "stop": true, "tokens_evaluated": 3,'
-        yield b' "tokens_predicted": 2}\n\n'
+            assert request.transport is not None
+            request.transport.abort()  # the child closed the connection mid-answer
+            return response
+        await asyncio.sleep(0.001)  # the next piece comes in a read of its own
+        await response.write(b'data: {"content": "lo", "stop": true, "tokens_evaluated": 3,')
+        await response.write(b' "tokens_predicted": 2}\n\n')
+        await response.write_eof()
+        return response
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        inputs = (await request.json())["input"]
+        data = [{"index": i, "embedding": [float(i), 0.5]} for i in range(len(inputs))]
+        return web.json_response({"data": data, "usage": {"prompt_tokens": 4}})
+
+    async def _missing(self, request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "no such endpoint"}}, status=404)
 
 
 class Children:
@@ -183,7 +220,7 @@ Rig = tuple[Engine, Children, FakeProbe]
 
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Callable[..., Rig]]:
-    made: list[Engine] = []
+    made: list[Rig] = []
 
     def build(*, load_timeout: float = 5.0, keep_alive: float = 300.0) -> Rig:
         specs = {
@@ -221,12 +258,15 @@ async def rig(tmp_path: Path) -> AsyncIterator[Callable[..., Rig]]:
             child_factory=children,
             clock=Clock(),
         )
-        made.append(engine)
+        made.append((engine, children, probe))
         return engine, children, probe
 
     yield build
-    for engine in made:
+    for engine, _, _ in made:
         await engine.close(drain_timeout=0.0)
+    for _, children, _ in made:
+        for child in children.made:
+            await child.close()  # those that crashed are not stopped
 
 
 def _events(engine: Engine) -> Callable[[], list[Event]]:

@@ -100,12 +100,12 @@ def test_mmctl_doctor_does_not_import_the_engine() -> None:
     assert "mmd.engine" not in import_graph()["mmctl.doctor"]
 
 
-def test_a_daemon_without_http_does_not_load_aiohttp() -> None:
-    """aiohttp (~8 MiB of RSS) is loaded by a daemon with an [http] listener only."""
+def test_the_daemon_does_not_import_httpx() -> None:
+    """The daemon reads its children through aiohttp only (mmctl's client is httpx)."""
     import subprocess
     import sys
 
-    probe = "import sys, mmd.daemon, mmd.engine; print('aiohttp' in sys.modules)"
+    probe = "import sys, mmd.daemon, mmd.engine; print('httpx' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )

@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from mmd.upstream import Final, _read_chat, _read_completion, _sse_batches
 
 
-class Chunks(httpx.AsyncByteStream):
+class Chunks:
+    """A response whose body arrives in the given reads (``response.content.iter_any()``)."""
+
     def __init__(self, chunks: list[bytes]) -> None:
+        self.content = self
         self.chunks = chunks
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def iter_any(self) -> AsyncIterator[bytes]:
         for chunk in self.chunks:
             yield chunk
 
 
 def batches(chunks: list[bytes]) -> list[list[dict[str, Any]]]:
     async def collect() -> list[list[dict[str, Any]]]:
-        response = httpx.Response(200, stream=Chunks(chunks))
+        response: Any = Chunks(chunks)
         return [batch async for batch in _sse_batches(response)]
 
     return asyncio.run(collect())
@@ -111,6 +115,8 @@ async def _serve(path: str, behaviours: list[str]) -> tuple[asyncio.AbstractServ
             await writer.drain()
             writer.transport.abort()
             return
+        await writer.drain()
+        await asyncio.sleep(0.001)  # the next piece comes in a read of its own
         done = {"content": "lo", "stop": True, "tokens_predicted": 2, "tokens_evaluated": 1}
         writer.write(_chunk(b"data: " + json.dumps(done).encode() + b"\n\n"))
         writer.write(b"0\r\n\r\n")
@@ -121,49 +127,52 @@ async def _serve(path: str, behaviours: list[str]) -> tuple[asyncio.AbstractServ
     return server, seen
 
 
-class FailingFirst(httpx.AsyncBaseTransport):
-    """Raises the given transport errors, one per request, before sending for real: the
+class FailingFirst(aiohttp.UnixConnector):
+    """Raises the given connection errors, one per request, before sending for real: the
     ways a connection fails before any response that a real server cannot be made to show
-    on demand (a reset mid-send, a full accept queue)."""
+    on demand (a reset mid-send, a write to a closing connection, a full accept queue)."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, errors: list[type[Exception]]) -> None:
-        self.inner = inner
+    def __init__(self, path: str, errors: list[str]) -> None:
+        super().__init__(path=path)
         self.errors = errors
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def connect(self, req: Any, *args: Any, **kwargs: Any) -> Any:
         if self.errors:
-            raise self.errors.pop(0)("injected", request=request)
-        return await self.inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+            error = self.errors.pop(0)
+            if error == "reset":
+                raise aiohttp.ClientOSError(errno.ECONNRESET, "injected")
+            if error == "closing":
+                raise aiohttp.ClientConnectionResetError("injected")
+            raise aiohttp.ClientConnectorError(
+                req.connection_key, OSError(errno.EAGAIN, "injected")
+            )
+        return await super().connect(req, *args, **kwargs)
 
 
 def _generate(
-    path: str, behaviours: list[str], errors: list[type[Exception]] | None = None
+    path: str, behaviours: list[str], errors: list[str] | None = None
 ) -> tuple[list[str | Final] | str, list[str]]:
     from mmd.errors import RuntimeFailed
     from mmd.upstream import InferParams, stream_infer
 
     async def run() -> tuple[list[str | Final] | str, list[str]]:
         server, seen = await _serve(path, behaviours)
-        transport = FailingFirst(httpx.AsyncHTTPTransport(uds=path), errors or [])
-        client = httpx.AsyncClient(transport=transport, base_url="http://llama-server")
+        connector = FailingFirst(path, errors or [])
+        session = aiohttp.ClientSession(base_url="http://llama-server", connector=connector)
         try:
-            pieces = [p async for p in stream_infer(client, "m", InferParams(prompt="hi"))]
+            pieces = [p async for p in stream_infer(session, "m", InferParams(prompt="hi"))]
             return pieces, seen
         except RuntimeFailed as err:
             return err.message, seen
         finally:
-            await client.aclose()
+            await session.close()
             server.close()
 
     return asyncio.run(run())
 
 
 def test_a_request_that_was_not_answered_is_sent_again(tmp_path: Any) -> None:
-    errors: list[type[Exception]] = [httpx.ReadError, httpx.WriteError, httpx.ConnectError]
-    pieces, seen = _generate(str(tmp_path / "s.sock"), ["close"], errors)
+    pieces, seen = _generate(str(tmp_path / "s.sock"), ["close"], ["reset", "closing", "full"])
     assert seen == ["close", "answer"]  # after the three that failed before reaching it
     assert isinstance(pieces, list)
     assert pieces[:-1] == ["hel", "lo"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
+import aiohttp
 
 from mmd import paths
 from mmd.buffers import buffer_sizes
@@ -34,8 +34,6 @@ from mmd.runtime_check import LlamaRuntime
 from mmd.scheduler import Scheduler
 
 if TYPE_CHECKING:
-    import aiohttp
-
     from mmd.monitor import MemoryMonitor
 
 log = logging.getLogger("mmd.engine")
@@ -46,12 +44,7 @@ class Child(Protocol):
 
     binary: LlamaBinary
     spec: LaunchSpec
-    client: httpx.AsyncClient  # requests to the child, once start() has begun
-
-    @property
-    def relay_session(self) -> aiohttp.ClientSession:
-        """The HTTP front door's relayed requests to the child, once start() has begun."""
-        ...
+    session: aiohttp.ClientSession  # requests to the child, once start() has begun
 
     @property
     def pid(self) -> int:

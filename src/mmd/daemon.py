@@ -322,9 +322,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _setup_logging(level: str) -> None:
     """One line per event on stderr (journald adds the timestamps): mmd's own loggers at
-    ``level``; the libraries' (httpx, httpcore, grpc, gguf, asyncio) at warnings only,
-    except at ``trace``, which is ``debug`` for everyone. (At debug, httpcore alone wrote
-    ~600 lines a second about the children's health polls.)"""
+    ``level``; the libraries' (aiohttp, grpc, gguf, asyncio) at warnings only, except at
+    ``trace``, which is ``debug`` for everyone. (At debug, an HTTP client's log can be
+    hundreds of lines a second about the children's health polls.)"""
     logging.basicConfig(
         level=logging.DEBUG if level == "trace" else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -304,7 +304,7 @@ class Engine:
         """Text pieces as they arrive, then a Final with totals and timings."""
         async with (
             self._slot(model_id, Kind.INFER, keep_alive) as (server, record),
-            contextlib.aclosing(stream_infer(server.client, model_id, params)) as stream,
+            contextlib.aclosing(stream_infer(server.session, model_id, params)) as stream,
         ):
             async for item in stream:
                 now = self.now()
@@ -332,7 +332,7 @@ class Engine:
         full, no memory) is raised before the first bytes."""
         async with self._slot(model_id, kind, keep_alive) as (server, record):
             final = Final()
-            answer = relay(server.relay_session, model_id, path, body, final)
+            answer = relay(server.session, model_id, path, body, final)
             async with contextlib.aclosing(answer):
                 async for chunk in answer:
                     if not record.first_token:
@@ -345,7 +345,7 @@ class Engine:
         self, model_id: str, inputs: Sequence[str], keep_alive: float | None = None
     ) -> tuple[list[list[float]], int]:
         async with self._slot(model_id, Kind.EMBED, keep_alive) as (server, record):
-            vectors, tokens = await embed(server.client, model_id, inputs)
+            vectors, tokens = await embed(server.session, model_id, inputs)
             record.prompt_tokens = tokens
             return vectors, tokens
 

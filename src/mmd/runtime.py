@@ -19,20 +19,18 @@ import subprocess
 import sys
 import time
 import warnings
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
-import httpx
+import aiohttp
 
 from mmd.cpu import is_sigill, sigill_line
 from mmd.errors import RuntimeFailed
 
 # Readiness is polled this often; small so that a ready child is noticed at once.
-if TYPE_CHECKING:
-    import aiohttp
-
 _READY_POLL_S = 0.005
 
 # Used where util-linux's setpriv is missing: set PR_SET_PDEATHSIG, then exec.
@@ -303,6 +301,46 @@ def failure_summary(lines: list[str]) -> str:
     return text if len(text) <= _SUMMARY_CHARS else text[: _SUMMARY_CHARS - 1] + "…"
 
 
+def open_child_session(
+    socket: Path, limit: int, responses: weakref.WeakSet[aiohttp.ClientResponse]
+) -> aiohttp.ClientSession:
+    """An HTTP session to a child's Unix socket, which puts each response in ``responses``
+    once its headers are in (see close_child_session)."""
+
+    async def opened(
+        session: aiohttp.ClientSession, context: object, params: aiohttp.TraceRequestEndParams
+    ) -> None:
+        responses.add(params.response)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(opened)
+    return aiohttp.ClientSession(
+        base_url="http://llama-server",
+        # Pooled connections: the first request after a load goes out on the connection
+        # its last /health poll used, which llama-server answers ~5 ms sooner than one on
+        # a new connection. A pooled connection that llama-server closed just as a request
+        # went out on it is lost without an answer ("Server disconnected"); upstream
+        # sends that again.
+        connector=aiohttp.UnixConnector(path=str(socket), limit=limit),
+        # No overall timeout: generations stream for as long as they need; the scheduler
+        # cancels them when clients go away.
+        timeout=aiohttp.ClientTimeout(total=None, connect=10.0),
+        auto_decompress=False,
+        trace_configs=[trace],
+    )
+
+
+async def close_child_session(
+    session: aiohttp.ClientSession, responses: weakref.WeakSet[aiohttp.ClientResponse]
+) -> None:
+    """Close the session once each response still being read has been told that its
+    connection is gone: closing the session alone drops their readers without a word
+    (aiohttp), and a stream whose child stopped would wait forever."""
+    for response in list(responses):
+        response.close()
+    await session.close()
+
+
 @dataclass
 class LlamaServer:
     """A running (or starting) llama-server child."""
@@ -312,55 +350,22 @@ class LlamaServer:
     process: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
     ready_at: float = 0.0
-    client: httpx.AsyncClient = field(init=False)  # set by start() once the child runs
-    # The relayed OpenAI-compatible requests of the HTTP front door: aiohttp parses the
-    # child's answer in C, for half the CPU per streamed token of httpx (measured: 46 ms
-    # instead of 100 ms for a 1,500-token stream), which a 2-core machine takes from
-    # generation.
-    _relay_session: aiohttp.ClientSession | None = field(default=None, init=False)
-
-    @property
-    def relay_session(self) -> aiohttp.ClientSession:
-        """The session for relayed requests, made at the first one: aiohttp is imported
-        only by a daemon that serves HTTP ([http]), ~8 MiB of RSS the others do not pay."""
-        if self._relay_session is None:
-            import aiohttp
-
-            # A relay runs only while it holds one of the model's slots: at most parallel
-            # at once, and as many idle kept-alive connections as httpx keeps, for the
-            # same reason.
-            self._relay_session = aiohttp.ClientSession(
-                base_url="http://llama-server",
-                connector=aiohttp.UnixConnector(
-                    path=str(self.spec.socket), limit=self.spec.parallel + 1
-                ),
-                timeout=aiohttp.ClientTimeout(total=None, connect=10.0),
-                auto_decompress=False,
-            )
-        return self._relay_session
+    # Requests to the child: health polls, generations, embeddings and the HTTP front
+    # door's relayed requests. aiohttp parses the child's answer in C: reading a
+    # 1,500-token stream costs ~40 ms of CPU where httpx took 130-160 ms, which a
+    # 2-core machine takes from generation.
+    session: aiohttp.ClientSession = field(init=False)  # set by start() once the child runs
+    _responses: weakref.WeakSet[aiohttp.ClientResponse] = field(
+        default_factory=weakref.WeakSet, init=False
+    )
 
     def _connect(self) -> None:
-        """The HTTP client for the child's socket; made while the child loads (~0.4 ms)."""
-        # Plain HTTP over a private Unix socket: no TLS, so no CA bundle to load (loading
-        # one costs ~50 ms, which every model load would pay).
-        transport = httpx.AsyncHTTPTransport(uds=str(self.spec.socket), verify=False)
-        # No overall timeout: generations stream for as long as they need; the
-        # scheduler cancels them when clients go away.
-        self.client = httpx.AsyncClient(
-            transport=transport,
-            base_url="http://llama-server",
-            timeout=httpx.Timeout(None, connect=10.0),
-            # Pooled connections: the first request after a load goes out on the
-            # connection its last /health poll used, which llama-server answers ~5 ms
-            # sooner than one on a new connection. A pooled connection that llama-server
-            # closed just as a request went out on it is lost without an answer
-            # ("disconnected without sending a response"); upstream sends that again.
-            # An idle kept-alive connection holds one of llama-server's HTTP threads (it
-            # has at least parallel + 2): keeping at most parallel + 1 leaves one free.
-            limits=httpx.Limits(
-                max_connections=1024, max_keepalive_connections=self.spec.parallel + 1
-            ),
-        )
+        """The HTTP session for the child's socket; made while the child loads."""
+        # Requests run only while they hold one of the model's slots: at most parallel at
+        # once, and a health poll before. An idle kept-alive connection holds one of
+        # llama-server's HTTP threads (it has at least parallel + 2): at most parallel + 1
+        # connections leave one free.
+        self.session = open_child_session(self.spec.socket, self.spec.parallel + 1, self._responses)
 
     @property
     def pid(self) -> int:
@@ -447,10 +452,11 @@ class LlamaServer:
                     )
                 if self.spec.socket.exists():
                     try:
-                        response = await self.client.get("/health")
-                        if response.status_code == 200:
-                            return
-                    except httpx.TransportError:
+                        async with self.session.get("/health") as response:
+                            await response.read()
+                            if response.status == 200:
+                                return
+                    except aiohttp.ClientError:
                         pass
                 await asyncio.wait({exited}, timeout=_READY_POLL_S)
         finally:
@@ -479,9 +485,7 @@ class LlamaServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
         await process.wait()
-        await self.client.aclose()
-        if self._relay_session is not None:
-            await self._relay_session.close()
+        await close_child_session(self.session, self._responses)
         with contextlib.suppress(FileNotFoundError):
             self.spec.socket.unlink()
         return process.returncode

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from mmd.cpu import cpu_flags, is_sigill, sigill_line
 from mmd.errors import MmdError, RuntimeFailed
@@ -151,17 +151,18 @@ async def _load_and_generate(server: LlamaServer, flags: frozenset[str]) -> str 
     path = server.binary.path
     try:
         await server.start(_CHECK_TIMEOUT_S)
-        response = await server.client.post(
+        async with server.session.post(
             "/completion", json={"prompt": "hi", "n_predict": 2, "cache_prompt": False}
-        )
-        if response.status_code != 200:
-            return f"llama-server {path} loads a model but fails to generate: {response.text}"
+        ) as response:
+            text = await response.text(errors="replace")
+        if response.status != 200:
+            return f"llama-server {path} loads a model but fails to generate: {text}"
         return None
     except RuntimeFailed as err:
         if is_sigill(server.returncode):
             return sigill_line(path, flags)
         return f"llama-server {path} cannot load a model: {err.message}"
-    except httpx.HTTPError as err:
+    except aiohttp.ClientError as err:
         # The child may have died mid-generation: the first kernel that needs a missing
         # instruction runs then, not at load.
         with contextlib.suppress(TimeoutError):

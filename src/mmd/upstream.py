@@ -13,14 +13,11 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import httpx
+import aiohttp
 
 from mmd.errors import InvalidRequest, MmdError, RuntimeFailed
-
-if TYPE_CHECKING:
-    import aiohttp
 
 log = logging.getLogger("mmd.upstream")
 
@@ -86,38 +83,43 @@ def _chat_body(params: InferParams) -> dict[str, Any]:
 # A request is sent again when its connection failed before any response began: then
 # llama-server did not serve it (or aborts it, its connection gone), so sending it again
 # cannot answer twice. This happens under concurrent streams (about 1 in 100-200):
-# - RemoteProtocolError: the child closed the connection without answering, also a pooled
-#   connection that it closed just as the request went out;
-# - ReadError / WriteError: the connection was reset while the request went out or while
-#   waiting for the status line (httpx's BrokenResourceError);
-# - ConnectError: the socket's accept queue was full for a moment (EAGAIN).
+# - ServerDisconnectedError: the child closed the connection without answering, also a
+#   pooled connection that it closed just as the request went out;
+# - ClientOSError: the connection was reset while the request went out or while waiting
+#   for the status line; ConnectionResetError (aiohttp's ClientConnectionResetError): the
+#   request was written to a connection already closing;
+# - ClientConnectorError (a ClientOSError): the socket's accept queue was full for a
+#   moment (EAGAIN).
 # A failure once the status line is in is never resent: the answer has begun.
 _SEND_ATTEMPTS = 5
-_RESENDABLE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.ConnectError)
+_RESENDABLE = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionResetError)
 _RESEND_PAUSE_S = 0.005  # grows with each attempt: a full accept queue needs a moment
 
 
-async def _send(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> httpx.Response:
-    """POST and return the response with its body still streaming."""
+async def _send(
+    session: aiohttp.ClientSession, path: str, body: dict[str, Any]
+) -> aiohttp.ClientResponse:
+    """POST and return the response once its status line and headers are in, its body
+    still to read."""
     for attempt in range(1, _SEND_ATTEMPTS):
         try:
-            return await client.send(client.build_request("POST", path, json=body), stream=True)
+            return await session.post(path, json=body)
         except _RESENDABLE as err:
             log.debug("%s: sent again (attempt %d): %r", path, attempt + 1, err)
-            if isinstance(err, httpx.ConnectError):
+            if isinstance(err, aiohttp.ClientConnectorError):
                 await asyncio.sleep(_RESEND_PAUSE_S * attempt)
-    return await client.send(client.build_request("POST", path, json=body), stream=True)
+    return await session.post(path, json=body)
 
 
-async def _sse_batches(response: httpx.Response) -> AsyncIterator[list[dict[str, Any]]]:
+async def _sse_batches(response: aiohttp.ClientResponse) -> AsyncIterator[list[dict[str, Any]]]:
     """Server-sent ``data:`` events, grouped by the network read that completed them.
 
-    Reading bytes and splitting lines here costs far less per token than httpx's
-    text-line iterators, and events that arrive together (a busy machine, a fast
-    model) go on as one batch: one message to the client instead of several.
+    Reading bytes and splitting lines here costs far less per token than a line
+    iterator, and events that arrive together (a busy machine, a fast model) go on as
+    one batch: one message to the client instead of several.
     """
     pending = b""
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.content.iter_any():
         *lines, pending = (pending + chunk).split(b"\n")
         batch: list[dict[str, Any]] = []
         for line in lines:
@@ -146,9 +148,9 @@ def _status_error(model_id: str, status: int, body: bytes) -> MmdError:
     return RuntimeFailed(f"model {model_id!r} answered {status}: {message}")
 
 
-async def _raise_for_status(model_id: str, response: httpx.Response) -> None:
-    if response.status_code != 200:
-        raise _status_error(model_id, response.status_code, await response.aread())
+async def _raise_for_status(model_id: str, response: aiohttp.ClientResponse) -> None:
+    if response.status != 200:
+        raise _status_error(model_id, response.status, await response.read())
 
 
 def _timings(event: dict[str, Any], final: Final) -> None:
@@ -185,13 +187,13 @@ def _read_chat(event: dict[str, Any], final: Final) -> str:
     return "".join(pieces)
 
 
-def _lost(model_id: str, err: httpx.TransportError) -> RuntimeFailed:
-    why = str(err) or type(err).__name__  # some transport errors carry no message
+def _lost(model_id: str, err: aiohttp.ClientError) -> RuntimeFailed:
+    why = str(err) or type(err).__name__  # some connection errors carry no message
     return RuntimeFailed(f"model {model_id!r}: connection to llama-server lost: {why}")
 
 
 async def stream_infer(
-    client: httpx.AsyncClient, model_id: str, params: InferParams
+    session: aiohttp.ClientSession, model_id: str, params: InferParams
 ) -> AsyncGenerator[str | Final, None]:
     """Yield text pieces as they arrive, then one Final."""
     path, body = (
@@ -201,15 +203,15 @@ async def stream_infer(
     )
     final = Final()
     try:
-        response = await _send(client, path, body)
-        async with contextlib.aclosing(response):
+        response = await _send(session, path, body)
+        async with response:
             await _raise_for_status(model_id, response)
             read = _read_chat if params.is_chat else _read_completion
             async for batch in _sse_batches(response):
                 text = "".join([read(event, final) for event in batch])
                 if text:
                     yield text
-    except httpx.TransportError as err:
+    except aiohttp.ClientError as err:
         raise _lost(model_id, err) from None
     if not final.finished:
         # A child that is stopped mid-generation may close the stream cleanly.
@@ -218,16 +220,17 @@ async def stream_infer(
 
 
 async def embed(
-    client: httpx.AsyncClient, model_id: str, inputs: Sequence[str]
+    session: aiohttp.ClientSession, model_id: str, inputs: Sequence[str]
 ) -> tuple[list[list[float]], int]:
     """Vectors for ``inputs`` (in order) and the prompt token count."""
     try:
-        response = await _send(client, "/v1/embeddings", {"input": list(inputs)})
-        await response.aread()
-    except httpx.TransportError as err:
+        async with await _send(session, "/v1/embeddings", {"input": list(inputs)}) as response:
+            answer = await response.read()
+    except aiohttp.ClientError as err:
         raise _lost(model_id, err) from None
-    await _raise_for_status(model_id, response)
-    payload = response.json()
+    if response.status != 200:
+        raise _status_error(model_id, response.status, answer)
+    payload = json.loads(answer)
     data = sorted(payload.get("data", []), key=lambda item: item.get("index", 0))
     vectors = [[float(x) for x in item["embedding"]] for item in data]
     tokens = int((payload.get("usage") or {}).get("prompt_tokens", 0))
@@ -264,25 +267,6 @@ def _last_data_events(chunk: bytes) -> list[bytes]:
 _TAIL_BYTES = 16384
 
 
-async def _relay_send(
-    session: aiohttp.ClientSession, path: str, body: dict[str, Any]
-) -> aiohttp.ClientResponse:
-    """POST and return the response once its status line and headers are in."""
-    import aiohttp
-
-    # What may come before the answer began, and so may be sent again (as _RESENDABLE
-    # above): a pooled connection the child closed, a reset, a full accept queue.
-    resendable = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
-    for attempt in range(1, _SEND_ATTEMPTS):
-        try:
-            return await session.post(path, json=body)
-        except resendable as err:
-            log.debug("%s: sent again (attempt %d): %r", path, attempt + 1, err)
-            if isinstance(err, aiohttp.ClientConnectorError):
-                await asyncio.sleep(_RESEND_PAUSE_S * attempt)
-    return await session.post(path, json=body)
-
-
 async def relay(
     session: aiohttp.ClientSession,
     model_id: str,
@@ -294,11 +278,9 @@ async def relay(
     a stream's SSE bytes, or a whole JSON answer. ``final`` gets the totals (finish
     reason, tokens, speeds), read from the answer's last events only: the bytes in
     between pass through without being parsed."""
-    import aiohttp  # only a daemon with an HTTP front door relays
-
     tail = b""
     try:
-        response = await _relay_send(session, path, body)
+        response = await _send(session, path, body)
         async with response:
             if response.status != 200:
                 raise _status_error(model_id, response.status, await response.read())
@@ -315,8 +297,7 @@ async def relay(
                 yield chunk
                 tail = chunk if len(chunk) >= _TAIL_BYTES else (tail + chunk)[-_TAIL_BYTES:]
     except aiohttp.ClientError as err:
-        why = str(err) or type(err).__name__
-        raise RuntimeFailed(f"model {model_id!r}: connection to llama-server lost: {why}") from None
+        raise _lost(model_id, err) from None
     if not tail.rstrip().endswith(b"data: [DONE]"):
         raise RuntimeFailed(f"model {model_id!r}: llama-server ended the stream early")
     final.finished = True
