@@ -393,17 +393,26 @@ class Scheduler(ModelRegistry):
 
     def pump(self, now: float) -> list[Effect]:
         """Admit what can run, oldest first; restart loads that wait for room."""
+        # One pass over the registry picks the models with requests or loads waiting; the
+        # rest of the pump looks at those alone. (Every finished request pumps: with a
+        # thousand models registered, three full scans per pump made 10,000 cancelled
+        # requests take seconds to settle.)
+        waiting: list[ModelEntry] = []
         for entry in self.models.values():
-            entry.forget_old_failures(now)
+            if entry.crashes:
+                entry.forget_old_failures(now)
             if entry.drain_for is not None and not self._waits_for_room(entry.drain_for):
                 entry.drain_for = None
+            if entry.queue or entry.load_waiters:
+                waiting.append(entry)
         effects: list[Effect] = []
         while self.active_total < self.settings.max_concurrent:
-            ready = [m for m in self.models.values() if m.queue and self._may_admit(m)]
+            # Admitting only empties queues: ``waiting`` still holds every candidate.
+            ready = [m for m in waiting if m.queue and self._may_admit(m)]
             if not ready:
                 break
             effects.append(self._admit_head(min(ready, key=lambda m: m.head_arrival)))
-        for entry in self.models.values():
+        for entry in waiting:
             if self._waits_for_room(entry.spec.id):
                 effects += self._start_load(entry, now)
         return effects
