@@ -14,11 +14,12 @@ from conftest import Daemon
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mmd.config import parse_config, parse_listen
+from mmd.config import parse_config
 from mmd.errors import ConfigError
 from mmd.events import AlertCrossed, ModelChanged, RequestFinished
 from mmd.metrics import EventMetrics
 from mmd.v1 import mmd_pb2 as pb
+from mmd.web.settings import parse_host_port
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -45,14 +46,14 @@ def value(
         ("localhost:0", ("localhost", 0)),
     ],
 )
-def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
-    assert parse_listen(text) == expected
+def test_parse_host_port(text: str, expected: tuple[str, int]) -> None:
+    assert parse_host_port(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", ":9464", "host:", "host:port", "1.2.3.4:70000", "-1"])
 def test_parse_listen_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
-        parse_listen(text)
+        parse_host_port(text)
 
 
 def test_metrics_table_is_off_by_default_and_validated() -> None:

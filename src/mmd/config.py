@@ -21,7 +21,13 @@ from mmd.budget import BudgetSettings, parse_budget_setting
 from mmd.errors import ConfigError
 from mmd.footprint import GGUFError, is_gguf, read_shape
 from mmd.units import MIB, parse_duration, parse_keep_alive, parse_size
-from mmd.web.settings import HTTP_KEYS, HttpSettings, http_settings, load_access
+from mmd.web.settings import (
+    HTTP_KEYS,
+    HttpSettings,
+    http_settings,
+    load_access,
+    parse_host_port,
+)
 
 MAX_MODEL_ID_CHARS = 64
 MODEL_ID_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_MODEL_ID_CHARS - 1}}}$")
@@ -111,17 +117,6 @@ class SchedulerSettings:
 class MetricsSettings:
     # "HOST:PORT" or a bare port (loopback) for the Prometheus endpoint; None: off.
     listen: str | None = None
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """ "127.0.0.1:9464", "[::1]:9464", "0.0.0.0:9464", or "9464" (loopback) -> (host, port)."""
-    host, sep, port_text = text.strip().rpartition(":")
-    if not sep:
-        host = "127.0.0.1"
-    host = host.removeprefix("[").removesuffix("]")
-    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"expected HOST:PORT or a port number, got {text!r}")
-    return host, int(port_text)
 
 
 @dataclass(frozen=True)
@@ -291,7 +286,7 @@ _BUDGET_KEYS: dict[str, Callable[[Any], Any]] = {
 
 def _listen(value: Any) -> str:
     text = str(value) if isinstance(value, int) and not isinstance(value, bool) else _str(value)
-    parse_listen(text)
+    parse_host_port(text)
     return text
 
 

@@ -18,10 +18,10 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from mmd import __version__
-from mmd.config import parse_listen
 from mmd.errors import ConfigError
 from mmd.events import AlertCrossed, Event, ModelChanged, RequestFinished, Subscription
 from mmd.model_state import State
+from mmd.web.settings import parse_host_port
 
 if TYPE_CHECKING:
     from mmd.engine import Engine
@@ -271,7 +271,7 @@ async def start_metrics(engine: Engine, listen: str | None) -> MetricsServer | N
     """Serve metrics on ``listen`` ("HOST:PORT" or a bare port on loopback); None: off."""
     if not listen:
         return None
-    host, port = parse_listen(listen)
+    host, port = parse_host_port(listen)
     server = MetricsServer(engine)
     try:
         await server.start(host, port)

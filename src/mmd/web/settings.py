@@ -65,13 +65,23 @@ def parse_listen_address(text: str) -> Listen:
                 f"{paths.MAX_SOCKET_PATH_BYTES}"
             )
         return Listen(text=text, path=path)
+    try:
+        host, port = parse_host_port(text)
+    except ValueError:
+        raise ValueError(f"expected HOST:PORT, a port number or unix:/PATH, got {text!r}") from None
+    return Listen(text=text, host=host, port=port)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """ "127.0.0.1:9464", "[::1]:9464", "0.0.0.0:9464", or "9464" (loopback) -> (host, port);
+    the metrics listener's address too."""
     host, sep, port_text = text.strip().rpartition(":")
     if not sep:
         host = "127.0.0.1"
     host = host.removeprefix("[").removesuffix("]")
     if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"expected HOST:PORT, a port number or unix:/PATH, got {text!r}")
-    return Listen(text=text, host=host, port=int(port_text))
+        raise ValueError(f"expected HOST:PORT or a port number, got {text!r}")
+    return host, int(port_text)
 
 
 def _listen_list(value: Any) -> tuple[Listen, ...]:
