@@ -355,24 +355,25 @@ def test_network_address_without_keys_is_refused_at_start(
     daemon: Daemon = make_daemon(
         '[http]\nlisten = ["0.0.0.0:0"]\n' + model("tiny", model_files["tiny"]), start=False
     )
-    daemon.write_config()
-    result = subprocess.run(
-        [*daemon_cmd(), "--config", str(daemon.config_path)],
-        capture_output=True,
-        env=daemon.env(),
-        timeout=30,
-        check=False,
-    )
+    result = start_refused(daemon)
     assert result.returncode == 2
     line = result.stderr.decode().strip()
     assert "can be reached from other machines; set api_keys" in line
     assert "Traceback" not in line
 
 
-def daemon_cmd() -> list[str]:
+def start_refused(daemon: Daemon) -> subprocess.CompletedProcess[bytes]:
+    """Start mmd in the foreground with ``daemon``'s config, for a start it must refuse."""
     import sys
 
-    return [sys.executable, "-m", "mmd"]
+    daemon.write_config()
+    return subprocess.run(
+        [sys.executable, "-m", "mmd", "--config", str(daemon.config_path)],
+        capture_output=True,
+        env=daemon.env(),
+        timeout=30,
+        check=False,
+    )
 
 
 def test_sixty_four_http_clients_three_models_every_request_accounted(
@@ -473,14 +474,7 @@ def test_world_readable_keys_file_is_refused_at_start(
     keys.chmod(0o644)
     config = f'[http]\nlisten = ["127.0.0.1:0"]\napi_keys_file = "{keys}"\n'
     daemon: Daemon = make_daemon(config + model("tiny", model_files["tiny"]), start=False)
-    daemon.write_config()
-    result = subprocess.run(
-        [*daemon_cmd(), "--config", str(daemon.config_path)],
-        capture_output=True,
-        env=daemon.env(),
-        timeout=30,
-        check=False,
-    )
+    result = start_refused(daemon)
     assert result.returncode == 2
     assert result.stderr.decode().strip().endswith("is readable by every user; chmod o-r it")
 
@@ -523,14 +517,7 @@ def test_unix_listener_replaces_a_stale_socket_and_refuses_anything_else(
     try:
         sock.write_text("not a socket")
         refused: Daemon = make_daemon(config, start=False)
-        refused.write_config()
-        result = subprocess.run(
-            [*daemon_cmd(), "--config", str(refused.config_path)],
-            capture_output=True,
-            env=refused.env(),
-            timeout=30,
-            check=False,
-        )
+        result = start_refused(refused)
         assert result.returncode == 2
         assert "exists and is not a socket of this user's" in result.stderr.decode()
         assert sock.read_text() == "not a socket"  # left as it was
