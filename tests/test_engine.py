@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -293,6 +293,28 @@ async def _infer(engine: Engine, model_id: str) -> list[str | Final]:
     return [item async for item in engine.infer(model_id, InferParams(prompt="hi"))]
 
 
+async def _stalled_request(
+    engine: Engine, children: Children
+) -> tuple[
+    FakeChild,
+    AsyncGenerator[str | Final, None],
+    asyncio.Future[str | Final],
+    Callable[[], list[Event]],
+]:
+    """Model "a" loaded and one request running on it, its stream stalled after the first
+    piece: the child, the stream, the pending next piece, and the events taken since."""
+    await engine.start()
+    await _stages(engine, "a")
+    (child,) = children.made
+    child.stall = True
+    taken = _events(engine)
+    stream = engine.infer("a", InferParams(prompt="hi"))
+    assert await anext(stream) == "Hel"
+    pending = asyncio.ensure_future(anext(stream))
+    await child.streaming.wait()
+    return child, stream, pending, taken
+
+
 async def test_a_load_starts_a_child_and_requests_reach_it(rig: Callable[..., Rig]) -> None:
     engine, children, _ = rig()
     await engine.start()
@@ -375,15 +397,7 @@ async def test_a_crash_of_a_ready_child_fails_its_running_request(
     rig: Callable[..., Rig],
 ) -> None:
     engine, children, _ = rig()
-    await engine.start()
-    await _stages(engine, "a")
-    (child,) = children.made
-    child.stall = True
-    taken = _events(engine)
-    stream = engine.infer("a", InferParams(prompt="hi"))
-    assert await anext(stream) == "Hel"
-    pending = asyncio.ensure_future(anext(stream))
-    await child.streaming.wait()
+    child, stream, pending, taken = await _stalled_request(engine, children)
     child.crash(-11)
     with pytest.raises(RuntimeFailed, match=r"crashed: killed by SIGSEGV \(exit status -11\)"):
         await pending
@@ -411,15 +425,7 @@ async def test_a_crash_of_a_ready_child_fails_its_running_request(
 
 async def test_a_forced_unload_aborts_the_running_request(rig: Callable[..., Rig]) -> None:
     engine, children, probe = rig()
-    await engine.start()
-    await _stages(engine, "a")
-    (child,) = children.made
-    child.stall = True
-    taken = _events(engine)
-    stream = engine.infer("a", InferParams(prompt="hi"))
-    assert await anext(stream) == "Hel"
-    pending = asyncio.ensure_future(anext(stream))
-    await child.streaming.wait()
+    child, stream, pending, taken = await _stalled_request(engine, children)
     assert await engine.unload("a", force=True, timeout=5.0) == 1
     with pytest.raises(RequestAborted, match="unloaded by an operator"):
         await pending
