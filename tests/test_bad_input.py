@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -37,12 +38,14 @@ IS_ROOT = os.geteuid() == 0
 # --- the shared daemon ----------------------------------------------------------------------
 
 
-def plant_stale_socket(path: Path) -> int:
+def plant_stale_socket(path: Path, keep: Path) -> int:
     """What a SIGKILLed daemon leaves behind: a socket file nobody listens on, and its lock
-    file. Returns the stale socket's inode."""
+    file. A second hard link, ``keep``, holds the stale socket's inode so that the file system
+    cannot hand its number to the daemon's new socket. Returns the stale socket's inode."""
     path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
         stale.bind(str(path))
+    os.link(path, keep)
     path.with_name(path.name + ".lock").touch()
     return path.stat().st_ino
 
@@ -82,7 +85,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = base / "daemon"
     root.mkdir()
     daemon = Daemon(root, textwrap.dedent(config))
-    stale_inode = plant_stale_socket(daemon.socket)
+    stale_inode = plant_stale_socket(daemon.socket, keep=base / "stale-socket-link")
     daemon.start()
     try:
         yield Served(daemon, models, stale_inode)
@@ -147,9 +150,15 @@ def infer(stub: Any, timeout: float = 60, **fields: Any) -> Callable[[], Iterato
 
 
 def test_stale_socket_from_a_crashed_daemon_is_replaced(served: Served) -> None:
-    # The fixture planted a stale socket and lock file before starting the daemon.
-    assert served.daemon.socket.stat().st_ino != served.stale_inode
-    assert_still_serves(served.daemon)
+    # The fixture planted a stale socket and lock file before starting the daemon, and keeps
+    # a second link to the stale one: its inode number is still taken, so the daemon's socket
+    # has another one only if the daemon really made a new socket.
+    daemon = served.daemon
+    assert daemon.socket.stat().st_ino != served.stale_inode
+    assert stat.S_ISSOCK(daemon.socket.stat().st_mode)
+    log = daemon.log_path.read_text()
+    assert f"took over {daemon.socket}: the daemon that left it is gone" in log
+    assert_still_serves(daemon)
 
 
 def test_unknown_model(daemon: Daemon) -> None:
