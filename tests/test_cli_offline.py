@@ -366,6 +366,7 @@ def test_piped_ps_has_no_escape_codes_and_is_not_cut_to_80_columns(socket_path: 
         "SLOTS",
         "QUEUED",
         "LAST USED",
+        "CORES",
     ]
 
 

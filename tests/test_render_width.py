@@ -58,7 +58,7 @@ def test_ps_keeps_id_state_and_pid_whole_and_fits(width: int) -> None:
 def test_ps_drops_the_least_useful_columns_first() -> None:
     table = render.ps_table(ps_models(), now=0.0)
     full = render.table_width(table)
-    assert full == 122
+    assert full == 129
     assert list(render.fit_table(table, 100).headers) == [
         "ID",
         "STATE",

@@ -285,6 +285,27 @@ def print_models(models: Sequence[mmd_pb2.Model]) -> None:
     out.table_or_note(table, "no models in the registry")
 
 
+def cpu_list_text(cpus: Sequence[int]) -> str:
+    """(0, 1, 2, 5) -> "0-2,5": the kernel's own way of writing a CPU list."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def cores_text(model: mmd_pb2.Model) -> str:
+    """ "0-1", "1 shared", "args" (its args place its threads) or "-" (none of mmd's)."""
+    if not model.HasField("cores"):
+        return "-"
+    if not model.cores.cpus:
+        return "args"
+    text = cpu_list_text(model.cores.cpus)
+    return f"{text} shared" if model.cores.shared_with else text
+
+
 def ps_table(models: Sequence[mmd_pb2.Model], now: float) -> TextTable:
     table = TextTable(
         [
@@ -298,10 +319,12 @@ def ps_table(models: Sequence[mmd_pb2.Model], now: float) -> TextTable:
             "SLOTS",
             "QUEUED",
             "LAST USED",
+            "CORES",  # last: scripts reading piped columns by position keep working
         ],
         state_column=1,
         drop_first=(
             "CTX",
+            "CORES",
             "LAST USED",
             "QUEUED",
             "MEM EST",
@@ -323,6 +346,7 @@ def ps_table(models: Sequence[mmd_pb2.Model], now: float) -> TextTable:
                 f"{model.active_requests}/{model.parallel}" if model.parallel else "-",
                 str(model.queued_requests),
                 relative_time(model.last_used_unix, now),
+                cores_text(model),
             ]
         )
     return table
@@ -350,6 +374,8 @@ def print_health(health: mmd_pb2.Health, now: float | None = None) -> None:
         header += f", llama-server {health.llama_server}"
     out.line(header, style="bold")
     out.line(http_line(health))
+    if health.HasField("cpu"):
+        out.line(f"CPU: {cpu_list_text(health.cpu.cpus)} ({health.cpu.source})")
     out.line()
 
     devices = TextTable(
@@ -393,6 +419,15 @@ def http_line(health: mmd_pb2.Health) -> str:
     return f"HTTP: {', '.join(health.http_listen) or 'off'}"
 
 
+def cores_line(cores: mmd_pb2.Cores) -> str:
+    """ "0-1, 2 threads (2 of 4 cores: the CPU is split with coder)"."""
+    if not cores.cpus:
+        return cores.reason
+    threads = f"{cores.threads} {'thread' if cores.threads == 1 else 'threads'}"
+    reason = f" ({cores.reason})" if cores.reason else ""
+    return f"{cpu_list_text(cores.cpus)}, {threads}{reason}"
+
+
 def plan_lines(plan: mmd_pb2.LoadPlan) -> list[str]:
     """`mmctl plan` as plain lines."""
     if plan.already_loaded:
@@ -406,6 +441,10 @@ def plan_lines(plan: mmd_pb2.LoadPlan) -> list[str]:
         lines.append(f"  reason:     {plan.reason}")
     if plan.HasField("placement"):
         lines.append(f"  placement:  {placement_text(plan.placement)}")
+        if plan.HasField("cores"):
+            lines.append(f"  cores:      {cores_line(plan.cores)}")
+        if plan.replace:
+            lines.append(f"  re-places:  {', '.join(plan.replace)} (restarted on fewer cores)")
         if plan.placement.shares:
             lines.append(f"  devices:    {shares_text(plan.placement)}")
             if any(share.source == "learned" for share in plan.placement.shares):

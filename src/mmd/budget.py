@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from mmd.cores import parse_cpus_setting
 from mmd.planner import DeviceBudget
 from mmd.units import GIB, MIB, parse_size
 
@@ -53,10 +54,12 @@ class BudgetSettings:
     reserve_gpu: int = 512 * MIB  # kept free for the driver and CUDA context growth
     reserve_ram: int = 1 * GIB  # kept free for the OS and everything not managed by mmd
     alert_percent: float = 85.0
+    cpus: str | int = "auto"  # the cores children compute on: "auto", a count or a CPU list
 
     def __post_init__(self) -> None:
         parse_budget_setting(self.gpu)
         parse_budget_setting(self.ram)
+        parse_cpus_setting(self.cpus)
         if self.reserve_gpu < 0 or self.reserve_ram < 0:
             raise ValueError("memory reserves must not be negative")
         if not 0 < self.alert_percent <= 100:

@@ -173,8 +173,16 @@ class Children:
         self.stops: dict[str, asyncio.Event] = {}  # set once the model's stop is over
         self.progress: dict[str, list[asyncio.Queue[LoadStage]]] = {}  # load stage listeners
 
-    def start_load(self, model_id: str, placement: Placement, after: tuple[str, ...]) -> None:
-        self.load_tasks[model_id] = self._spawn(self._run_load(model_id, placement, after))
+    def start_load(
+        self,
+        model_id: str,
+        placement: Placement,
+        after: tuple[str, ...],
+        replaced: tuple[str, ...] = (),
+    ) -> None:
+        self.load_tasks[model_id] = self._spawn(
+            self._run_load(model_id, placement, after, replaced)
+        )
 
     def stop(self, model_id: str, reason: str, beneficiary: str, at_once: bool) -> None:
         self.stops[model_id] = asyncio.Event()
@@ -209,15 +217,24 @@ class Children:
                 reason = "load failed"
             self.events.publish(ModelChanged(model_id, stage, reason, beneficiary, detail))
 
-    async def _run_load(self, model_id: str, placement: Placement, after: tuple[str, ...]) -> None:
+    async def _run_load(
+        self,
+        model_id: str,
+        placement: Placement,
+        after: tuple[str, ...],
+        replaced: tuple[str, ...],
+    ) -> None:
         entry = self.core.models[model_id]
         try:
             if after:
                 self.notify(model_id, "evicting", ", ".join(after))
-                for victim in after:
-                    event = self.stops.get(victim)
-                    if event:
-                        await event.wait()
+            if replaced:
+                self.notify(model_id, "re-placing", f"{', '.join(replaced)} on fewer cores")
+            for victim in (*after, *replaced):
+                event = self.stops.get(victim)
+                if event:
+                    await event.wait()
+            if after:
                 await self.monitor.wait_settled(placement)
             try:
                 check_model_file(entry.spec.path, f"model {model_id!r}")
@@ -271,6 +288,7 @@ class Children:
             supports_cache_ram="--cache-ram" in self.runtime.options,
             no_devices=no_devices,
             log_verbosity=verbosity,
+            cores=self.core.models[spec.id].cores,
         )
 
     async def _run_stop(self, model_id: str, reason: str, beneficiary: str, grace: float) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from mmd import paths
 from mmd.budget import BudgetSettings, parse_budget_setting
+from mmd.cores import parse_cpus_setting
 from mmd.errors import ConfigError
 from mmd.footprint import GGUFError, is_gguf, read_shape
 from mmd.units import MIB, parse_duration, parse_keep_alive, parse_size
@@ -275,12 +276,22 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_prompt_bytes": _positive_size,
     "stream_interval": _non_negative_duration,
 }
+
+
+def _cpus(value: Any) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f'expected "auto", a number of cores or a CPU list, got {value!r}')
+    parse_cpus_setting(value)
+    return value
+
+
 _BUDGET_KEYS: dict[str, Callable[[Any], Any]] = {
     "gpu": _budget,
     "ram": _budget,
     "reserve_gpu": _size,
     "reserve_ram": _size,
     "alert_percent": _percent,
+    "cpus": _cpus,
 }
 
 

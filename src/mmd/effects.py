@@ -53,6 +53,9 @@ class StartLoad:
     model_id: str
     placement: Placement
     after: tuple[str, ...]  # evicted models whose stop must complete first
+    # Models stopped to start again on a smaller share of the cores (mmd.cores): their
+    # stop must complete first too.
+    replaced: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class LoadFailed:
 @dataclass(frozen=True)
 class Stop:
     model_id: str
-    reason: str  # "evicted", "idle", "unload", "forced unload", "shutdown"
+    reason: str  # "evicted", "re-placed", "idle", "unload", "forced unload", "shutdown"
     # An idle model evicted for a load that waits on its memory: killed without a grace
     # period (it has nothing to finish, and the load starts once it is gone).
     at_once: bool = False

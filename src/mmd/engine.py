@@ -23,6 +23,8 @@ from mmd.accounting import RequestRecord
 from mmd.budget import DeviceBudgetView
 from mmd.children import Child, ChildFactory, Children, LoadStage, model_file_problem
 from mmd.config import Config
+from mmd.cores import CoreDecision, CpuBudget, parse_cpus_setting
+from mmd.cpu_topology import cpu_budget, read_cpu_facts
 from mmd.effects import (
     AbortRunning,
     Admit,
@@ -84,6 +86,7 @@ class Engine:
             config.scheduler, {m: (s, footprints[m]) for m, s in config.models.items()}
         )
         self.core.file_problem = model_file_problem
+        self.read_cpus()
         self.loop = asyncio.get_running_loop()
         self._clock = clock or self.loop.time
         self.waiters: dict[int, asyncio.Future[None]] = {}
@@ -123,6 +126,16 @@ class Engine:
         self.http_listen: tuple[str, ...] = ()
         self.reload_lock = asyncio.Lock()  # serialises reloads (SIGHUP and the Reload RPC)
         self.removal_task: asyncio.Task[None] | None = None  # see mmd.reload
+
+    @property
+    def cpu_budget(self) -> CpuBudget | None:
+        return self.core.cpu_budget
+
+    def read_cpus(self) -> None:
+        """The cores children may compute on: read at start and at each reload (a changed
+        affinity or quota applies from the next load)."""
+        setting = parse_cpus_setting(self.config.budget.cpus)
+        self.core.cpu_budget = cpu_budget(read_cpu_facts(), setting)
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -190,8 +203,8 @@ class Engine:
                     future = self.waiters.pop(ticket, None)
                     if future and not future.done():
                         future.set_exception(error)
-                case StartLoad(model_id, placement, after):
-                    self.children.start_load(model_id, placement, after)
+                case StartLoad(model_id, placement, after, replaced):
+                    self.children.start_load(model_id, placement, after, replaced)
                 case Stop(model_id, reason, at_once, beneficiary):
                     self.children.stop(model_id, reason, beneficiary, at_once)
                 case AbortRunning(model_id, error):
@@ -405,6 +418,11 @@ class Engine:
     async def plan(self, model_id: str, gpu_layers: int | None) -> Plan | Refusal:
         await self.refresh_memory()
         return self.core.plan(model_id, gpu_layers, self.now())
+
+    def decide_cores(self, model_id: str, plan: Plan) -> CoreDecision | None:
+        """The cores a planned load would get, and whom it would re-place (see mmd.cores)."""
+        entry = self.core.entry(model_id)
+        return self.core.decide_cores(entry, plan.placement, leaving=plan.evict)
 
     async def plan_load(
         self, model_id: str, gpu_layers: int | None

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from mmd.config import ModelSpec
+from mmd.cores import CoreShare
 from mmd.effects import Stop, Ticket
 from mmd.footprint import Footprint
 from mmd.planner import Placement
@@ -104,6 +105,11 @@ class ModelEntry:
     retry_after: float = 0.0
     last_error: str = ""
     stop_reason: str = ""
+    # The cores its child computes on (mmd.cores), None when it computes on none of mmd's
+    # (unloaded, all on a GPU, or its args place its threads).
+    cores: CoreShare | None = None
+    cores_reason: str = ""
+    replacing: bool = False  # stopped to start again on a smaller share of the cores
 
     @property
     def state(self) -> State:
@@ -145,9 +151,13 @@ class ModelEntry:
 
     # --- moves, with the bookkeeping that goes with each ------------------------------
 
-    def start_loading(self, placement: Placement) -> None:
+    def start_loading(
+        self, placement: Placement, cores: CoreShare | None = None, cores_reason: str = ""
+    ) -> None:
         self.move(State.LOADING)
         self.placement = placement
+        self.cores = cores
+        self.cores_reason = cores_reason
         self.measured = {}
         self.runtime = {}
         self.last_error = ""
@@ -163,6 +173,8 @@ class ModelEntry:
         self.forget_old_failures(now)
         self.move(State.FAILED)
         self.placement = None
+        self.cores = None
+        self.replacing = False
         self.measured = {}
         self.runtime = {}
         self.last_error = message
@@ -181,6 +193,7 @@ class ModelEntry:
     def stopped(self) -> None:
         self.move(State.UNLOADED)
         self.placement = None
+        self.cores = None
         self.measured = {}
         self.runtime = {}
 

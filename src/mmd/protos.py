@@ -6,6 +6,8 @@ import time
 
 from mmd import __version__
 from mmd.budget import DeviceBudgetView
+from mmd.config import ModelSpec
+from mmd.cores import CoreShare, args_place_threads
 from mmd.engine import Engine
 from mmd.footprint import Footprint
 from mmd.memory import RAM_ID
@@ -107,14 +109,29 @@ def model_proto(engine: Engine, entry: ModelEntry) -> pb.Model:
         footprint=footprint_proto(entry.footprint),
         memory=memory_protos(entry),
     )
+    cores = cores_proto(entry.spec, entry.cores, entry.cores_reason)
+    if cores is not None and entry.holds_memory:
+        model.cores.CopyFrom(cores)
     if entry.state == State.FAILED:
         model.log_tail.extend(engine.log_tail(spec.id))
     return model
 
 
+def cores_proto(spec: ModelSpec, cores: CoreShare | None, reason: str) -> pb.Cores | None:
+    """A child's cores; a model whose args place its threads says so with no cores."""
+    if cores is not None:
+        return pb.Cores(
+            cpus=cores.cpus, threads=cores.threads, shared_with=cores.shared_with, reason=reason
+        )
+    if args_place_threads(spec.args):
+        return pb.Cores(reason="threads and cores set by its args")
+    return None
+
+
 def health_proto(engine: Engine) -> pb.Health:
     """Devices, models that are not unloaded, request counts: GetHealth and Watch's snapshot."""
     notes = list(engine.snapshot.notes) if engine.snapshot else []
+    cpu = engine.cpu_budget
     return pb.Health(
         version=__version__,
         uptime_seconds=time.time() - engine.started,
@@ -129,6 +146,7 @@ def health_proto(engine: Engine) -> pb.Health:
         max_concurrent=engine.config.scheduler.max_concurrent,
         max_queue=engine.config.scheduler.max_queue,
         http_listen=engine.http_listen,
+        cpu=pb.CpuBudget(cpus=cpu.cpus, source=cpu.source) if cpu else None,
     )
 
 

@@ -10,14 +10,15 @@ the scheduler it is synchronous and free of I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 
 from mmd.config import ModelSpec, SchedulerSettings
+from mmd.cores import CoreDecision, CpuBudget, args_place_threads, decide_cores
 from mmd.errors import UnknownModel
 from mmd.footprint import Footprint, LearnedBytes
 from mmd.model_state import ModelEntry, State
-from mmd.planner import DeviceBudget, Plan, Refusal, Resident, plan_load
+from mmd.planner import DeviceBudget, Placement, Plan, Refusal, Resident, plan_load
 
 
 class ModelRegistry:
@@ -41,6 +42,8 @@ class ModelRegistry:
         # a load is planned, so that no model is evicted for one that cannot start. The
         # engine sets the check (I/O); by default every file is fine.
         self.file_problem: Callable[[ModelSpec], str | None] = lambda spec: None
+        # The cores children may compute on; None: mmd leaves threads to llama-server.
+        self.cpu_budget: CpuBudget | None = None
 
     # --- queries ----------------------------------------------------------------------
 
@@ -82,6 +85,27 @@ class ModelRegistry:
         return plan_load(
             model_id, entry.footprint, self.devices, self.residents(now), gpu_layers=layers
         )
+
+    def decide_cores(
+        self, entry: ModelEntry, placement: Placement, leaving: Collection[str] = ()
+    ) -> CoreDecision | None:
+        """The cores ``entry`` would get with ``placement``, and the loaded models that would
+        be re-placed for it; None when mmd places no threads for it (see mmd.cores)."""
+        if (
+            self.cpu_budget is None
+            or placement.kind == "gpu"
+            or args_place_threads(entry.spec.args)
+        ):
+            return None
+        held = {
+            m.spec.id: m.cores.cpus
+            for m in self.models.values()
+            if m.cores is not None
+            and m.state in (State.LOADING, State.READY)
+            and m is not entry
+            and m.spec.id not in leaving
+        }
+        return decide_cores(self.cpu_budget, held, entry.spec.id)
 
     def keep_alive_of(self, entry: ModelEntry) -> float:
         """How long the model stays loaded after its last request (negative: forever)."""

@@ -173,6 +173,7 @@ async def apply_config(
     if core.removing and (engine.removal_task is None or engine.removal_task.done()):
         engine.removal_task = engine.spawn(finish_removals(engine))
     await engine.refresh_memory()  # the new budget, at once
+    engine.read_cpus()  # the cores, for the next loads
     engine.apply(core.pump(engine.now()))
     return diff
 

@@ -27,6 +27,7 @@ from typing import IO
 
 import aiohttp
 
+from mmd.cores import CoreShare
 from mmd.cpu import is_sigill, sigill_line
 from mmd.errors import RuntimeFailed
 
@@ -192,6 +193,7 @@ class LaunchSpec:
     supports_cache_ram: bool = False
     no_devices: bool = False  # --device none: no GPU backend at all (a CPU placement)
     log_verbosity: int | None = None  # --verbosity N (4 logs the buffer sizes)
+    cores: CoreShare | None = None  # its own cores and threads (mmd.cores); None: its defaults
 
 
 def build_argv(binary: Path, spec: LaunchSpec) -> list[str]:
@@ -224,6 +226,11 @@ def build_argv(binary: Path, spec: LaunchSpec) -> list[str]:
         argv += ["--device", "none"]
     if spec.log_verbosity is not None:
         argv += ["--verbosity", str(spec.log_verbosity)]
+    if spec.cores is not None:
+        # One thread per core of its own, each pinned (--cpu-strict): see mmd.cores.
+        threads = str(spec.cores.threads)
+        argv += ["--threads", threads, "--threads-batch", threads]
+        argv += ["--cpu-mask", spec.cores.mask, "--cpu-strict", "1"]
     if spec.tensor_split:
         argv += ["--tensor-split", ",".join(f"{share:g}" for share in spec.tensor_split)]
     if spec.embedding:
@@ -405,6 +412,11 @@ class LlamaServer:
                 raise RuntimeFailed(
                     f"model {self.spec.model_id!r}: cannot start {self.binary.path}: {err}"
                 ) from None
+        if self.spec.cores is not None:
+            # The whole process, before it starts its threads (they inherit it): its HTTP
+            # and loading threads stay off the other children's cores too.
+            with contextlib.suppress(OSError):  # gone already: the wait below reports it
+                os.sched_setaffinity(self.process.pid, self.spec.cores.cpus)
         self._connect()
         try:
             await asyncio.wait_for(self._wait_ready(), timeout)

@@ -184,14 +184,33 @@ class Scheduler(ModelRegistry):
             entry.spec.id, entry.footprint, self.devices, self.residents(now), gpu_layers=layers
         )
         if isinstance(plan, Plan):
+            cores = self.decide_cores(entry, plan.placement, leaving=plan.evict)
+            replace = cores.replace if cores else ()
+            busy = [self.models[m] for m in replace if not self._may_replace(self.models[m])]
+            if busy:
+                # Its cores are held by models at work: wait for them, as for memory.
+                for holder in busy:
+                    if holder.drain_for is None:
+                        holder.drain_for = entry.spec.id
+                        holder.admitted_while_draining = 0
+                return []
             effects: list[Effect] = []
             for victim_id in plan.evict:
                 victim = self.models[victim_id]
                 effects += self._begin_stop(
                     victim, "evicted", at_once=True, beneficiary=entry.spec.id
                 )
-            entry.start_loading(plan.placement)
-            effects.append(StartLoad(entry.spec.id, plan.placement, plan.evict))
+            for holder_id in replace:
+                holder = self.models[holder_id]
+                holder.replacing = True
+                effects += self._begin_stop(
+                    holder, "re-placed", at_once=True, beneficiary=entry.spec.id
+                )
+            if cores is None:
+                entry.start_loading(plan.placement)
+            else:
+                entry.start_loading(plan.placement, cores.share, cores.reason)
+            effects.append(StartLoad(entry.spec.id, plan.placement, plan.evict, replace))
             return effects
         eventual = plan_load(
             entry.spec.id,
@@ -209,6 +228,11 @@ class Scheduler(ModelRegistry):
                     victim.admitted_while_draining = 0
             return []
         return self._refuse(entry, InsufficientMemory(plan.reason))
+
+    @staticmethod
+    def _may_replace(holder: ModelEntry) -> bool:
+        """A model is re-placed only when idle: stopping it must cost no request."""
+        return holder.state == State.READY and holder.active == 0
 
     def _fail_before_load(self, entry: ModelEntry, now: float, error: MmdError) -> list[Effect]:
         """The model fails as a load that failed would (and counts as one), with nothing
@@ -324,7 +348,8 @@ class Scheduler(ModelRegistry):
             return []
         entry.stopped()
         effects: list[Effect] = []
-        if entry.queue or entry.load_waiters:
+        if entry.queue or entry.load_waiters or entry.replacing:
+            entry.replacing = False  # a re-placed model starts again on its new share
             effects += self._start_load(entry, now)
         return effects + self.pump(now)
 

@@ -13,7 +13,13 @@ from mmd.engine import AlreadyLoaded, Engine
 from mmd.errors import WARNING_KEY, InvalidRequest
 from mmd.grpc_errors import Context, streaming, unary
 from mmd.planner import Plan
-from mmd.protos import footprint_proto, health_proto, model_proto, placement_proto
+from mmd.protos import (
+    cores_proto,
+    footprint_proto,
+    health_proto,
+    model_proto,
+    placement_proto,
+)
 from mmd.service_admin import AdminService
 from mmd.service_watch import WatchService
 from mmd.upstream import Final, InferParams
@@ -155,14 +161,26 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         total_layers = len(entry.footprint.layer_bytes)
         result = pb.LoadPlan(model_id=model_id, footprint=footprint_proto(entry.footprint))
         plan = await self.engine.plan_load(model_id, gpu_layers)
+        cores: pb.Cores | None = None
         if isinstance(plan, AlreadyLoaded):
             result.already_loaded = True
             result.feasible = True
             result.placement.CopyFrom(placement_proto(plan.placement, total_layers))
+            cores = cores_proto(entry.spec, entry.cores, entry.cores_reason)
         elif isinstance(plan, Plan):
             result.feasible = True
             result.placement.CopyFrom(placement_proto(plan.placement, total_layers))
             result.evict.extend(plan.evict)
+            decision = self.engine.decide_cores(model_id, plan)
+            if decision is not None:
+                result.replace.extend(decision.replace)
+            cores = cores_proto(
+                entry.spec,
+                decision.share if decision else None,
+                decision.reason if decision else "",
+            )
         else:
             result.reason = plan.reason
+        if cores is not None:
+            result.cores.CopyFrom(cores)
         return result

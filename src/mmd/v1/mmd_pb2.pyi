@@ -120,6 +120,69 @@ class DeviceMemory(_message.Message):
 Global___DeviceMemory: _TypeAlias = DeviceMemory  # noqa: Y015
 
 @_typing.final
+class Cores(_message.Message):
+    """A child's share of the CPU budget: its own cores, one thread per core, pinned."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPUS_FIELD_NUMBER: _builtins.int
+    THREADS_FIELD_NUMBER: _builtins.int
+    SHARED_WITH_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    threads: _builtins.int
+    reason: _builtins.str
+    """e.g. "1 of 2 cores: the CPU is split with coder" """
+    @_builtins.property
+    def cpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def shared_with(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """models on the same core (more CPU models than cores)"""
+
+    def __init__(
+        self,
+        *,
+        cpus: _abc.Iterable[_builtins.int] | None = ...,
+        threads: _builtins.int = ...,
+        shared_with: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "reason", b"reason", "shared_with", b"shared_with", "threads", b"threads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Cores: _TypeAlias = Cores  # noqa: Y015
+
+@_typing.final
+class CpuBudget(_message.Message):
+    """The cores mmd gives its children, and how they were found."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPUS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """e.g. "cgroup quota of 2 CPUs, 2 cores" """
+    @_builtins.property
+    def cpus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """one logical CPU per physical core"""
+
+    def __init__(
+        self,
+        *,
+        cpus: _abc.Iterable[_builtins.int] | None = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CpuBudget: _TypeAlias = CpuBudget  # noqa: Y015
+
+@_typing.final
 class Placement(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -209,6 +272,7 @@ class Model(_message.Message):
     LOG_TAIL_FIELD_NUMBER: _builtins.int
     FOOTPRINT_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
+    CORES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     role: _builtins.str
     path: _builtins.str
@@ -243,6 +307,10 @@ class Model(_message.Message):
     def memory(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceMemory]:
         """per device, "ram" first; empty when no process"""
 
+    @_builtins.property
+    def cores(self) -> Global___Cores:
+        """the cores its child computes on; unset: none of mmd's (GPU, args, unloaded)"""
+
     def __init__(
         self,
         *,
@@ -269,10 +337,11 @@ class Model(_message.Message):
         log_tail: _abc.Iterable[_builtins.str] | None = ...,
         footprint: Global___Footprint | None = ...,
         memory: _abc.Iterable[Global___DeviceMemory] | None = ...,
+        cores: Global___Cores | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["footprint", b"footprint", "placement", b"placement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cores", b"cores", "footprint", b"footprint", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "ctx", b"ctx", "embedding", b"embedding", "estimated_bytes", b"estimated_bytes", "footprint", b"footprint", "id", b"id", "keep_alive_seconds", b"keep_alive_seconds", "last_error", b"last_error", "last_used_unix", b"last_used_unix", "log_tail", b"log_tail", "measured_bytes", b"measured_bytes", "memory", b"memory", "parallel", b"parallel", "path", b"path", "pid", b"pid", "pinned", b"pinned", "placement", b"placement", "priority", b"priority", "queued_requests", b"queued_requests", "ready_since_unix", b"ready_since_unix", "role", b"role", "state", b"state", "unloads_at_unix", b"unloads_at_unix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "cores", b"cores", "ctx", b"ctx", "embedding", b"embedding", "estimated_bytes", b"estimated_bytes", "footprint", b"footprint", "id", b"id", "keep_alive_seconds", b"keep_alive_seconds", "last_error", b"last_error", "last_used_unix", b"last_used_unix", "log_tail", b"log_tail", "measured_bytes", b"measured_bytes", "memory", b"memory", "parallel", b"parallel", "path", b"path", "pid", b"pid", "pinned", b"pinned", "placement", b"placement", "priority", b"priority", "queued_requests", b"queued_requests", "ready_since_unix", b"ready_since_unix", "role", b"role", "state", b"state", "unloads_at_unix", b"unloads_at_unix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -732,6 +801,7 @@ class Health(_message.Message):
     MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_FIELD_NUMBER: _builtins.int
     HTTP_LISTEN_FIELD_NUMBER: _builtins.int
+    CPU_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     active_inferences: _builtins.int
@@ -753,6 +823,8 @@ class Health(_message.Message):
     def http_listen(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the HTTP front door's addresses ([http]); none: off"""
 
+    @_builtins.property
+    def cpu(self) -> Global___CpuBudget: ...
     def __init__(
         self,
         *,
@@ -767,10 +839,11 @@ class Health(_message.Message):
         max_concurrent: _builtins.int = ...,
         max_queue: _builtins.int = ...,
         http_listen: _abc.Iterable[_builtins.str] | None = ...,
+        cpu: Global___CpuBudget | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_inferences", b"active_inferences", "devices", b"devices", "http_listen", b"http_listen", "llama_server", b"llama_server", "max_concurrent", b"max_concurrent", "max_queue", b"max_queue", "models", b"models", "notes", b"notes", "queued_requests", b"queued_requests", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_inferences", b"active_inferences", "cpu", b"cpu", "devices", b"devices", "http_listen", b"http_listen", "llama_server", b"llama_server", "max_concurrent", b"max_concurrent", "max_queue", b"max_queue", "models", b"models", "notes", b"notes", "queued_requests", b"queued_requests", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -811,6 +884,8 @@ class LoadPlan(_message.Message):
     FOOTPRINT_FIELD_NUMBER: _builtins.int
     EVICT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CORES_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     feasible: _builtins.bool
     already_loaded: _builtins.bool
@@ -822,6 +897,14 @@ class LoadPlan(_message.Message):
     def footprint(self) -> Global___Footprint: ...
     @_builtins.property
     def evict(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def cores(self) -> Global___Cores:
+        """the cores it would compute on; unset: none of mmd's (GPU, or its args)"""
+
+    @_builtins.property
+    def replace(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """loaded models it would re-place on fewer cores first"""
+
     def __init__(
         self,
         *,
@@ -832,10 +915,12 @@ class LoadPlan(_message.Message):
         footprint: Global___Footprint | None = ...,
         evict: _abc.Iterable[_builtins.str] | None = ...,
         reason: _builtins.str = ...,
+        cores: Global___Cores | None = ...,
+        replace: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["footprint", b"footprint", "placement", b"placement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cores", b"cores", "footprint", b"footprint", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_loaded", b"already_loaded", "evict", b"evict", "feasible", b"feasible", "footprint", b"footprint", "model_id", b"model_id", "placement", b"placement", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_loaded", b"already_loaded", "cores", b"cores", "evict", b"evict", "feasible", b"feasible", "footprint", b"footprint", "model_id", b"model_id", "placement", b"placement", "reason", b"reason", "replace", b"replace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
