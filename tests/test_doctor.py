@@ -33,6 +33,10 @@ def test_doctor_on_a_good_setup(make_daemon: Any, model_files: dict[str, Path]) 
     assert checks["socket"]["status"] == "ok"
     assert checks["llama-server starts"]["detail"].startswith("version")
     assert checks["nvml"]["status"] in ("ok", "warn")  # warn on a machine without NVIDIA
+    assert checks["cores"]["status"] == "ok"
+    assert checks["cores"]["detail"].endswith(" cores)") or checks["cores"]["detail"].endswith(
+        " core)"
+    )
     text = doctor(daemon)
     assert text.returncode == 0
     assert b"model tiny" in text.stdout

@@ -29,7 +29,9 @@ from mmctl.client import (
 from mmd import paths, protojson
 from mmd.budget import BudgetSettings, DeviceBudgetView, compute_budgets, configured_cap
 from mmd.config import Config, ModelSpec, check_model_file, find_config, load_config
+from mmd.cores import parse_cpus_setting
 from mmd.cpu import BUILD_HINT
+from mmd.cpu_topology import cpu_budget, read_cpu_facts
 from mmd.errors import ConfigError, MmdError
 from mmd.memory import MemoryProbe
 from mmd.planner import DeviceBudget, Plan, plan_load
@@ -111,6 +113,13 @@ def _check_gpus(probe: MemoryProbe) -> Check:
         return Check("nvml", "warn", notes, hint)
     listed = ", ".join(f"{d.id} {d.name} {format_size(d.total)}" for d in gpus)
     return Check("nvml", "ok", listed)
+
+
+def _check_cpus(config: Config | None) -> Check:
+    """The cores children would compute on, as the daemon reads them at start."""
+    setting = parse_cpus_setting(config.budget.cpus) if config else "auto"
+    budget = cpu_budget(read_cpu_facts(), setting)
+    return Check("cores", "ok", f"{render.cpu_list_text(budget.cpus)} ({budget.source})")
 
 
 def _raw_config(source: Path) -> dict[str, Any]:
@@ -436,6 +445,7 @@ def run_checks(config: Path | None, socket: Path | None) -> list[Check]:
     with MemoryProbe() as probe:
         checks.append(_check_gpus(probe))
         checks.append(config_check)
+        checks.append(_check_cpus(loaded))
         checks += _check_models(loaded, config, probe)
     if socket is None and loaded is not None and loaded.source is not None:
         socket = loaded.daemon.socket  # what the daemon binds (it honours $MMD_SOCKET too)
