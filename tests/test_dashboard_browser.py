@@ -175,7 +175,10 @@ def test_load_prompt_elsewhere_and_unload_from_the_page(page: Page, served: Serv
     page.row("chat").get_by_role("button", name="Load chat").click()
     page.wait_state("chat", "ready")
     assert page.log("ready", "chat").count() == 1
-    assert "cpu" in page.row("chat").locator(".cell-placement").inner_text()
+    placement = page.row("chat").locator(".cell-placement")
+    assert "cpu" in placement.inner_text()
+    assert "cores " in placement.inner_text()  # the child's own cores (the CPU budget)
+    assert "of" in (placement.get_attribute("title") or "")  # "2 of 2 cores: ..."
     assert served.models()["chat"]["state"] == "ready"
 
     # A request from another client shows in the log within a second of its answer.

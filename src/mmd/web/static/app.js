@@ -91,6 +91,21 @@ function placementText(placement) {
   return `split ${gpu}/${total} gpu`;
 }
 
+// A child's cores as the kernel writes a CPU list ("0-3,8"), or its args placing them.
+function coresText(cores) {
+  if (!cores) return '';
+  const cpus = cores.cpus || [];
+  if (!cpus.length) return ' · cores: args';
+  const runs = [];
+  for (const cpu of cpus) {
+    const last = runs[runs.length - 1];
+    if (last && cpu === last[1] + 1) last[1] = cpu;
+    else runs.push([cpu, cpu]);
+  }
+  const list = runs.map(([a, b]) => (a === b ? `${a}` : `${a}-${b}`)).join(',');
+  return ` · cores ${list}${cores.shared_with && cores.shared_with.length ? ' shared' : ''}`;
+}
+
 const daemonNow = () => Date.now() / 1000 + view.skew;
 
 // --- the API key and calls ------------------------------------------------------------
@@ -543,7 +558,8 @@ function renderModels() {
     setText(row.sub, sub);
     row.error.hidden = !(model.last_error && state === 'failed');
     setText(row.error, model.last_error || '');
-    setText(row.placement, placementText(model.placement));
+    setText(row.placement, placementText(model.placement) + coresText(model.cores));
+    row.placement.title = (model.cores && model.cores.reason) || '';
     setText(row.estimated, sizeOrDash(model.estimated_bytes));
     setText(row.measured, sizeOrDash(model.measured_bytes));
     setText(row.slots, `${model.active_requests || 0}/${model.parallel || 1}`);
