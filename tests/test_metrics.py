@@ -143,6 +143,14 @@ def test_scrape_matches_the_requests_sent(make_daemon: Any, model_files: dict[st
     assert value(found, "mmd_device_budget_bytes", device="ram", kind="ram") > 0
     assert value(found, "mmd_device_free_bytes", device="ram", kind="ram") > 0
     assert value(found, "mmd_active_requests") == 0
+    budget = value(found, "mmd_cpu_budget_cores")
+    assert budget >= 1
+    # Loaded alone, the model computes on every core of the budget, one thread each.
+    [(labels, threads)] = [
+        (dict(labels), v) for (name, labels), v in found.items() if name == "mmd_model_cpu_threads"
+    ]
+    assert labels["model"] == "t"
+    assert threads == budget == len(labels["cpus"].split(","))
     assert httpx.get(f"http://127.0.0.1:{port}/nothing", timeout=10).status_code == 404
 
 

@@ -173,15 +173,29 @@ class EngineCollector(Collector):
         queued = GaugeMetricFamily(
             "mmd_model_queued_requests", "Requests waiting.", labels=["model"]
         )
+        threads = GaugeMetricFamily(
+            "mmd_model_cpu_threads",
+            "Threads (one per core of its own) mmd gave the model's child; absent: none of mmd's.",
+            labels=["model", "cpus"],
+        )
         for entry in engine.model_entries():
             model = entry.spec.id
+            if entry.cores is not None and entry.holds_memory:
+                cpus = ",".join(str(cpu) for cpu in entry.cores.cpus)
+                threads.add_metric([model, cpus], entry.cores.threads)
             for value in State:
                 state.add_metric([model, value.value], 1 if entry.state == value else 0)
             estimated.add_metric([model], entry.footprint.total)
             measured.add_metric([model], sum(entry.measured.values()))
             active.add_metric([model], entry.active)
             queued.add_metric([model], entry.queued)
-        yield from (state, estimated, measured, active, queued)
+        yield from (state, estimated, measured, active, queued, threads)
+        if engine.cpu_budget is not None:
+            yield GaugeMetricFamily(
+                "mmd_cpu_budget_cores",
+                "Cores mmd gives its children (affinity, quota, [budget] cpus).",
+                value=engine.cpu_budget.count,
+            )
 
         yield GaugeMetricFamily(
             "mmd_active_requests", "Requests running, all models.", value=engine.active_total
