@@ -5,7 +5,9 @@ Pure: no process, no clock, no machine but a described one."""
 from __future__ import annotations
 
 import pytest
-from test_scheduler import admitted, loads, make, run, state_of, stops
+from hypothesis import settings
+from hypothesis.stateful import invariant
+from test_scheduler import SchedulerMachine, admitted, loads, make, run, state_of, stops
 
 from mmd.config import ConfigError, parse_config
 from mmd.cores import (
@@ -205,3 +207,28 @@ def test_without_a_cpu_budget_no_threads_are_placed() -> None:
     assert stops(effects) == []
     assert cores_of(core, "a") is None
     assert cores_of(core, "b") is None
+
+
+class CoresMachine(SchedulerMachine):
+    """The scheduler's random event sequences on a 2-core budget: every ticket still ends,
+    memory still holds, and no child with several threads shares a core with another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.core.cpu_budget = TWO
+
+    @invariant()
+    def multithreaded_children_have_cores_of_their_own(self) -> None:
+        live = [
+            (m.spec.id, m.cores)
+            for m in self.core.models.values()
+            if m.cores is not None and m.state in (State.LOADING, State.READY)
+        ]
+        for i, (first, a) in enumerate(live):
+            for second, b in live[i + 1 :]:
+                if set(a.cpus) & set(b.cpus):
+                    assert a.threads == b.threads == 1, (first, a, second, b)
+
+
+CoresMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
+test_random_event_sequences_on_two_cores = CoresMachine.TestCase

@@ -678,12 +678,17 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.outcome[ticket] = "failed"
                     if isinstance(error, InsufficientMemory):
                         self.check_never_fits(self.model_of[ticket])
-                case StartLoad(model_id, _, after):
-                    self.pending_after[model_id] = set(after)
+                case StartLoad(model_id, _, after, replaced):
+                    self.pending_after[model_id] = {*after, *replaced}
                     self.spawn_ready_loads()
                 case Stop(model_id, reason):
                     if self.core.models[model_id].spec.pinned:
-                        assert reason in ("unload", "forced unload", "shutdown"), reason
+                        # Never evicted nor idled out; with a CPU budget it may be re-placed
+                        # (restarted on fewer cores, loaded again at once).
+                        allowed = ["unload", "forced unload", "shutdown"]
+                        if self.core.cpu_budget is not None:
+                            allowed.append("re-placed")
+                        assert reason in allowed, reason
 
     def check_never_fits(self, model_id: str) -> None:
         """Memory refusals are for models that cannot fit beside the pinned ones."""
