@@ -88,7 +88,7 @@ class EventMetrics:
         )
         self.unloads = Counter(
             "mmd_model_unloads",
-            "Models stopped, by reason (idle, unload, forced_unload, evicted, shutdown).",
+            "Models stopped, by reason (idle, unload, forced_unload, evicted, re-placed, shutdown).",
             ["model", "reason"],
             registry=registry,
         )
