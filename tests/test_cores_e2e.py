@@ -11,7 +11,8 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import Daemon
+from conftest import Daemon, wait_until
+from test_watch import Watcher, is_subsequence, summary
 
 from mmd.cores import parse_cpu_list
 from mmd.v1 import mmd_pb2 as pb
@@ -62,6 +63,10 @@ def child(daemon: Daemon, model_id: str) -> tuple[int, list[str], str]:
     return pid, argv, allowed
 
 
+def seen(watcher: Watcher) -> list[tuple[Any, ...]]:
+    return [summary(event) for event in list(watcher.events)]
+
+
 def flag(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv else None
 
@@ -98,7 +103,18 @@ def test_children_get_their_own_cores_and_a_second_model_re_places_the_first(
     assert plan["cores"]["cpus"] == [0]
     assert plan["replace"] == ["a"]
     assert "re-places:  a (restarted on fewer cores)" in daemon.mmctl("plan", "b").stdout.decode()
+    watcher = Watcher(daemon)
     assert daemon.mmctl("load", "b").returncode == 0
+    assert wait_until(lambda: ("model", "a", "MODEL_STATE_READY", "load", "") in seen(watcher))
+    watcher.close()
+    assert is_subsequence(
+        [
+            ("model", "a", "MODEL_STATE_UNLOADING", "re-placed", "b"),
+            ("model", "a", "MODEL_STATE_UNLOADED", "re-placed", "b"),
+            ("model", "a", "MODEL_STATE_READY", "load", ""),
+        ],
+        seen(watcher),
+    )
     models = ps(daemon)
     assert models["a"]["state"] == "ready"
     assert models["a"]["pid"] != first_pid
