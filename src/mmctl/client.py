@@ -13,8 +13,8 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from mmd import paths
-from mmd.errors import ERROR_KIND_KEY, WARNING_KEY
+from mmd.core.errors import ERROR_KIND_KEY, WARNING_KEY
+from mmd.host import paths
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
 
 # Exit codes, documented in `mmctl --help`.

@@ -26,9 +26,9 @@ import grpc
 import pytest
 from conftest import Daemon, llama_children
 
-from mmd.errors import ERROR_KIND_KEY
-from mmd.runtime import read_log_tail
-from mmd.synthetic import write_model
+from mmd.core.errors import ERROR_KIND_KEY
+from mmd.runtime.server import read_log_tail
+from mmd.runtime.synthetic import write_model
 from mmd.v1 import mmd_pb2 as pb
 
 PROMPT_LIMIT = 1024

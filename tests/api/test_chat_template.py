@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from conftest import Daemon
 
-from mmd.footprint import has_chat_template
-from mmd.synthetic import write_model
+from mmd.core.footprint import has_chat_template
+from mmd.runtime.synthetic import write_model
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "

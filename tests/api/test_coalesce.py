@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 
 import pytest
 
-from mmd.coalesce import coalesce_text
+from mmd.api.coalesce import coalesce_text
 
 
 class Source:

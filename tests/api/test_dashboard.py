@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 from conftest import Daemon, wait_until
 
-from mmd import service_watch
-from mmd.events import AlertCrossed, EventBus, RequestFinished
-from mmd.protojson import EVENT_TYPES, event_to_dict
+from mmd.api.protojson import EVENT_TYPES, event_to_dict
+from mmd.api.rpc import watch
+from mmd.api.web import dashboard
+from mmd.engine.events import AlertCrossed, EventBus, RequestFinished
 from mmd.v1 import mmd_pb2 as pb
-from mmd.web import dashboard
 
 KEY = "dashboard-test-key-0001"
 
@@ -153,9 +153,9 @@ async def test_keep_alive_lag_and_the_end_of_the_stream(monkeypatch: Any) -> Non
     from aiohttp.test_utils import TestClient, TestServer
 
     snapshot = pb.Event(time_unix=1, snapshot=pb.Health(version="x"))
-    monkeypatch.setattr(service_watch, "snapshot_events", lambda engine: [snapshot])
+    monkeypatch.setattr(watch, "snapshot_events", lambda engine: [snapshot])
     monkeypatch.setattr(dashboard, "KEEPALIVE_S", 0.2)
-    monkeypatch.setattr(service_watch, "_SHUTDOWN_CHECK_S", 0.05)
+    monkeypatch.setattr(watch, "_SHUTDOWN_CHECK_S", 0.05)
     engine = FakeEngine()
     app = web.Application()
     dashboard.add_routes(app, engine)  # type: ignore[arg-type]

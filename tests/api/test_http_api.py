@@ -19,7 +19,7 @@ import pytest
 from conftest import Daemon, wait_until
 from test_scheduling_e2e import DELAYED, model
 
-from mmd.runtime import resolve_llama_server
+from mmd.runtime.server import resolve_llama_server
 from mmd.v1 import mmd_pb2 as pb
 
 HTTP = '[http]\nlisten = ["127.0.0.1:0"]\n'

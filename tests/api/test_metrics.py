@@ -14,12 +14,12 @@ from conftest import Daemon
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mmd.config import parse_config
-from mmd.errors import ConfigError
-from mmd.events import AlertCrossed, ModelChanged, RequestFinished
-from mmd.metrics import EventMetrics
+from mmd.api.metrics import EventMetrics
+from mmd.config.http import parse_host_port
+from mmd.config.settings import parse_config
+from mmd.core.errors import ConfigError
+from mmd.engine.events import AlertCrossed, ModelChanged, RequestFinished
 from mmd.v1 import mmd_pb2 as pb
-from mmd.web.settings import parse_host_port
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from conftest import Daemon, wait_until
 
-from mmd.units import MIB
+from mmd.core.units import MIB
 from mmd.v1 import mmd_pb2 as pb
 from mmd.v1 import mmd_pb2_grpc
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 # bench/ is a directory of scripts that import each other by name, not a package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from rawhttp import (
     ConnectionClosed,

@@ -26,7 +26,7 @@ from typer.testing import CliRunner, Result
 from mmctl import render
 from mmctl.cli import app, run_guarded
 from mmctl.client import exit_code_for
-from mmd import protojson
+from mmd.api import protojson
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
 
 runner = CliRunner()

@@ -146,8 +146,8 @@ def test_doctor_checks_each_http_address_and_probes_the_daemon_there(
     make_daemon: Any, model_files: dict[str, Path]
 ) -> None:
     from mmctl.doctor import HttpConfig, check_http
+    from mmd.config.http import parse_listen_address
     from mmd.v1 import mmd_pb2
-    from mmd.web.settings import parse_listen_address
 
     daemon: Daemon = make_daemon(
         "[http]\n"
@@ -226,8 +226,8 @@ def test_http_addresses_are_checked_one_by_one_in_a_config_that_does_not_load(
 
 def test_http_keys_file_problems_and_a_listener_that_does_not_answer(tmp_path: Path) -> None:
     from mmctl.doctor import HttpConfig, check_http
+    from mmd.config.http import parse_listen_address
     from mmd.v1 import mmd_pb2
-    from mmd.web.settings import parse_listen_address
 
     keys = tmp_path / "keys"
     keys.write_text(f"{KEY}\n")

@@ -17,7 +17,7 @@ from conftest import Daemon, wait_until
 from rich.console import Console
 
 from mmctl.top import TopState, parse_keys, screen
-from mmd.units import GIB, MIB
+from mmd.core.units import GIB, MIB
 from mmd.v1 import mmd_pb2 as pb
 
 

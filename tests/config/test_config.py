@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from mmd import paths
-from mmd.config import (
+from mmd.config.settings import (
     find_config,
     load_config,
     parse_config,
 )
-from mmd.errors import ConfigError
-from mmd.synthetic import write_model
-from mmd.units import GIB, MIB, parse_keep_alive
+from mmd.core.errors import ConfigError
+from mmd.core.units import GIB, MIB, parse_keep_alive
+from mmd.host import paths
+from mmd.runtime.synthetic import write_model
 
 IS_ROOT = os.geteuid() == 0
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mmd.config import parse_config
-from mmd.errors import ConfigError
-from mmd.web.settings import load_access, parse_listen_address
+from mmd.config.http import load_access, parse_listen_address
+from mmd.config.settings import parse_config
+from mmd.core.errors import ConfigError
 
 KEY = "k" * 16
 
@@ -86,7 +86,7 @@ def test_no_http_table_is_off() -> None:
 
 
 def test_changing_http_needs_a_restart() -> None:
-    from mmd.reload import diff_configs, keep_restart_settings
+    from mmd.engine.reload import diff_configs, keep_restart_settings
 
     old = parse_config(http('listen = ["8080"]'), None)
     new = parse_config(http(f'listen = ["8081"]\napi_keys = ["{KEY}"]'), None)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mmd.synthetic import write_model
+from mmd.runtime.synthetic import write_model
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO / "systemd"
 UNIT = SYSTEMD_DIR / "mmd.service"
 VERIFY_SCRIPT = REPO / "tests" / "verify_unit.sh"
@@ -269,10 +269,11 @@ def test_example_config_describes_min_headroom_as_the_readme_does() -> None:
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("mmd.footprint") is None, reason="mmd.config's imports are missing"
+    importlib.util.find_spec("mmd.core.footprint") is None,
+    reason="mmd.config's imports are missing",
 )
 def test_example_config_loads_with_mmd(tmp_path: Path) -> None:
-    from mmd.config import parse_config
+    from mmd.config.settings import parse_config
 
     text = (SYSTEMD_DIR / "mmd.toml.example").read_text()
     text = text.replace("/var/lib/mmd/models/", f"{tmp_path}/")

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mmd.budget import (
+from mmd.core.budget import (
     BudgetSettings,
     DeviceBudgetView,
     alert_crossings,
@@ -14,8 +14,8 @@ from mmd.budget import (
     over_alert,
     parse_budget_setting,
 )
-from mmd.memory import DeviceReading, MemorySnapshot
-from mmd.units import GIB, MIB
+from mmd.core.units import GIB, MIB
+from mmd.host.memory import DeviceReading, MemorySnapshot
 
 # --- budget settings ------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from gguf import GGUFReader, GGUFWriter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mmd.footprint import (
+from mmd.core.footprint import (
     BASE_OVERHEAD_BYTES,
     GPU_CONTEXT_BYTES,
     GPU_RUNTIME_HOST_BYTES,
@@ -31,8 +31,8 @@ from mmd.footprint import (
     parse_buffer_sizes,
     read_shape,
 )
-from mmd.synthetic import write_model
-from mmd.units import MIB
+from mmd.core.units import MIB
+from mmd.runtime.synthetic import write_model
 
 
 @pytest.fixture(scope="module")

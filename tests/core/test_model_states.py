@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from test_scheduler import admitted, footprint, make
 
-from mmd.config import ModelSpec
-from mmd.effects import Effect, Fail, Kind, Stop
-from mmd.errors import MmdError, RuntimeFailed, UnknownModel
-from mmd.model_state import ALLOWED, InvalidTransition, ModelEntry, State
-from mmd.scheduler import Scheduler
+from mmd.config.settings import ModelSpec
+from mmd.core.effects import Effect, Fail, Kind, Stop
+from mmd.core.errors import MmdError, RuntimeFailed, UnknownModel
+from mmd.core.model_state import ALLOWED, InvalidTransition, ModelEntry, State
+from mmd.core.scheduler import Scheduler
 
 Move = tuple[State, State]
 EVERY_MOVE: frozenset[Move] = frozenset((old, new) for old in ALLOWED for new in ALLOWED[old])

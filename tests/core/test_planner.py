@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmd.footprint import Footprint, LearnedBytes
-from mmd.planner import DeviceBudget, Placement, Plan, Refusal, Resident, plan_load
-from mmd.units import GIB, MIB, format_size
+from mmd.core.footprint import Footprint, LearnedBytes
+from mmd.core.planner import DeviceBudget, Placement, Plan, Refusal, Resident, plan_load
+from mmd.core.units import GIB, MIB, format_size
 
 
 def footprint(

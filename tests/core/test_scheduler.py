@@ -15,9 +15,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from mmd.config import ModelSpec, SchedulerSettings
-from mmd.effects import AbortRunning, Admit, ArmTimer, Effect, Fail, Kind, StartLoad, Stop
-from mmd.errors import (
+from mmd.config.settings import ModelSpec, SchedulerSettings
+from mmd.core.effects import AbortRunning, Admit, ArmTimer, Effect, Fail, Kind, StartLoad, Stop
+from mmd.core.errors import (
     FailedPrecondition,
     InsufficientMemory,
     MmdError,
@@ -26,11 +26,11 @@ from mmd.errors import (
     RuntimeFailed,
     UnknownModel,
 )
-from mmd.footprint import Footprint, LearnedBytes
-from mmd.model_state import State
-from mmd.planner import DeviceBudget
-from mmd.scheduler import Scheduler
-from mmd.units import GIB
+from mmd.core.footprint import Footprint, LearnedBytes
+from mmd.core.model_state import State
+from mmd.core.planner import DeviceBudget
+from mmd.core.scheduler import Scheduler
+from mmd.core.units import GIB
 
 
 def footprint(size_gib: float) -> Footprint:

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from conftest import Daemon, wait_until
 
-from mmd import paths
+from mmd.host import paths
 from mmd.v1 import mmd_pb2 as pb
 
 

@@ -10,10 +10,10 @@ from typing import Any
 from conftest import Daemon
 from test_scheduler import failed, load, loads, make, state_of, stops
 
-from mmd.effects import Kind, LoadFailed
-from mmd.errors import RuntimeFailed
-from mmd.model_state import State
-from mmd.synthetic import write_model
+from mmd.core.effects import Kind, LoadFailed
+from mmd.core.errors import RuntimeFailed
+from mmd.core.model_state import State
+from mmd.runtime.synthetic import write_model
 
 
 def states(daemon: Daemon) -> dict[str, dict[str, Any]]:

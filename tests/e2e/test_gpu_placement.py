@@ -18,9 +18,9 @@ import psutil
 import pytest
 from conftest import Daemon
 
-from mmd.footprint import estimate, read_shape
-from mmd.runtime import resolve_llama_server
-from mmd.synthetic import write_model
+from mmd.core.footprint import estimate, read_shape
+from mmd.runtime.server import resolve_llama_server
+from mmd.runtime.synthetic import write_model
 
 pytestmark = pytest.mark.gpu
 LAYERS = 8

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from conftest import Daemon
 
-from mmd.units import MIB
+from mmd.core.units import MIB
 from mmd.v1 import mmd_pb2 as pb
 
 # Estimates: a (m40, ctx 512) ~76 MiB, b (m50, ctx 2048) ~120 MiB, c (m60, ctx 512) ~114 MiB.

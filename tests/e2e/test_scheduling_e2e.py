@@ -16,11 +16,11 @@ import httpx
 import pytest
 from conftest import Daemon, wait_until
 
-from mmd import paths
-from mmd.runtime import resolve_llama_server
+from mmd.host import paths
+from mmd.runtime.server import resolve_llama_server
 from mmd.v1 import mmd_pb2 as pb
 
-DELAYED = Path(__file__).with_name("delayed_llama_server.sh")
+DELAYED = Path(__file__).parents[1] / "delayed_llama_server.sh"
 
 
 def model(model_id: str, path: Path, **settings: object) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from conftest import Daemon
 
-from mmd.errors import ERROR_KIND_KEY
+from mmd.core.errors import ERROR_KIND_KEY
 from mmd.v1 import mmd_pb2 as pb
 
 

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 import mmd
 from mmctl.cli import app
-from mmd import paths
+from mmd.host import paths
 from mmd.v1 import mmd_pb2
 
 runner = CliRunner()

@@ -22,18 +22,18 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mmd.children import LoadStage
-from mmd.config import Config, DaemonSettings, ModelSpec, SchedulerSettings
-from mmd.engine import Engine
-from mmd.errors import RequestAborted, RuntimeFailed
-from mmd.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
-from mmd.footprint import Footprint
-from mmd.memory import DeviceReading, MemorySnapshot, ProcessMemory
-from mmd.model_state import State
-from mmd.runtime import LaunchSpec, LlamaBinary, close_child_session, open_child_session
-from mmd.runtime_check import LlamaRuntime, Verdict, VerdictCache
-from mmd.units import GIB
-from mmd.upstream import Final, InferParams
+from mmd.config.settings import Config, DaemonSettings, ModelSpec, SchedulerSettings
+from mmd.core.errors import RequestAborted, RuntimeFailed
+from mmd.core.footprint import Footprint
+from mmd.core.model_state import State
+from mmd.core.units import GIB
+from mmd.engine.children import LoadStage
+from mmd.engine.engine import Engine
+from mmd.engine.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
+from mmd.host.memory import DeviceReading, MemorySnapshot, ProcessMemory
+from mmd.runtime.check import LlamaRuntime, Verdict, VerdictCache
+from mmd.runtime.server import LaunchSpec, LlamaBinary, close_child_session, open_child_session
+from mmd.runtime.upstream import Final, InferParams
 
 RAM_TOTAL = 16 * GIB
 OTHERS = 2 * GIB  # held by processes that are not mmd's

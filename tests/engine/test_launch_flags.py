@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmd.children import RUNTIME_LOG_VERBOSITY, launch_flags
-from mmd.runtime import LaunchSpec, build_argv, probe_binary, resolve_llama_server
+from mmd.engine.children import RUNTIME_LOG_VERBOSITY, launch_flags
+from mmd.runtime.server import LaunchSpec, build_argv, probe_binary, resolve_llama_server
 
 BOTH = frozenset({"--device", "--verbosity", "--fit"})
 

@@ -13,10 +13,10 @@ import pytest
 from conftest import Daemon, wait_until
 from gguf import GGUFWriter
 
-from mmd.runtime import resolve_llama_server
+from mmd.runtime.server import resolve_llama_server
 from mmd.v1 import mmd_pb2 as pb
 
-DELAYED = Path(__file__).with_name("delayed_llama_server.sh")
+DELAYED = Path(__file__).parents[1] / "delayed_llama_server.sh"
 
 
 def test_child_that_never_becomes_ready_hits_the_load_timeout(

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from mmd import learned as learned_module
-from mmd.config import ModelSpec
-from mmd.footprint import LearnedBytes
-from mmd.learned import LearnedStore, ModelIdentity, model_identity
-from mmd.units import GIB, MIB
+from mmd.config.settings import ModelSpec
+from mmd.core.footprint import LearnedBytes
+from mmd.core.units import GIB, MIB
+from mmd.host import learned as learned_module
+from mmd.host.learned import LearnedStore, ModelIdentity, model_identity
 
 RUNTIME = Path("/opt/mmd/bin/llama-server")
 

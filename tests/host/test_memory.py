@@ -11,15 +11,15 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from mmd.budget import BudgetSettings, compute_budgets
-from mmd.memory import (
+from mmd.core.budget import BudgetSettings, compute_budgets
+from mmd.core.units import GIB
+from mmd.host.memory import (
     APPLE_UNIFIED_NOTE,
     MemoryProbe,
     MemorySnapshot,
     ProcessMemory,
     visible_gpus,
 )
-from mmd.units import GIB
 
 
 def _nvml_works() -> bool:

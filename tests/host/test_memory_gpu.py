@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mmd.memory import MemoryProbe
-from mmd.units import MIB
+from mmd.core.units import MIB
+from mmd.host.memory import MemoryProbe
 
 pytestmark = pytest.mark.gpu
 
@@ -89,7 +89,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def server_on_gpu(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    from mmd.synthetic import write_model
+    from mmd.runtime.synthetic import write_model
 
     binary, env = _llama_server()
     listing = subprocess.run(

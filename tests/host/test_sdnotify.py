@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mmd.sdnotify import Notifier, run_watchdog
+from mmd.host.sdnotify import Notifier, run_watchdog
 
 
 def _receive_all(sock: socket.socket) -> list[str]:

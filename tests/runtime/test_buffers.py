@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from mmd.buffers import buffer_sizes, device_for, runtime_bytes
-from mmd.units import MIB
+from mmd.core.units import MIB
+from mmd.runtime.buffers import buffer_sizes, device_for, runtime_bytes
 
 # The load of a 4-layer synthetic model (embedding 256, ctx 4096, 2 slots), captured from
 # the bundled llama-server started as mmd starts a CPU placement (--device none
 # --verbosity 4), with mmd's start line first; the model and socket paths neutralised.
-CPU_LOAD = (Path(__file__).parent / "fixtures" / "llama_server_load_cpu.log").read_text()
+CPU_LOAD = (Path(__file__).parents[1] / "fixtures" / "llama_server_load_cpu.log").read_text()
 
 # The same lines as a CUDA build prints them for a split (llama.cpp's format: the buffer
 # type, the kind, the size in MiB), and a Vulkan build's names.

@@ -3,7 +3,7 @@ log tail joined with '|'."""
 
 from __future__ import annotations
 
-from mmd.runtime import failure_summary
+from mmd.runtime.server import failure_summary
 
 # What the bundled llama-server logs when the model file is garbage (paths shortened).
 BROKEN_MODEL_LOG = [

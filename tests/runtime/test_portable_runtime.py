@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import Daemon
 
-from mmd.runtime import resolve_llama_server
+from mmd.runtime.server import resolve_llama_server
 
 QEMU = shutil.which("qemu-x86_64")
 if os.environ.get("MMD_REQUIRE_QEMU") and QEMU is None:

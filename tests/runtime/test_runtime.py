@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mmd.runtime import watch_children_with_pidfd
+from mmd.runtime.server import watch_children_with_pidfd
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="Python 3.12+ uses pidfds itself")

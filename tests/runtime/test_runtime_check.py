@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from conftest import Daemon, wait_until
 
-from mmd.cpu import CPU_FEATURES, sigill_line
-from mmd.runtime import LlamaBinary, resolve_llama_server
-from mmd.runtime_check import CACHE_FILE, Verdict, VerdictCache, check_binary
+from mmd.runtime.check import CACHE_FILE, Verdict, VerdictCache, check_binary
+from mmd.runtime.cpu import CPU_FEATURES, sigill_line
+from mmd.runtime.server import LlamaBinary, resolve_llama_server
 
 REAL = resolve_llama_server(None).path
 ILLEGAL = "illegal instruction: built for CPU features this machine lacks"
@@ -212,7 +212,7 @@ def test_a_binary_that_cannot_start_fails_every_load_with_its_reason(
 
 @pytest.mark.parametrize("which", ["PATH", "built"])
 def test_candidates_in_order(tmp_path: Path, which: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mmd.runtime import llama_server_candidates
+    from mmd.runtime.server import llama_server_candidates
 
     monkeypatch.delenv("MMD_LLAMA_SERVER", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from mmd.upstream import Final, _read_chat, _read_completion, _sse_batches
+from mmd.runtime.upstream import Final, _read_chat, _read_completion, _sse_batches
 
 
 class Chunks:
@@ -152,8 +152,8 @@ class FailingFirst(aiohttp.UnixConnector):
 def _generate(
     path: str, behaviours: list[str], errors: list[str] | None = None
 ) -> tuple[list[str | Final] | str, list[str]]:
-    from mmd.errors import RuntimeFailed
-    from mmd.upstream import InferParams, stream_infer
+    from mmd.core.errors import RuntimeFailed
+    from mmd.runtime.upstream import InferParams, stream_infer
 
     async def run() -> tuple[list[str | Final] | str, list[str]]:
         server, seen = await _serve(path, behaviours)

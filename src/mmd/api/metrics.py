@@ -18,13 +18,13 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from mmd import __version__
-from mmd.errors import ConfigError
-from mmd.events import AlertCrossed, Event, ModelChanged, RequestFinished, Subscription
-from mmd.model_state import State
-from mmd.web.settings import parse_host_port
+from mmd.config.http import parse_host_port
+from mmd.core.errors import ConfigError
+from mmd.core.model_state import State
+from mmd.engine.events import AlertCrossed, Event, ModelChanged, RequestFinished, Subscription
 
 if TYPE_CHECKING:
-    from mmd.engine import Engine
+    from mmd.engine.engine import Engine
 
 log = logging.getLogger("mmd.metrics")
 

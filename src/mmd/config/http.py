@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmd import paths
+from mmd.host import paths
 
 # A file of API keys is small; a large one is a mistake (a model file named by accident).
 MAX_KEYS_FILE_BYTES = 64 * 1024

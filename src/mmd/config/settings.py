@@ -16,18 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmd import paths
-from mmd.budget import BudgetSettings, parse_budget_setting
-from mmd.errors import ConfigError
-from mmd.footprint import GGUFError, is_gguf, read_shape
-from mmd.units import MIB, parse_duration, parse_keep_alive, parse_size
-from mmd.web.settings import (
+from mmd.config.http import (
     HTTP_KEYS,
     HttpSettings,
     http_settings,
     load_access,
     parse_host_port,
 )
+from mmd.core.budget import BudgetSettings, parse_budget_setting
+from mmd.core.errors import ConfigError
+from mmd.core.footprint import GGUFError, is_gguf, read_shape
+from mmd.core.units import MIB, parse_duration, parse_keep_alive, parse_size
+from mmd.host import paths
 
 MAX_MODEL_ID_CHARS = 64
 MODEL_ID_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_MODEL_ID_CHARS - 1}}}$")

@@ -11,11 +11,11 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from mmd.planner import DeviceBudget
-from mmd.units import GIB, MIB, parse_size
+from mmd.core.planner import DeviceBudget
+from mmd.core.units import GIB, MIB, parse_size
 
 if TYPE_CHECKING:
-    from mmd.memory import MemorySnapshot
+    from mmd.host.memory import MemorySnapshot
 
 BudgetMode = Literal["auto", "bytes", "percent"]
 

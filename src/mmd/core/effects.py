@@ -12,8 +12,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from mmd.errors import MmdError
-from mmd.planner import Placement
+from mmd.core.errors import MmdError
+from mmd.core.planner import Placement
 
 # --- requests -----------------------------------------------------------------------
 

@@ -27,11 +27,11 @@ import numpy as np
 import numpy.typing as npt
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
-from mmd.errors import ConfigError
-from mmd.units import MIB
+from mmd.core.errors import ConfigError
+from mmd.core.units import MIB
 
 if TYPE_CHECKING:  # config imports this module for read_shape
-    from mmd.config import ModelSpec
+    from mmd.config.settings import ModelSpec
 
 GGUF_MAGIC = b"GGUF"
 

@@ -43,8 +43,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from mmd.footprint import Footprint
-from mmd.units import format_size
+from mmd.core.footprint import Footprint
+from mmd.core.units import format_size
 
 Chunks = tuple[tuple[str, int], ...]  # (gpu id, layer count) in device order
 _MOST = -1  # stands for "a GPU/RAM split with as many layers on the GPU(s) as fit"

@@ -43,8 +43,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 
-from mmd.config import ModelSpec, SchedulerSettings
-from mmd.effects import (
+from mmd.config.settings import ModelSpec, SchedulerSettings
+from mmd.core.effects import (
     AbortRunning,
     Admit,
     ArmTimer,
@@ -55,7 +55,7 @@ from mmd.effects import (
     StartLoad,
     Ticket,
 )
-from mmd.errors import (
+from mmd.core.errors import (
     FailedPrecondition,
     InsufficientMemory,
     MmdError,
@@ -63,10 +63,10 @@ from mmd.errors import (
     RequestAborted,
     RuntimeFailed,
 )
-from mmd.footprint import Footprint
-from mmd.model_state import ModelEntry, State
-from mmd.planner import Plan, plan_load
-from mmd.registry import ModelRegistry
+from mmd.core.footprint import Footprint
+from mmd.core.model_state import ModelEntry, State
+from mmd.core.planner import Plan, plan_load
+from mmd.core.registry import ModelRegistry
 
 # Importable from here as before; the definitions live in mmd.effects and mmd.model_state.
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from mmd.errors import InvalidRequest
+from mmd.core.errors import InvalidRequest
 
 MAX_KEEP_ALIVE_S = 365 * 24 * 3600.0
 MAX_TEMPERATURE = 5.0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmd.effects import Kind
-from mmd.events import RequestFinished
-from mmd.upstream import Final
+from mmd.core.effects import Kind
+from mmd.engine.events import RequestFinished
+from mmd.runtime.upstream import Final
 
 
 @dataclass

@@ -21,20 +21,20 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
-from mmd import paths
-from mmd.buffers import buffer_sizes
-from mmd.config import Config, ModelSpec, check_model_file
-from mmd.cpu import is_sigill, sigill_line
-from mmd.effects import Effect
-from mmd.errors import ConfigError, MmdError, RuntimeFailed
-from mmd.events import EventBus, ModelChanged
-from mmd.planner import Placement
-from mmd.runtime import LaunchSpec, LlamaBinary
-from mmd.runtime_check import LlamaRuntime
-from mmd.scheduler import Scheduler
+from mmd.config.settings import Config, ModelSpec, check_model_file
+from mmd.core.effects import Effect
+from mmd.core.errors import ConfigError, MmdError, RuntimeFailed
+from mmd.core.planner import Placement
+from mmd.core.scheduler import Scheduler
+from mmd.engine.events import EventBus, ModelChanged
+from mmd.host import paths
+from mmd.runtime.buffers import buffer_sizes
+from mmd.runtime.check import LlamaRuntime
+from mmd.runtime.cpu import is_sigill, sigill_line
+from mmd.runtime.server import LaunchSpec, LlamaBinary
 
 if TYPE_CHECKING:
-    from mmd.monitor import MemoryMonitor
+    from mmd.engine.monitor import MemoryMonitor
 
 log = logging.getLogger("mmd.engine")
 

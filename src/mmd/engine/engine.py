@@ -18,12 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmd import paths
-from mmd.accounting import RequestRecord
-from mmd.budget import DeviceBudgetView
-from mmd.children import Child, ChildFactory, Children, LoadStage, model_file_problem
-from mmd.config import Config
-from mmd.effects import (
+from mmd.config.settings import Config
+from mmd.core.budget import DeviceBudgetView
+from mmd.core.effects import (
     AbortRunning,
     Admit,
     ArmTimer,
@@ -34,20 +31,23 @@ from mmd.effects import (
     StartLoad,
     Stop,
 )
-from mmd.errors import MmdError, RuntimeFailed, StillBusy
-from mmd.events import EventBus
-from mmd.footprint import Footprint, footprint_for, has_chat_template
-from mmd.learned import LearnedStore
-from mmd.memory import MemoryReader, MemorySnapshot
-from mmd.model_state import ModelEntry, State
-from mmd.monitor import MemoryMonitor
-from mmd.planner import Placement, Plan, Refusal
-from mmd.preload import preload_models
-from mmd.reload import ConfigDiff, apply_config
-from mmd.runtime import LlamaServer, read_log_tail
-from mmd.runtime_check import LlamaRuntime
-from mmd.scheduler import Scheduler
-from mmd.upstream import Final, InferParams, embed, relay, stream_infer
+from mmd.core.errors import MmdError, RuntimeFailed, StillBusy
+from mmd.core.footprint import Footprint, footprint_for, has_chat_template
+from mmd.core.model_state import ModelEntry, State
+from mmd.core.planner import Placement, Plan, Refusal
+from mmd.core.scheduler import Scheduler
+from mmd.engine.accounting import RequestRecord
+from mmd.engine.children import Child, ChildFactory, Children, LoadStage, model_file_problem
+from mmd.engine.events import EventBus
+from mmd.engine.monitor import MemoryMonitor
+from mmd.engine.preload import preload_models
+from mmd.engine.reload import ConfigDiff, apply_config
+from mmd.host import paths
+from mmd.host.learned import LearnedStore
+from mmd.host.memory import MemoryReader, MemorySnapshot
+from mmd.runtime.check import LlamaRuntime
+from mmd.runtime.server import LlamaServer, read_log_tail
+from mmd.runtime.upstream import Final, InferParams, embed, relay, stream_infer
 
 log = logging.getLogger("mmd.engine")
 

@@ -11,7 +11,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from mmd.budget import DeviceBudgetView
+from mmd.core.budget import DeviceBudgetView
 
 DEFAULT_BUFFER = 1024
 

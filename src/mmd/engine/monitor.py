@@ -15,17 +15,17 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmd.budget import DeviceBudgetView, alert_crossings, compute_budgets
-from mmd.children import Child
-from mmd.config import Config, ModelSpec
-from mmd.events import AlertCrossed, EventBus, MemorySampled
-from mmd.footprint import LearnedBytes
-from mmd.learned import LearnedStore, ModelIdentity, model_identity
-from mmd.memory import RAM_ID, MemoryReader, MemorySnapshot, ProcessMemory
-from mmd.model_state import State
-from mmd.planner import Placement
-from mmd.runtime_check import LlamaRuntime
-from mmd.scheduler import Scheduler
+from mmd.config.settings import Config, ModelSpec
+from mmd.core.budget import DeviceBudgetView, alert_crossings, compute_budgets
+from mmd.core.footprint import LearnedBytes
+from mmd.core.model_state import State
+from mmd.core.planner import Placement
+from mmd.core.scheduler import Scheduler
+from mmd.engine.children import Child
+from mmd.engine.events import AlertCrossed, EventBus, MemorySampled
+from mmd.host.learned import LearnedStore, ModelIdentity, model_identity
+from mmd.host.memory import RAM_ID, MemoryReader, MemorySnapshot, ProcessMemory
+from mmd.runtime.check import LlamaRuntime
 
 log = logging.getLogger("mmd.engine")
 

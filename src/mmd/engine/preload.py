@@ -7,12 +7,12 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from mmd.errors import MmdError
-from mmd.model_state import State
-from mmd.planner import Refusal
+from mmd.core.errors import MmdError
+from mmd.core.model_state import State
+from mmd.core.planner import Refusal
 
 if TYPE_CHECKING:
-    from mmd.engine import Engine
+    from mmd.engine.engine import Engine
 
 log = logging.getLogger("mmd.engine")
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmd.config import Config, load_config
-from mmd.effects import Effect
-from mmd.footprint import Footprint, footprint_for
-from mmd.model_state import State
+from mmd.config.settings import Config, load_config
+from mmd.core.effects import Effect
+from mmd.core.footprint import Footprint, footprint_for
+from mmd.core.model_state import State
 
 if TYPE_CHECKING:
-    from mmd.engine import Engine
+    from mmd.engine.engine import Engine
 
 log = logging.getLogger("mmd.reload")
 engine_log = logging.getLogger("mmd.engine")  # what the engine logged as it applied a reload

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mmd.config import ModelSpec
-from mmd.footprint import LearnedBytes
-from mmd.units import MIB
+from mmd.config.settings import ModelSpec
+from mmd.core.footprint import LearnedBytes
+from mmd.core.units import MIB
 
 log = logging.getLogger("mmd.learned")
 

@@ -14,8 +14,8 @@ import shutil
 import stat
 from pathlib import Path
 
-from mmd import paths
-from mmd.errors import ConfigError
+from mmd.core.errors import ConfigError
+from mmd.host import paths
 
 SOCKET_DIR_MODE = 0o750  # the owner and the group (mmctl's users) reach the socket
 CHILDREN_DIR_MODE = 0o700  # llama-server's sockets: mmd alone

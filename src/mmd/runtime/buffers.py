@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import re
 
-from mmd.memory import RAM_ID, gpu_id
-from mmd.units import MIB
+from mmd.core.units import MIB
+from mmd.host.memory import RAM_ID, gpu_id
 
 _BUFFER_LINE = re.compile(
     r"(?P<type>[\w.\[\]:-]+)\s+(?P<kind>model|KV|RS|compute|output)\s+buffer size\s*=\s*"

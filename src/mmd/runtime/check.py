@@ -23,10 +23,10 @@ from pathlib import Path
 
 import aiohttp
 
-from mmd.cpu import cpu_flags, is_sigill, sigill_line
-from mmd.errors import MmdError, RuntimeFailed
-from mmd.learned import write_atomically
-from mmd.runtime import LaunchSpec, LlamaBinary, LlamaServer, probe_binary
+from mmd.core.errors import MmdError, RuntimeFailed
+from mmd.host.learned import write_atomically
+from mmd.runtime.cpu import cpu_flags, is_sigill, sigill_line
+from mmd.runtime.server import LaunchSpec, LlamaBinary, LlamaServer, probe_binary
 
 log = logging.getLogger("mmd")
 
@@ -104,7 +104,7 @@ class VerdictCache:
 
 
 def _check_model(directory: Path) -> Path:
-    from mmd.synthetic import write_model  # numpy and gguf: only when a check runs
+    from mmd.runtime.synthetic import write_model  # numpy and gguf: only when a check runs
 
     return write_model(directory / "check.gguf", embedding=32, blocks=1, heads=2, kv_heads=2)
 

@@ -27,8 +27,8 @@ from typing import IO
 
 import aiohttp
 
-from mmd.cpu import is_sigill, sigill_line
-from mmd.errors import RuntimeFailed
+from mmd.core.errors import RuntimeFailed
+from mmd.runtime.cpu import is_sigill, sigill_line
 
 # Readiness is polled this often; small so that a ready child is noticed at once.
 _READY_POLL_S = 0.005

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from mmd.errors import InvalidRequest, MmdError, RuntimeFailed
+from mmd.core.errors import InvalidRequest, MmdError, RuntimeFailed
 
 log = logging.getLogger("mmd.upstream")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmd.engine import Engine
-from mmd.errors import ConfigError, InvalidConfig
-from mmd.grpc_errors import Context, unary
-from mmd.reload import reload_config
+from mmd.api.rpc.errors import Context, unary
+from mmd.core.errors import ConfigError, InvalidConfig
+from mmd.engine.engine import Engine
+from mmd.engine.reload import reload_config
 from mmd.v1 import mmd_pb2 as pb
 
 

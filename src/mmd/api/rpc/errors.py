@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from mmd.errors import ERROR_KIND_KEY, MmdError, RequestAborted
+from mmd.core.errors import ERROR_KIND_KEY, MmdError, RequestAborted
 
 log = logging.getLogger("mmd.service")
 

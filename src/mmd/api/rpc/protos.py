@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 
 from mmd import __version__
-from mmd.budget import DeviceBudgetView
-from mmd.engine import Engine
-from mmd.footprint import Footprint
-from mmd.memory import RAM_ID
-from mmd.model_state import ModelEntry, State
-from mmd.planner import Placement
+from mmd.core.budget import DeviceBudgetView
+from mmd.core.footprint import Footprint
+from mmd.core.model_state import ModelEntry, State
+from mmd.core.planner import Placement
+from mmd.engine.engine import Engine
+from mmd.host.memory import RAM_ID
 from mmd.v1 import mmd_pb2 as pb
 
 STATES = {

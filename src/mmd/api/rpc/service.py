@@ -7,16 +7,16 @@ import contextlib
 import logging
 from typing import Any
 
-from mmd import validate
-from mmd.coalesce import coalesce_text
-from mmd.engine import AlreadyLoaded, Engine
-from mmd.errors import WARNING_KEY, InvalidRequest
-from mmd.grpc_errors import Context, streaming, unary
-from mmd.planner import Plan
-from mmd.protos import footprint_proto, health_proto, model_proto, placement_proto
-from mmd.service_admin import AdminService
-from mmd.service_watch import WatchService
-from mmd.upstream import Final, InferParams
+from mmd.api.coalesce import coalesce_text
+from mmd.api.rpc.admin import AdminService
+from mmd.api.rpc.errors import Context, streaming, unary
+from mmd.api.rpc.protos import footprint_proto, health_proto, model_proto, placement_proto
+from mmd.api.rpc.watch import WatchService
+from mmd.core import validate
+from mmd.core.errors import WARNING_KEY, InvalidRequest
+from mmd.core.planner import Plan
+from mmd.engine.engine import AlreadyLoaded, Engine
+from mmd.runtime.upstream import Final, InferParams
 from mmd.v1 import mmd_pb2 as pb
 from mmd.v1 import mmd_pb2_grpc
 

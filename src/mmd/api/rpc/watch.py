@@ -10,14 +10,14 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-from mmd import paths
-from mmd.budget import over_alert
-from mmd.engine import Engine
-from mmd.errors import FailedPrecondition, InvalidRequest
-from mmd.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
-from mmd.grpc_errors import Context, streaming
-from mmd.model_state import State
-from mmd.protos import STATES, device_proto, health_proto, model_proto
+from mmd.api.rpc.errors import Context, streaming
+from mmd.api.rpc.protos import STATES, device_proto, health_proto, model_proto
+from mmd.core.budget import over_alert
+from mmd.core.errors import FailedPrecondition, InvalidRequest
+from mmd.core.model_state import State
+from mmd.engine.engine import Engine
+from mmd.engine.events import AlertCrossed, Event, MemorySampled, ModelChanged, RequestFinished
+from mmd.host import paths
 from mmd.v1 import mmd_pb2 as pb
 
 DEFAULT_MEMORY_INTERVAL_S = 1.0

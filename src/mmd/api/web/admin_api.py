@@ -10,15 +10,15 @@ from typing import Any
 
 from aiohttp import web
 
-from mmd import validate
-from mmd.coalesce import coalesce_text
-from mmd.engine import Engine
-from mmd.errors import InvalidRequest, MmdError
-from mmd.protojson import message_to_dict, model_to_dict
-from mmd.protos import health_proto, model_proto
-from mmd.upstream import Final, InferParams
-from mmd.web.openai_api import WARNING_HEADER
-from mmd.web.server import read_json
+from mmd.api.coalesce import coalesce_text
+from mmd.api.protojson import message_to_dict, model_to_dict
+from mmd.api.rpc.protos import health_proto, model_proto
+from mmd.api.web.openai_api import WARNING_HEADER
+from mmd.api.web.server import read_json
+from mmd.core import validate
+from mmd.core.errors import InvalidRequest, MmdError
+from mmd.engine.engine import Engine
+from mmd.runtime.upstream import Final, InferParams
 
 
 def add_routes(app: web.Application, engine: Engine) -> None:

@@ -23,9 +23,9 @@ from typing import Any
 
 from aiohttp import web
 
-from mmd.engine import Engine
-from mmd.protojson import event_to_dict
-from mmd.service_watch import follow_events
+from mmd.api.protojson import event_to_dict
+from mmd.api.rpc.watch import follow_events
+from mmd.engine.engine import Engine
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The files the page is made of, with their types: nothing else under /static/ is served.

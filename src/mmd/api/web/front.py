@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from mmd.engine import Engine
-from mmd.errors import ConfigError
-from mmd.web import admin_api, dashboard, openai_api
-from mmd.web.server import HttpFront
-from mmd.web.settings import HttpSettings, load_access
+from mmd.api.web import admin_api, dashboard, openai_api
+from mmd.api.web.server import HttpFront
+from mmd.config.http import HttpSettings, load_access
+from mmd.core.errors import ConfigError
+from mmd.engine.engine import Engine
 
 
 async def start_http(engine: Engine, settings: HttpSettings) -> HttpFront | None:

@@ -17,15 +17,15 @@ from typing import Any
 
 from aiohttp import web
 
-from mmd import validate
-from mmd.coalesce import coalesce_bytes
-from mmd.effects import Kind
-from mmd.engine import Engine
-from mmd.errors import InvalidRequest, MmdError
-from mmd.protojson import model_to_dict
-from mmd.protos import model_proto
-from mmd.units import parse_keep_alive
-from mmd.web.server import read_json
+from mmd.api.coalesce import coalesce_bytes
+from mmd.api.protojson import model_to_dict
+from mmd.api.rpc.protos import model_proto
+from mmd.api.web.server import read_json
+from mmd.core import validate
+from mmd.core.effects import Kind
+from mmd.core.errors import InvalidRequest, MmdError
+from mmd.core.units import parse_keep_alive
+from mmd.engine.engine import Engine
 
 WARNING_HEADER = "X-Mmd-Warning"
 

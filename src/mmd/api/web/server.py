@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from mmd import rundir
-from mmd.errors import ConfigError, InvalidRequest, MmdError, QueueFull
-from mmd.web.settings import HttpAccess, HttpSettings, Listen
+from mmd.config.http import HttpAccess, HttpSettings, Listen
+from mmd.core.errors import ConfigError, InvalidRequest, MmdError, QueueFull
+from mmd.host import rundir
 
 if TYPE_CHECKING:
-    from mmd.engine import Engine
+    from mmd.engine.engine import Engine
 
 log = logging.getLogger("mmd.http")
 
