@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 
 import psutil
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mmd.memory")  # the name in the log, kept when the module moved
 
 RAM_ID = "ram"
 RAM_NOTE_SUFFIX = "budgeting system RAM only"

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mmd.sdnotify")  # the name in the log, kept when the module moved
 
 NOTIFY_SOCKET_ENV = "NOTIFY_SOCKET"
 WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
