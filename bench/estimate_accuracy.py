@@ -27,8 +27,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from mmd.core.footprint import estimate, parse_buffer_sizes, read_shape, slot_cells
+from mmd.core.footprint import estimate, parse_buffer_sizes, slot_cells
 from mmd.core.units import MIB
+from mmd.runtime.gguf import read_shape
 from mmd.runtime.synthetic import write_model
 
 SYNTHETIC = ((64, 2), (256, 4), (512, 8), (1024, 8))  # (embedding, blocks)

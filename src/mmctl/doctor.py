@@ -28,10 +28,11 @@ from mmctl.client import (
 )
 from mmd.api import protojson
 from mmd.config.http import Listen, parse_listen_address, read_keys_file
-from mmd.config.settings import Config, ModelSpec, check_model_file, find_config, load_config
+from mmd.config.settings import Config, check_model_file, find_config, load_config
 from mmd.core.budget import BudgetSettings, DeviceBudgetView, compute_budgets, configured_cap
 from mmd.core.errors import ConfigError, MmdError
 from mmd.core.planner import DeviceBudget, Plan, plan_load
+from mmd.core.spec import ModelSpec
 from mmd.core.units import format_size
 from mmd.host import paths
 from mmd.host.memory import MemoryProbe
@@ -150,7 +151,7 @@ def _lenient_specs(source: Path) -> dict[str, ModelSpec | str]:
 
 
 def _check_models(config: Config | None, explicit: Path | None, probe: MemoryProbe) -> list[Check]:
-    from mmd.core.footprint import footprint_for
+    from mmd.runtime.gguf import footprint_for
 
     source = find_config(explicit)
     specs: dict[str, ModelSpec | str]

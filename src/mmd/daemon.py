@@ -29,13 +29,13 @@ from mmd.api.rpc.errors import interrupt_calls
 from mmd.api.rpc.service import ModelManager
 from mmd.config.settings import Config, check_socket_path, load_config
 from mmd.core.errors import ConfigError, MmdError, RuntimeFailed
-from mmd.core.footprint import footprint_for
 from mmd.engine.engine import Engine
 from mmd.engine.reload import reload_config
 from mmd.host import paths, rundir
 from mmd.host.memory import MemoryProbe
 from mmd.host.sdnotify import Notifier, run_watchdog
 from mmd.runtime.check import LlamaRuntime, VerdictCache, choose, failure_line
+from mmd.runtime.gguf import footprint_for
 from mmd.runtime.server import llama_server_candidates, watch_children_with_pidfd
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
 

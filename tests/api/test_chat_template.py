@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import Daemon
 
-from mmd.core.footprint import has_chat_template
+from mmd.runtime.gguf import has_chat_template
 from mmd.runtime.synthetic import write_model
 
 CHATML = (

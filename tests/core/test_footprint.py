@@ -23,15 +23,13 @@ from mmd.core.footprint import (
     GPU_CONTEXT_BYTES,
     GPU_RUNTIME_HOST_BYTES,
     Footprint,
-    GGUFError,
     ModelShape,
     estimate,
-    is_gguf,
     measured_overhead,
     parse_buffer_sizes,
-    read_shape,
 )
 from mmd.core.units import MIB
+from mmd.runtime.gguf import GGUFError, is_gguf, read_shape
 from mmd.runtime.synthetic import write_model
 
 

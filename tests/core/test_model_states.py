@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from test_scheduler import admitted, footprint, make
 
-from mmd.config.settings import ModelSpec
 from mmd.core.effects import Effect, Fail, Kind, Stop
 from mmd.core.errors import MmdError, RuntimeFailed, UnknownModel
 from mmd.core.model_state import ALLOWED, InvalidTransition, ModelEntry, State
 from mmd.core.scheduler import Scheduler
+from mmd.core.spec import ModelSpec
 
 Move = tuple[State, State]
 EVERY_MOVE: frozenset[Move] = frozenset((old, new) for old in ALLOWED for new in ALLOWED[old])

@@ -15,7 +15,6 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from mmd.config.settings import ModelSpec, SchedulerSettings
 from mmd.core.effects import AbortRunning, Admit, ArmTimer, Effect, Fail, Kind, StartLoad, Stop
 from mmd.core.errors import (
     FailedPrecondition,
@@ -30,6 +29,7 @@ from mmd.core.footprint import Footprint, LearnedBytes
 from mmd.core.model_state import State
 from mmd.core.planner import DeviceBudget
 from mmd.core.scheduler import Scheduler
+from mmd.core.spec import ModelSpec, SchedulerSettings
 from mmd.core.units import GIB
 
 

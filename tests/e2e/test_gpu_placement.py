@@ -18,7 +18,8 @@ import psutil
 import pytest
 from conftest import Daemon
 
-from mmd.core.footprint import estimate, read_shape
+from mmd.core.footprint import estimate
+from mmd.runtime.gguf import read_shape
 from mmd.runtime.server import resolve_llama_server
 from mmd.runtime.synthetic import write_model
 

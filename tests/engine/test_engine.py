@@ -22,10 +22,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mmd.config.settings import Config, DaemonSettings, ModelSpec, SchedulerSettings
+from mmd.config.settings import Config, DaemonSettings
 from mmd.core.errors import RequestAborted, RuntimeFailed
 from mmd.core.footprint import Footprint
 from mmd.core.model_state import State
+from mmd.core.spec import ModelSpec, SchedulerSettings
 from mmd.core.units import GIB
 from mmd.engine.children import LoadStage
 from mmd.engine.engine import Engine

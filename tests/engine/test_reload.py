@@ -15,13 +15,14 @@ import psutil
 import pytest
 from conftest import Daemon, wait_until
 
-from mmd.config.settings import Config, DaemonSettings, ModelSpec, SchedulerSettings
+from mmd.config.settings import Config, DaemonSettings
 from mmd.core.effects import Admit, Fail, Kind, StartLoad, Stop
 from mmd.core.errors import FailedPrecondition
 from mmd.core.footprint import Footprint
 from mmd.core.model_state import State
 from mmd.core.planner import DeviceBudget
 from mmd.core.scheduler import Scheduler
+from mmd.core.spec import ModelSpec, SchedulerSettings
 from mmd.core.units import GIB
 from mmd.engine.reload import diff_configs, keep_restart_settings
 from mmd.v1 import mmd_pb2 as pb

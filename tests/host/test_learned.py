@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mmd.config.settings import ModelSpec
 from mmd.core.footprint import LearnedBytes
+from mmd.core.spec import ModelSpec
 from mmd.core.units import GIB, MIB
 from mmd.host import learned as learned_module
 from mmd.host.learned import LearnedStore, ModelIdentity, model_identity

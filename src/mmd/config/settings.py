@@ -25,9 +25,10 @@ from mmd.config.http import (
 )
 from mmd.core.budget import BudgetSettings, parse_budget_setting
 from mmd.core.errors import ConfigError
-from mmd.core.footprint import GGUFError, is_gguf, read_shape
+from mmd.core.spec import ModelSpec, SchedulerSettings
 from mmd.core.units import MIB, parse_duration, parse_keep_alive, parse_size
 from mmd.host import paths
+from mmd.runtime.gguf import GGUFError, is_gguf, read_shape
 
 MAX_MODEL_ID_CHARS = 64
 MODEL_ID_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_MODEL_ID_CHARS - 1}}}$")
@@ -63,28 +64,6 @@ _MMD_OWNED_FLAGS = {
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """One ``[models.<id>]`` table."""
-
-    id: str
-    path: Path
-    role: str = ""
-    ctx: int = 4096
-    parallel: int = 1
-    gpu_layers: int | None = None  # None: "auto", mmd's planner decides
-    priority: int = 1  # lower stays loaded longer; 0 = pinned, never evicted
-    keep_alive: float | None = None  # seconds; None: [scheduler] default; < 0: forever
-    embedding: bool = False
-    args: tuple[str, ...] = ()
-    memory: int | None = None  # overrides the footprint estimate
-    preload: bool = False
-
-    @property
-    def pinned(self) -> bool:
-        return self.priority == 0
-
-
-@dataclass(frozen=True)
 class DaemonSettings:
     socket: Path = field(default_factory=paths.default_socket)
     llama_server: str | None = None
@@ -98,19 +77,6 @@ class DaemonSettings:
     # At most one message per stream this often (the first and the last are never held):
     # fewer gRPC writes per token on fast models, which leaves the CPU to generation.
     stream_interval: float = 0.01
-
-
-@dataclass(frozen=True)
-class SchedulerSettings:
-    max_concurrent: int = 8
-    max_queue: int = 256
-    min_headroom: int = 512 * MIB
-    autoload: bool = True
-    default_keep_alive: float = 300.0
-    # A model is not evicted within this time of becoming ready unless memory demands it.
-    min_residency: float = 5.0
-    # Queued requests of a loaded model served before it may be swapped out.
-    swap_batch: int = 8
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import enum
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from mmd.config.settings import ModelSpec
 from mmd.core.effects import Stop, Ticket
 from mmd.core.footprint import Footprint
 from mmd.core.planner import Placement
+from mmd.core.spec import ModelSpec
 
 
 class State(enum.Enum):

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
-from mmd.config.settings import ModelSpec, SchedulerSettings
 from mmd.core.errors import UnknownModel
 from mmd.core.footprint import Footprint, LearnedBytes
 from mmd.core.model_state import ModelEntry, State
 from mmd.core.planner import DeviceBudget, Plan, Refusal, Resident, plan_load
+from mmd.core.spec import ModelSpec, SchedulerSettings
 
 
 class ModelRegistry:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 
-from mmd.config.settings import ModelSpec, SchedulerSettings
 from mmd.core.effects import (
     AbortRunning,
     Admit,
@@ -67,6 +66,7 @@ from mmd.core.footprint import Footprint
 from mmd.core.model_state import ModelEntry, State
 from mmd.core.planner import Plan, plan_load
 from mmd.core.registry import ModelRegistry
+from mmd.core.spec import ModelSpec, SchedulerSettings
 
 # Importable from here as before; the definitions live in mmd.effects and mmd.model_state.
 

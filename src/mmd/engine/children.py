@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
-from mmd.config.settings import Config, ModelSpec, check_model_file
+from mmd.config.settings import Config, check_model_file
 from mmd.core.effects import Effect
 from mmd.core.errors import ConfigError, MmdError, RuntimeFailed
 from mmd.core.planner import Placement
 from mmd.core.scheduler import Scheduler
+from mmd.core.spec import ModelSpec
 from mmd.engine.events import EventBus, ModelChanged
 from mmd.host import paths
 from mmd.runtime.buffers import buffer_sizes

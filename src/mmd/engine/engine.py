@@ -32,7 +32,7 @@ from mmd.core.effects import (
     Stop,
 )
 from mmd.core.errors import MmdError, RuntimeFailed, StillBusy
-from mmd.core.footprint import Footprint, footprint_for, has_chat_template
+from mmd.core.footprint import Footprint
 from mmd.core.model_state import ModelEntry, State
 from mmd.core.planner import Placement, Plan, Refusal
 from mmd.core.scheduler import Scheduler
@@ -46,6 +46,7 @@ from mmd.host import paths
 from mmd.host.learned import LearnedStore
 from mmd.host.memory import MemoryReader, MemorySnapshot
 from mmd.runtime.check import LlamaRuntime
+from mmd.runtime.gguf import footprint_for, has_chat_template
 from mmd.runtime.server import LlamaServer, read_log_tail
 from mmd.runtime.upstream import Final, InferParams, embed, relay, stream_infer
 

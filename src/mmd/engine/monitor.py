@@ -15,12 +15,13 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmd.config.settings import Config, ModelSpec
+from mmd.config.settings import Config
 from mmd.core.budget import DeviceBudgetView, alert_crossings, compute_budgets
 from mmd.core.footprint import LearnedBytes
 from mmd.core.model_state import State
 from mmd.core.planner import Placement
 from mmd.core.scheduler import Scheduler
+from mmd.core.spec import ModelSpec
 from mmd.engine.children import Child
 from mmd.engine.events import AlertCrossed, EventBus, MemorySampled
 from mmd.host.learned import LearnedStore, ModelIdentity, model_identity

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from mmd.config.settings import Config, load_config
 from mmd.core.effects import Effect
-from mmd.core.footprint import Footprint, footprint_for
+from mmd.core.footprint import Footprint
 from mmd.core.model_state import State
+from mmd.runtime.gguf import footprint_for
 
 if TYPE_CHECKING:
     from mmd.engine.engine import Engine

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mmd.config.settings import ModelSpec
 from mmd.core.footprint import LearnedBytes
+from mmd.core.spec import ModelSpec
 from mmd.core.units import MIB
 
 log = logging.getLogger("mmd.learned")
