@@ -1,12 +1,11 @@
-"""Domain errors. Each carries the gRPC status it maps to and a stable kind.
+"""Domain errors. Each carries the name of the gRPC status it maps to and a stable kind.
 
-The service layer turns these into statuses in one place; mmctl turns statuses
-(and the kind, sent as trailing metadata) into exit codes.
+The service layer turns these into statuses in one place (mmd.api.rpc.errors); mmctl
+turns statuses (and the kind, sent as trailing metadata) into exit codes. The status is
+named, not a ``grpc.StatusCode``, so that the core imports no transport.
 """
 
 from __future__ import annotations
-
-import grpc
 
 # Trailing-metadata key that names the error kind, so clients can tell a
 # crashed runtime (UNAVAILABLE from mmd) from an unreachable daemon.
@@ -19,7 +18,7 @@ WARNING_KEY = "mmd-warning"
 class MmdError(Exception):
     """Base of every error mmd reports to a client."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    status: str = "INTERNAL"  # a grpc.StatusCode name
     kind: str = "internal"
 
     def __init__(self, message: str) -> None:
@@ -28,7 +27,7 @@ class MmdError(Exception):
 
 
 class UnknownModel(MmdError):
-    code = grpc.StatusCode.NOT_FOUND
+    status = "NOT_FOUND"
     kind = "unknown_model"
 
     def __init__(self, model_id: str) -> None:
@@ -37,38 +36,38 @@ class UnknownModel(MmdError):
 
 
 class InvalidRequest(MmdError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    status = "INVALID_ARGUMENT"
     kind = "invalid_request"
 
 
 class InsufficientMemory(MmdError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = "RESOURCE_EXHAUSTED"
     kind = "insufficient_memory"
 
 
 class QueueFull(MmdError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = "RESOURCE_EXHAUSTED"
     kind = "queue_full"
 
 
 class FailedPrecondition(MmdError):
     """The request is valid but the model is not in a state to serve it."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    status = "FAILED_PRECONDITION"
     kind = "failed_precondition"
 
 
 class RuntimeFailed(MmdError):
     """The model's llama-server failed to start, crashed, or answered with an error."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    status = "UNAVAILABLE"
     kind = "runtime_failed"
 
 
 class RequestAborted(MmdError):
     """The request was aborted by an operator (forced unload) or a shutdown."""
 
-    code = grpc.StatusCode.ABORTED
+    status = "ABORTED"
     kind = "aborted"
 
 
@@ -79,12 +78,12 @@ class ConfigError(Exception):
 class InvalidConfig(MmdError):
     """A reload found the config file invalid; the old config stays in force."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    status = "INVALID_ARGUMENT"
     kind = "invalid_config"
 
 
 class StillBusy(MmdError):
     """An unload waited for running requests and they did not finish in time."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    status = "DEADLINE_EXCEEDED"
     kind = "busy"

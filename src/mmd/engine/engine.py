@@ -268,7 +268,7 @@ class Engine:
             status = "CANCELLED"
             raise
         except MmdError as err:
-            status, error = err.code.name, err.message
+            status, error = err.status, err.message
             raise
         except Exception as err:
             status, error = "INTERNAL", str(err)

@@ -26,7 +26,9 @@ _INTERRUPT_WAIT_S = 5.0
 
 async def _abort(context: Context, error: Exception) -> None:
     if isinstance(error, MmdError):
-        await context.abort(error.code, error.message, ((ERROR_KIND_KEY, error.kind),))
+        await context.abort(
+            grpc.StatusCode[error.status], error.message, ((ERROR_KIND_KEY, error.kind),)
+        )
     log.exception("internal error", exc_info=error)
     await context.abort(
         grpc.StatusCode.INTERNAL, f"internal error: {error}", ((ERROR_KIND_KEY, "internal"),)
@@ -46,7 +48,9 @@ async def _interrupted(servicer: Any, context: Context) -> None:
         return
     error = RequestAborted(SHUTDOWN_MESSAGE)
     with contextlib.suppress(Exception):
-        await context.abort(error.code, error.message, ((ERROR_KIND_KEY, error.kind),))
+        await context.abort(
+            grpc.StatusCode[error.status], error.message, ((ERROR_KIND_KEY, error.kind),)
+        )
 
 
 def _track(servicer: Any, name: str) -> asyncio.Task[Any] | None:
