@@ -1,21 +1,44 @@
 """The budget rule: how many bytes mmd may hold per device, and when a device is over alert.
 
-Pure: a memory snapshot (from :class:`mmd.memory.MemoryProbe`), the operator's settings
+Pure: a memory snapshot (from :class:`mmd.host.memory.MemoryProbe`), the operator's settings
 and what mmd's own children hold in; per device views out. Nothing here reads a device.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from mmd.core.planner import DeviceBudget
 from mmd.core.units import GIB, MIB, parse_size
 
-if TYPE_CHECKING:
-    from mmd.host.memory import MemorySnapshot
+
+class DeviceFigures(Protocol):
+    """One device's reading as the budget rule needs it (mmd.host.memory.DeviceReading is
+    one): a protocol, so that the core does not import the probe that takes it."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def total(self) -> int: ...
+    @property
+    def free(self) -> int: ...
+    @property
+    def used(self) -> int: ...
+
+
+class Readings(Protocol):
+    """A memory snapshot as the budget rule needs it (mmd.host.memory.MemorySnapshot)."""
+
+    @property
+    def devices(self) -> Sequence[DeviceFigures]: ...
+
 
 BudgetMode = Literal["auto", "bytes", "percent"]
 
@@ -101,7 +124,7 @@ def configured_cap(total: int, setting: str, reserve: int) -> int:
 
 
 def compute_budgets(
-    snapshot: MemorySnapshot, settings: BudgetSettings, mmd_usage: Mapping[str, int]
+    snapshot: Readings, settings: BudgetSettings, mmd_usage: Mapping[str, int]
 ) -> list[DeviceBudgetView]:
     """Per device: min(configured cap, free + mmd's own holdings - reserve), floored at 0.
 

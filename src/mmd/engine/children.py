@@ -17,7 +17,7 @@ import signal
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -34,10 +34,24 @@ from mmd.runtime.check import LlamaRuntime
 from mmd.runtime.cpu import is_sigill, sigill_line
 from mmd.runtime.server import LaunchSpec, LlamaBinary
 
-if TYPE_CHECKING:
-    from mmd.engine.monitor import MemoryMonitor
-
 log = logging.getLogger("mmd.engine")
+
+
+class LoadWatch(Protocol):
+    """What the children need of the memory monitor (mmd.engine.monitor.MemoryMonitor is
+    one): wait for freed memory before a load, and learn what each child measures. A
+    protocol, since the monitor imports :class:`Child` from here."""
+
+    @property
+    def learned_runtime(self) -> Path | None: ...
+
+    async def wait_settled(self, placement: Placement) -> None: ...
+
+    def attach_learned(self, model_ids: Sequence[str] | None = None) -> None: ...
+
+    def track(self, model_id: str, spec: ModelSpec, binary: Path, gpu_layers: int) -> None: ...
+
+    def forget(self, model_id: str) -> None: ...
 
 
 class Child(Protocol):
@@ -148,7 +162,7 @@ class Children:
         self,
         core: Scheduler,
         runtime: LlamaRuntime,
-        monitor: MemoryMonitor,
+        monitor: LoadWatch,
         events: EventBus,
         servers: dict[str, Child],
         runtime_dir: Path,

@@ -4,21 +4,41 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator, Callable
+from typing import Protocol
 
+from mmd.config.settings import Config
 from mmd.core.errors import MmdError
-from mmd.core.model_state import State
-from mmd.core.planner import Refusal
-
-if TYPE_CHECKING:
-    from mmd.engine.engine import Engine
+from mmd.core.model_state import ModelEntry, State
+from mmd.core.planner import Plan, Refusal
+from mmd.core.scheduler import Scheduler
+from mmd.engine.children import LoadStage
 
 log = logging.getLogger("mmd.engine")
 
 
+class Preloading(Protocol):
+    """What a preload needs of the engine (mmd.engine.engine.Engine is one): the config,
+    the registry, a plan and the one way to load. A protocol rather than the Engine, so
+    that the engine can import this module without the two importing each other."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def core(self) -> Scheduler: ...
+
+    def find_entry(self, model_id: str) -> ModelEntry | None: ...
+
+    async def plan(self, model_id: str, gpu_layers: int | None) -> Plan | Refusal: ...
+
+    def load_stages(
+        self, model_id: str, gpu_layers: int | None = None
+    ) -> AsyncGenerator[LoadStage, None]: ...
+
+
 async def preload_models(
-    engine: Engine, report: Callable[[int, int, str], None] | None = None
+    engine: Preloading, report: Callable[[int, int, str], None] | None = None
 ) -> list[str]:
     """Load the ``preload`` and pinned models, in priority order then id, within the
     budget: a preload never evicts another model. Failures are logged; returns the ids

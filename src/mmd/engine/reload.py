@@ -17,19 +17,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from mmd.config.settings import Config, load_config
 from mmd.core.effects import Effect
 from mmd.core.footprint import Footprint
 from mmd.core.model_state import State
+from mmd.core.scheduler import Scheduler
+from mmd.engine.children import Children
+from mmd.engine.monitor import MemoryMonitor
 from mmd.runtime.gguf import footprint_for
-
-if TYPE_CHECKING:
-    from mmd.engine.engine import Engine
 
 log = logging.getLogger("mmd.reload")
 engine_log = logging.getLogger("mmd.engine")  # what the engine logged as it applied a reload
@@ -139,8 +139,44 @@ def keep_restart_settings(old: Config, new: Config) -> Config:
 # --- applying a reload to the running engine ------------------------------------------
 
 
+class Reloading(Protocol):
+    """What a reload needs of the engine (mmd.engine.engine.Engine is one): its config, its
+    scheduler and parts, and the few engine services that act on effects and timers. A
+    protocol rather than the Engine, so that the engine can import this module without
+    the two importing each other."""
+
+    config: Config
+    removal_task: asyncio.Task[None] | None
+
+    @property
+    def core(self) -> Scheduler: ...
+
+    @property
+    def monitor(self) -> MemoryMonitor: ...
+
+    @property
+    def children(self) -> Children: ...
+
+    @property
+    def reload_lock(self) -> asyncio.Lock: ...
+
+    def now(self) -> float: ...
+
+    def apply(self, effects: Sequence[Effect]) -> None: ...
+
+    def cancel_timer(self, model_id: str) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
+
+    async def refresh_memory(self, *, measure_children: bool = True) -> None: ...
+
+    async def reload(
+        self, new_config: Config, footprints: dict[str, Footprint] | None = None
+    ) -> ConfigDiff: ...
+
+
 async def apply_config(
-    engine: Engine, new_config: Config, footprints: dict[str, Footprint] | None = None
+    engine: Reloading, new_config: Config, footprints: dict[str, Footprint] | None = None
 ) -> ConfigDiff:
     """Apply a validated config to ``engine``: the registry, the settings, the budget."""
     if footprints is None:
@@ -178,7 +214,7 @@ async def apply_config(
     return diff
 
 
-def forget_removed(engine: Engine) -> None:
+def forget_removed(engine: Reloading) -> None:
     """Drop the removed models whose child has stopped from the registry."""
     for model_id in engine.core.forget_removed():
         engine.children.stops.pop(model_id, None)
@@ -186,7 +222,7 @@ def forget_removed(engine: Engine) -> None:
         engine_log.info("%s: removed from the registry", model_id)
 
 
-async def finish_removals(engine: Engine) -> None:
+async def finish_removals(engine: Reloading) -> None:
     """Drop removed models once their child has stopped."""
     core = engine.core
     while core.removing and not core.closed:
@@ -207,7 +243,7 @@ def read_config(source: Path | None) -> tuple[Config, dict[str, Footprint]]:
     return config, footprints
 
 
-async def reload_config(engine: Engine) -> ConfigDiff:
+async def reload_config(engine: Reloading) -> ConfigDiff:
     """Re-read the file the daemon started with and apply it.
 
     An invalid config raises ConfigError and changes nothing: the old one stays in force.
