@@ -190,7 +190,7 @@ def _safe_details(err: grpc.RpcError) -> str | None:
 
 
 def _show_warnings(call: Any) -> None:
-    """The daemon's warnings about a call it serves (see mmd.errors.WARNING_KEY), each one
+    """The daemon's warnings about a call it serves (see mmd.core.errors.WARNING_KEY), each one
     line on stderr before the output."""
     try:
         metadata: Any = call.initial_metadata()

@@ -1,4 +1,4 @@
-"""What passes between the engine and the scheduler core (mmd.scheduler).
+"""What passes between the engine and the scheduler core (mmd.core.scheduler).
 
 The engine hands the scheduler requests (a :class:`Kind` of work for a model); the
 scheduler keeps each waiting one as a :class:`Ticket` and answers every event with a list

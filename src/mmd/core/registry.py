@@ -1,10 +1,10 @@
 """The scheduler's registry of models: what each one is, holds and has measured.
 
-:class:`ModelRegistry` is the part of the scheduler core (mmd.scheduler) that no queue
+:class:`ModelRegistry` is the part of the scheduler core (mmd.core.scheduler) that no queue
 or admission decision lives in: the entries by model id, the devices' budgets, what the
 planner sees of the models holding memory (and which of them it may evict), the sizes the
 engine measured, and the settings a config reload leaves pending until a model's next
-load. :class:`mmd.scheduler.Scheduler` builds its events and effects on top of it; like
+load. :class:`mmd.core.scheduler.Scheduler` builds its events and effects on top of it; like
 the scheduler it is synchronous and free of I/O.
 """
 

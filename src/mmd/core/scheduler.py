@@ -7,9 +7,9 @@ start a load, stop a runtime, abort running requests, arm a timer). That keeps
 every policy decision in one place that unit tests drive without processes.
 
 This module holds the queues and the admission policy (:class:`Scheduler`). The rest of
-the core: the requests and effects exchanged with the engine (mmd.effects), a model's
-states and the one table of moves between them (mmd.model_state), and the registry of
-models with what the planner sees of them and what a reload leaves pending (mmd.registry).
+the core: the requests and effects exchanged with the engine (mmd.core.effects), a model's
+states and the one table of moves between them (mmd.core.model_state), and the registry of
+models with what the planner sees of them and what a reload leaves pending (mmd.core.registry).
 
 Policy, in short (the README's "Scheduling" section says it for users):
 
@@ -68,7 +68,7 @@ from mmd.core.planner import Plan, plan_load
 from mmd.core.registry import ModelRegistry
 from mmd.core.spec import ModelSpec, SchedulerSettings
 
-# Importable from here as before; the definitions live in mmd.effects and mmd.model_state.
+# Importable from here as before; the definitions live in mmd.core.effects and mmd.core.model_state.
 
 
 class Scheduler(ModelRegistry):

@@ -1,9 +1,9 @@
 """The engine: executes the scheduler's effects with real processes and memory readings.
 
 It owns the futures that requests wait on, the timers and the background tasks, and
-answers the front doors (gRPC, HTTP); the children are run by mmd.children, memory is
-watched by mmd.monitor, a reload is applied by mmd.reload. Every decision is the
-scheduler's (mmd.scheduler). All of it runs on the event-loop thread, so no locks are
+answers the front doors (gRPC, HTTP); the children are run by mmd.engine.children, memory is
+watched by mmd.engine.monitor, a reload is applied by mmd.engine.reload. Every decision is the
+scheduler's (mmd.core.scheduler). All of it runs on the event-loop thread, so no locks are
 needed.
 """
 
@@ -123,7 +123,7 @@ class Engine:
         # Where the HTTP front door listens (set by the daemon once bound), for health.
         self.http_listen: tuple[str, ...] = ()
         self.reload_lock = asyncio.Lock()  # serialises reloads (SIGHUP and the Reload RPC)
-        self.removal_task: asyncio.Task[None] | None = None  # see mmd.reload
+        self.removal_task: asyncio.Task[None] | None = None  # see mmd.engine.reload
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -159,7 +159,7 @@ class Engine:
         task.add_done_callback(self._background.discard)
         return task
 
-    # --- memory (mmd.monitor) -------------------------------------------------------------
+    # --- memory (mmd.engine.monitor) ------------------------------------------------------
 
     @property
     def budgets(self) -> list[DeviceBudgetView]:
@@ -485,11 +485,11 @@ class Engine:
     async def reload(
         self, new_config: Config, footprints: dict[str, Footprint] | None = None
     ) -> ConfigDiff:
-        """Apply a validated config (mmd.reload says what changes when)."""
+        """Apply a validated config (mmd.engine.reload says what changes when)."""
         return await apply_config(self, new_config, footprints)
 
     async def preload(self, report: Callable[[int, int, str], None] | None = None) -> list[str]:
-        """Load the preload and pinned models within the budget (see mmd.preload)."""
+        """Load the preload and pinned models within the budget (see mmd.engine.preload)."""
         return await preload_models(self, report)
 
     def status_line(self) -> str:

@@ -2,7 +2,7 @@
 the scheduler plans with, the alerts, and what each model was measured to need.
 
 The engine owns one :class:`MemoryMonitor`; it reads through a probe
-(:class:`mmd.memory.MemoryProbe`), works the budgets out with :mod:`mmd.budget`, and
+(:class:`mmd.host.memory.MemoryProbe`), works the budgets out with :mod:`mmd.core.budget`, and
 gives the scheduler both the budgets and each ready child's measurement. Runs on the
 event-loop thread, as the engine does.
 """

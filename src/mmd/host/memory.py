@@ -5,7 +5,7 @@ A :class:`MemoryProbe` reads every device mmd may place models on. Without NVML
 snapshot's notes. On macOS GPU and CPU share one pool, reported as a single
 "unified" device under the id ``"ram"`` so that RAM settings and RAM usage apply.
 
-What mmd may hold of each device is worked out from these readings in :mod:`mmd.budget`.
+What mmd may hold of each device is worked out from these readings in :mod:`mmd.core.budget`.
 """
 
 from __future__ import annotations

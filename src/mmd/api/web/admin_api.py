@@ -1,5 +1,5 @@
 """The admin REST endpoints: GET /models, POST /load, POST /unload, POST /infer,
-GET /health. Their JSON has the keys of ``mmctl --json`` (both come from mmd.protojson),
+GET /health. Their JSON has the keys of ``mmctl --json`` (both come from mmd.api.protojson),
 so a script can move between the two without changes."""
 
 from __future__ import annotations
