@@ -1,4 +1,4 @@
-"""The budget rule and the alert rule (mmd.budget): pure, no device read."""
+"""The budget rule and the alert rule (mmd.core.budget): pure, no device read."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def outcome(daemon: Daemon, n: int) -> str:
 def test_none_lost(make_daemon: Any, model_files: dict[str, Path], clients: int) -> None:
     # One thread per child: at llama.cpp's default (every core) two children on a 2-core
     # machine spin against each other (OpenMP busy-waits) and now and then serve ~50x
-    # slower, past this test's time limit. tests/test_upstream.py drops connections on
+    # slower, past this test's time limit. tests/runtime/test_upstream.py drops connections on
     # purpose, as llama-server does under such load.
     args = 'args = ["--threads", "1"]\n'
     config = (

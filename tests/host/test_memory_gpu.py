@@ -1,6 +1,6 @@
 """NVML readings on a real NVIDIA GPU; skipped where NVML finds none.
 
-Run on a GPU machine with ``pytest -m gpu tests/test_memory_gpu.py``. The
+Run on a GPU machine with ``pytest -m gpu tests/host/test_memory_gpu.py``. The
 per-process check starts a real llama-server with every layer on the GPU: set
 ``MMD_TEST_LLAMA_SERVER`` to a CUDA build, else the bundled (Vulkan) build is
 used when it sees a GPU.
