@@ -18,8 +18,8 @@ import grpc
 import psutil
 from harness import PROMPT, Daemon, Figure, Runtime, Spread, infer_via_stub, python_bin, timed_run
 
-from mmd.synthetic import write_model
-from mmd.units import MIB
+from mmd.core.units import MIB
+from mmd.runtime.synthetic import write_model
 from mmd.v1 import mmd_pb2 as pb
 from mmd.v1 import mmd_pb2_grpc
 

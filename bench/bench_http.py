@@ -31,7 +31,7 @@ from harness import (
 )
 from rawhttp import Address, Completion, RawClient, busy_rate, completion_async, request_bytes
 
-from mmd.synthetic import write_model
+from mmd.runtime.synthetic import write_model
 
 CHAT_PATH = "/v1/chat/completions"
 # A name a loopback listener accepts (mmd checks Host on TCP); llama-server ignores it.

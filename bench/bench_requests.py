@@ -30,7 +30,7 @@ from harness import (
 )
 from rawhttp import busy_rate, completion_async, request_bytes
 
-from mmd.synthetic import write_model
+from mmd.runtime.synthetic import write_model
 from mmd.v1 import mmd_pb2 as pb
 from mmd.v1 import mmd_pb2_grpc
 

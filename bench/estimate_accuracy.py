@@ -27,9 +27,10 @@ from pathlib import Path
 import httpx
 import psutil
 
-from mmd.footprint import estimate, parse_buffer_sizes, read_shape, slot_cells
-from mmd.synthetic import write_model
-from mmd.units import MIB
+from mmd.core.footprint import estimate, parse_buffer_sizes, slot_cells
+from mmd.core.units import MIB
+from mmd.runtime.gguf import read_shape
+from mmd.runtime.synthetic import write_model
 
 SYNTHETIC = ((64, 2), (256, 4), (512, 8), (1024, 8))  # (embedding, blocks)
 SENTENCE = "The quick brown fox jumps over the lazy dog. "

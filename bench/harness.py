@@ -23,9 +23,15 @@ from verdicts import Better, Verdict, verdict
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 import daemon_proc
 
-from mmd.children import launch_flags
-from mmd.runtime import LaunchSpec, LlamaBinary, build_argv, probe_binary, resolve_llama_server
-from mmd.upstream import InferParams, _completion_body
+from mmd.engine.children import launch_flags
+from mmd.runtime.server import (
+    LaunchSpec,
+    LlamaBinary,
+    build_argv,
+    probe_binary,
+    resolve_llama_server,
+)
+from mmd.runtime.upstream import InferParams, _completion_body
 from mmd.v1 import mmd_pb2 as pb
 from mmd.v1 import mmd_pb2_grpc
 

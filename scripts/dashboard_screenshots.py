@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from mmd.synthetic import write_model
+from mmd.runtime.synthetic import write_model
 
 CONFIG = """
 [daemon]

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import Message
 
-from mmd.errors import ERROR_KIND_KEY
+from mmd.core.errors import ERROR_KIND_KEY
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from daemon_proc import Daemon, llama_children
 
-from mmd.synthetic import write_model
+from mmd.runtime.synthetic import write_model
 
 __all__ = ["Daemon", "llama_children", "wait_until"]
 

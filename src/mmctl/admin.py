@@ -10,7 +10,7 @@ import typer
 from mmctl import render
 from mmctl.client import EXIT_ERROR
 from mmctl.options import JsonFlag, client_for, socket_of
-from mmd import protojson
+from mmd.api import protojson
 
 
 def reload(ctx: typer.Context, json_out: JsonFlag = False) -> None:

@@ -24,7 +24,8 @@ from mmctl.client import (
     exit_code_for,
 )
 from mmctl.options import JsonFlag, ModelId, client_for, finite
-from mmd import paths, protojson
+from mmd.api import protojson
+from mmd.host import paths
 from mmd.v1 import mmd_pb2
 
 EXIT_CODES_HELP = """\

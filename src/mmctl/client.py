@@ -13,8 +13,8 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from mmd import paths
-from mmd.errors import ERROR_KIND_KEY, WARNING_KEY
+from mmd.core.errors import ERROR_KIND_KEY, WARNING_KEY
+from mmd.host import paths
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
 
 # Exit codes, documented in `mmctl --help`.
@@ -190,7 +190,7 @@ def _safe_details(err: grpc.RpcError) -> str | None:
 
 
 def _show_warnings(call: Any) -> None:
-    """The daemon's warnings about a call it serves (see mmd.errors.WARNING_KEY), each one
+    """The daemon's warnings about a call it serves (see mmd.core.errors.WARNING_KEY), each one
     line on stderr before the output."""
     try:
         metadata: Any = call.initial_metadata()

@@ -26,19 +26,21 @@ from mmctl.client import (
     locate_socket,
     permission_message,
 )
-from mmd import paths, protojson
-from mmd.budget import BudgetSettings, DeviceBudgetView, compute_budgets, configured_cap
-from mmd.config import Config, ModelSpec, check_model_file, find_config, load_config
-from mmd.cores import parse_cpus_setting
-from mmd.cpu import BUILD_HINT
-from mmd.cpu_topology import cpu_budget, read_cpu_facts
-from mmd.errors import ConfigError, MmdError
-from mmd.memory import MemoryProbe
-from mmd.planner import DeviceBudget, Plan, plan_load
-from mmd.runtime import llama_server_candidates
-from mmd.units import format_size
+from mmd.api import protojson
+from mmd.config.http import Listen, parse_listen_address, read_keys_file
+from mmd.config.settings import Config, check_model_file, find_config, load_config
+from mmd.core.budget import BudgetSettings, DeviceBudgetView, compute_budgets, configured_cap
+from mmd.core.cores import parse_cpus_setting
+from mmd.core.errors import ConfigError, MmdError
+from mmd.core.planner import DeviceBudget, Plan, plan_load
+from mmd.core.spec import ModelSpec
+from mmd.core.units import format_size
+from mmd.host import paths
+from mmd.host.cpu_topology import cpu_budget, read_cpu_facts
+from mmd.host.memory import MemoryProbe
+from mmd.runtime.cpu import BUILD_HINT
+from mmd.runtime.server import llama_server_candidates
 from mmd.v1 import mmd_pb2
-from mmd.web.settings import Listen, parse_listen_address, read_keys_file
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -73,7 +75,7 @@ def _check_config(explicit: Path | None) -> tuple[Check, Config | None]:
 
 def _check_llama_server(config: Config | None) -> list[Check]:
     """The binary the daemon would use, proven the way the daemon proves it (same cache)."""
-    from mmd.runtime_check import VerdictCache, choose
+    from mmd.runtime.check import VerdictCache, choose
 
     configured = config.daemon.llama_server if config else None
     try:
@@ -158,7 +160,7 @@ def _lenient_specs(source: Path) -> dict[str, ModelSpec | str]:
 
 
 def _check_models(config: Config | None, explicit: Path | None, probe: MemoryProbe) -> list[Check]:
-    from mmd.footprint import footprint_for
+    from mmd.runtime.gguf import footprint_for
 
     source = find_config(explicit)
     specs: dict[str, ModelSpec | str]

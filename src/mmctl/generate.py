@@ -13,10 +13,10 @@ import typer
 from mmctl import render
 from mmctl.client import EXIT_USAGE, CliError
 from mmctl.options import ModelId, client_for, finite
-from mmd import protojson
-from mmd.units import parse_keep_alive
+from mmd.api import protojson
+from mmd.core.units import parse_keep_alive
+from mmd.core.validate import MAX_TEMPERATURE
 from mmd.v1 import mmd_pb2
-from mmd.validate import MAX_TEMPERATURE
 
 KeepAlive = Annotated[
     str | None,

@@ -11,9 +11,9 @@ import typer
 
 from mmctl import render
 from mmctl.options import ModelId, client_for, finite
-from mmd import protojson
-from mmd.protojson import event_to_dict, event_type
-from mmd.units import format_size
+from mmd.api import protojson
+from mmd.api.protojson import event_to_dict, event_type
+from mmd.core.units import format_size
 from mmd.v1 import mmd_pb2 as pb
 
 Interval = Annotated[

@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from mmd.protojson import state_name
-from mmd.units import format_size
+from mmd.api.protojson import state_name
+from mmd.core.units import format_size
 from mmd.v1 import mmd_pb2
 
 if TYPE_CHECKING:

@@ -24,8 +24,8 @@ from mmctl import render
 from mmctl.client import EXIT_UNREACHABLE, CliError, MmdClient, Stream
 from mmctl.observe import Interval, event_line, model_event_text, request_text
 from mmctl.options import client_for
-from mmd import protojson
-from mmd.units import format_size
+from mmd.api import protojson
+from mmd.core.units import format_size
 from mmd.v1 import mmd_pb2 as pb
 
 if TYPE_CHECKING:

@@ -23,23 +23,24 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mmd import __version__, paths, rundir
-from mmd.config import Config, check_socket_path, load_config
-from mmd.engine import Engine
-from mmd.errors import ConfigError, MmdError, RuntimeFailed
-from mmd.footprint import footprint_for
-from mmd.grpc_errors import interrupt_calls
-from mmd.memory import MemoryProbe
-from mmd.metrics import start_metrics
-from mmd.reload import reload_config
-from mmd.runtime import llama_server_candidates, watch_children_with_pidfd
-from mmd.runtime_check import LlamaRuntime, VerdictCache, choose, failure_line
-from mmd.sdnotify import Notifier, run_watchdog
-from mmd.service import ModelManager
+from mmd import __version__
+from mmd.api.metrics import start_metrics
+from mmd.api.rpc.errors import interrupt_calls
+from mmd.api.rpc.service import ModelManager
+from mmd.config.settings import Config, check_socket_path, load_config
+from mmd.core.errors import ConfigError, MmdError, RuntimeFailed
+from mmd.engine.engine import Engine
+from mmd.engine.reload import reload_config
+from mmd.host import paths, rundir
+from mmd.host.memory import MemoryProbe
+from mmd.host.sdnotify import Notifier, run_watchdog
+from mmd.runtime.check import LlamaRuntime, VerdictCache, choose, failure_line
+from mmd.runtime.gguf import footprint_for
+from mmd.runtime.server import llama_server_candidates, watch_children_with_pidfd
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
 
 if TYPE_CHECKING:
-    from mmd.web.server import HttpFront
+    from mmd.api.web.server import HttpFront
 
 log = logging.getLogger("mmd")
 
@@ -134,7 +135,7 @@ class Daemon:
         self.metrics = await start_metrics(self.engine, config.metrics.listen)
         if config.http.enabled:
             # aiohttp and the front door's modules load only when [http] is set.
-            from mmd.web.front import start_http
+            from mmd.api.web.front import start_http
 
             self.http = await start_http(self.engine, config.http)
         runtime.start()  # proves the binary in the background when no verdict is cached

@@ -1,0 +1,188 @@
+"""Reading llama-server's event streams: events split across reads, batched within one."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from mmd.runtime.upstream import Final, _read_chat, _read_completion, _sse_batches
+
+
+class Chunks:
+    """A response whose body arrives in the given reads (``response.content.iter_any()``)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.content = self
+        self.chunks = chunks
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+
+
+def batches(chunks: list[bytes]) -> list[list[dict[str, Any]]]:
+    async def collect() -> list[list[dict[str, Any]]]:
+        response: Any = Chunks(chunks)
+        return [batch async for batch in _sse_batches(response)]
+
+    return asyncio.run(collect())
+
+
+def event(content: str, **extra: Any) -> bytes:
+    body = json.dumps({"content": content, **extra}, ensure_ascii=False)
+    return b"data: " + body.encode() + b"\n\n"
+
+
+def test_events_split_across_reads_are_joined() -> None:
+    whole = event("héllo") + event("wörld")
+    cut = whole.index("ö".encode()) + 1  # inside a multi-byte character
+    got = batches([whole[:5], whole[5:cut], whole[cut:]])
+    assert [e["content"] for batch in got for e in batch] == ["héllo", "wörld"]
+
+
+def test_events_completed_by_one_read_form_one_batch() -> None:
+    got = batches([event("a") + event("b") + event("c"), event("d")])
+    assert [[e["content"] for e in batch] for batch in got] == [["a", "b", "c"], ["d"]]
+
+
+def test_done_marker_ends_the_stream_and_comments_are_ignored() -> None:
+    got = batches([b": ping\n\n" + event("a") + b"data: [DONE]\n\n" + event("after")])
+    assert [[e["content"] for e in batch] for batch in got] == [["a"]]
+
+
+def test_completion_totals_from_the_closing_event() -> None:
+    final = Final()
+    assert _read_completion({"content": "x"}, final) == "x"
+    assert not final.finished
+    closing = {
+        "content": "",
+        "stop": True,
+        "stop_type": "limit",
+        "tokens_evaluated": 3,
+        "tokens_predicted": 7,
+        "timings": {"prompt_per_second": 10.0, "predicted_per_second": 20.0},
+    }
+    assert _read_completion(closing, final) == ""
+    assert (final.finished, final.finish_reason) == (True, "length")
+    assert (final.prompt_tokens, final.completion_tokens) == (3, 7)
+    assert final.generation_per_second == 20.0
+
+
+def test_chat_chunks_text_finish_and_usage() -> None:
+    final = Final()
+    text = _read_chat({"choices": [{"delta": {"content": "hi"}, "finish_reason": None}]}, final)
+    assert text == "hi"
+    assert not final.finished
+    _read_chat({"choices": [{"delta": {}, "finish_reason": "stop"}]}, final)
+    _read_chat({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}, final)
+    assert (final.finished, final.finish_reason) == (True, "stop")
+    assert (final.prompt_tokens, final.completion_tokens) == (5, 2)
+
+
+# A server on a Unix socket that misbehaves as llama-server does under load, one way per
+# connection, then answers properly: what mmd must resend, and what it must not.
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def _serve(path: str, behaviours: list[str]) -> tuple[asyncio.AbstractServer, list[str]]:
+    seen: list[str] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        behaviour = behaviours.pop(0) if behaviours else "answer"
+        seen.append(behaviour)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        if behaviour == "close":  # read the request, close without a word
+            writer.close()
+            return
+        writer.write(ANSWER)
+        writer.write(_chunk(event("hel")))
+        if behaviour == "break":  # the answer has begun, then the connection dies
+            await writer.drain()
+            writer.transport.abort()
+            return
+        await writer.drain()
+        await asyncio.sleep(0.001)  # the next piece comes in a read of its own
+        done = {"content": "lo", "stop": True, "tokens_predicted": 2, "tokens_evaluated": 1}
+        writer.write(_chunk(b"data: " + json.dumps(done).encode() + b"\n\n"))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(handle, path)
+    return server, seen
+
+
+class FailingFirst(aiohttp.UnixConnector):
+    """Raises the given connection errors, one per request, before sending for real: the
+    ways a connection fails before any response that a real server cannot be made to show
+    on demand (a reset mid-send, a write to a closing connection, a full accept queue)."""
+
+    def __init__(self, path: str, errors: list[str]) -> None:
+        super().__init__(path=path)
+        self.errors = errors
+
+    async def connect(self, req: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.errors:
+            error = self.errors.pop(0)
+            if error == "reset":
+                raise aiohttp.ClientOSError(errno.ECONNRESET, "injected")
+            if error == "closing":
+                raise aiohttp.ClientConnectionResetError("injected")
+            raise aiohttp.ClientConnectorError(
+                req.connection_key, OSError(errno.EAGAIN, "injected")
+            )
+        return await super().connect(req, *args, **kwargs)
+
+
+def _generate(
+    path: str, behaviours: list[str], errors: list[str] | None = None
+) -> tuple[list[str | Final] | str, list[str]]:
+    from mmd.core.errors import RuntimeFailed
+    from mmd.runtime.upstream import InferParams, stream_infer
+
+    async def run() -> tuple[list[str | Final] | str, list[str]]:
+        server, seen = await _serve(path, behaviours)
+        connector = FailingFirst(path, errors or [])
+        session = aiohttp.ClientSession(base_url="http://llama-server", connector=connector)
+        try:
+            pieces = [p async for p in stream_infer(session, "m", InferParams(prompt="hi"))]
+            return pieces, seen
+        except RuntimeFailed as err:
+            return err.message, seen
+        finally:
+            await session.close()
+            server.close()
+
+    return asyncio.run(run())
+
+
+def test_a_request_that_was_not_answered_is_sent_again(tmp_path: Any) -> None:
+    pieces, seen = _generate(str(tmp_path / "s.sock"), ["close"], ["reset", "closing", "full"])
+    assert seen == ["close", "answer"]  # after the three that failed before reaching it
+    assert isinstance(pieces, list)
+    assert pieces[:-1] == ["hel", "lo"]
+    final = pieces[-1]
+    assert isinstance(final, Final)
+    assert final.completion_tokens == 2
+
+
+def test_a_request_whose_answer_began_is_never_sent_again(tmp_path: Any) -> None:
+    pieces, seen = _generate(str(tmp_path / "s.sock"), ["break"])
+    assert seen == ["break"]  # one connection: not resent
+    assert isinstance(pieces, str)
+    assert pieces.startswith("model 'm': connection to llama-server lost: ")
