@@ -10,7 +10,7 @@ one. Rows:
 * hot latency of a 4-token chat (median), mmd and the router each against direct;
 * a swap between two models when only one fits: the router with ``--models-max 1``,
   mmd with a RAM budget that holds one (first token of the other model's request);
-* 8 clients on one model with 8 slots (tokens per second);
+* 8 clients on one model with 8 slots, one request each at once (tokens per second);
 * overcommit: three models whose sum exceeds mmd's RAM budget, used in turn; the
   router loads by count (``--models-max 3``), mmd by memory. The peak of the children's
   resident memory (summed, sampled every 20 ms) against the budget, and what the client
@@ -34,14 +34,13 @@ import psutil
 from bench_requests import Raw, Sizes
 from harness import PROMPT, Daemon, DirectServer, Figure, Runtime, Spread, child_argv_matches
 from peers import CTX, Router, RssSampler, chat_request, demo_models
-from rawhttp import Address, Completion, RawClient, completion_async
+from rawhttp import Address, RawClient, timeline_async
 
 from mmd.v1 import mmd_pb2 as pb
 
 LATENCY_TOKENS = 4
 THROUGHPUT_TOKENS = 32
 CLIENTS = 8
-ROUND_REQUESTS = 16
 FILES = {"smol": "smollm2", "gemma": "gemma3", "smol2": "smollm2"}
 ROUTER = "llama.cpp router mode"
 
@@ -303,19 +302,15 @@ def _swap(
 # ---------------------------------------------------------------- throughput
 
 
-async def _round(address: Address, request: bytes) -> int:
-    remaining = ROUND_REQUESTS
-    tokens = 0
-
-    async def worker() -> None:
-        nonlocal remaining, tokens
-        while remaining > 0:
-            remaining -= 1
-            done: Completion = await completion_async(address, request)
-            tokens += done.tokens
-
-    await asyncio.gather(*(worker() for _ in range(CLIENTS)))
-    return tokens
+async def _round(address: Address, request: bytes, window_s: float) -> float:
+    """Tokens per second of one request from each client, all sent at once; cut after
+    ``window_s``, as an oversubscribed machine can take minutes over them."""
+    deadline = time.perf_counter() + window_s
+    found = await asyncio.gather(
+        *(timeline_async(address, request, deadline) for _ in range(CLIENTS))
+    )
+    elapsed = max(t.end_at for t in found) - min(t.sent_at for t in found)
+    return sum(t.tokens for t in found) / elapsed if elapsed > 0 else 0.0
 
 
 def _throughput(
@@ -338,9 +333,7 @@ def _throughput(
         request = chat_request("smol", THROUGHPUT_TOKENS, PROMPT)
 
         def run(name: str) -> float:
-            start = time.perf_counter()
-            tokens = asyncio.run(_round(addresses[name], request))
-            return tokens / (time.perf_counter() - start)
+            return asyncio.run(_round(addresses[name], request, 2 * sizes.core_window_s))
 
         for name in addresses:  # warm-up (the router loads smol)
             run(name)
@@ -377,7 +370,7 @@ def _throughput(
     return figures, {
         "tokens_per_s": rates,
         "parallel": CLIENTS,
-        "requests_per_round": ROUND_REQUESTS,
+        "requests_per_round": CLIENTS,
     }
 
 
