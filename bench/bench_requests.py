@@ -44,10 +44,31 @@ class Sizes:
     throughput_rounds: int = 7
     swaps: int = 20
     cli_runs: int = 20
+    # The real-model benchmarks (cores, router): a few seconds a request on 2 cores.
+    core_solo_runs: int = 2
+    core_together_runs: int = 2
+    # Every real-model request is cut after this long: on a machine whose cores are
+    # oversubscribed a 64-token answer can take minutes (under 1 token/s).
+    core_window_s: float = 12.0
+    peer_requests: int = 40
+    peer_swaps: int = 10
+    peer_rounds: int = 3
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(overhead_requests=40, overhead_cli=8, throughput_rounds=1, swaps=3, cli_runs=6)
+        return cls(
+            overhead_requests=40,
+            overhead_cli=8,
+            throughput_rounds=1,
+            swaps=3,
+            cli_runs=6,
+            core_solo_runs=1,
+            core_together_runs=1,
+            core_window_s=6.0,
+            peer_requests=12,
+            peer_swaps=4,
+            peer_rounds=1,
+        )
 
 
 Raw = dict[str, Any]

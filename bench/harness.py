@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 from rawhttp import RawClient
-from verdicts import Better, Verdict, verdict
+from verdicts import Better, Verdict, peer_verdict, verdict
 
 # The daemon process is shared with the tests: tests/ holds its module.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
@@ -42,6 +42,30 @@ START_TIMEOUT_S = 60.0
 # bundled one) reads GGML_VK_VISIBLE_DEVICES instead, and without it a CPU child
 # still opens a context on the GPU. Its config also sets [budget] gpu = "0".
 CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "GGML_VK_VISIBLE_DEVICES": ""}
+
+# llama-server's flags for threads, placement, polling and priority: what a CPU-core
+# policy in mmd sets, and what "llama-server's defaults" leaves out.
+CPU_FLAGS_WITH_VALUE = frozenset(
+    {
+        "-t", "--threads", "-tb", "--threads-batch", "-C", "--cpu-mask", "-Cr", "--cpu-range",
+        "--cpu-strict", "--prio", "--poll", "-Cb", "--cpu-mask-batch", "-Crb",
+        "--cpu-range-batch", "--cpu-strict-batch", "--prio-batch", "--poll-batch",
+    }
+)  # fmt: skip
+
+
+def without_cpu_flags(argv: list[str]) -> list[str]:
+    """``argv`` less its thread, affinity, polling and priority flags (and their values)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in CPU_FLAGS_WITH_VALUE:
+            skip = True
+        elif arg.split("=", 1)[0] not in CPU_FLAGS_WITH_VALUE:
+            out.append(arg)
+    return out
 
 
 # ---------------------------------------------------------------- statistics and figures
@@ -104,13 +128,17 @@ class Figure:
     added: bool = False  # the mmd value is what mmd adds to its floor: never below 0
     problem: str = ""  # why the benchmark's floor did not hold, found by the benchmark
     floor_kind: str = ""  # what the floor is, where the metric does not say
+    peer: bool = False  # the "floor" is a peer tool, not a bound: ahead / level / behind
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.floor is not None and self.floor.median:
             self.ratio = self.mmd.median / self.floor.median
 
     def judged(self) -> tuple[Verdict, str]:
-        """(met / missed / info / floor invalid, why the floor is invalid)."""
+        """(met / missed / info / floor invalid, why the floor is invalid); against a peer,
+        (ahead / level / behind, or info with why)."""
+        if self.peer:
+            return peer_verdict(self.ratio, self.better, problem=self.problem)
         return verdict(
             self.passed,
             ratio=self.ratio,
@@ -278,6 +306,9 @@ class DirectServer:
     runtime: Runtime
     spec: LaunchSpec
     cpu_only: bool = False  # the environment a cpu_only Daemon gives its children
+    # llama-server's own defaults for threads and placement: mmd's argv without the
+    # flags a CPU-core policy would add (the peer mmd's policy is measured against).
+    cpu_defaults: bool = False
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     ready_at: float = 0.0
@@ -285,6 +316,8 @@ class DirectServer:
 
     def spawn(self) -> None:
         self.argv = build_argv(self.runtime.binary.path, self.spec)
+        if self.cpu_defaults:
+            self.argv = without_cpu_flags(self.argv)
         env = dict(self.runtime.binary.env)
         if self.cpu_only:
             env.update(CPU_ONLY_ENV)

@@ -58,8 +58,13 @@ class ResponseReader:
     (``stop`` true, or a ``finish_reason`` or ``usage``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, count_text: bool = False) -> None:
         self._buffer = bytearray()  # bytes not parsed yet
+        # Decode every event and count those with text (about one per token): for the
+        # real-model benchmarks, whose streams must be timed token by token; a few tokens
+        # a millisecond at most, so the decoding costs nothing that matters there.
+        self.count_text = count_text
+        self.text_events = 0
         self._events = bytearray()  # de-chunked body not yet split into events
         self._in_body = False
         self._last_event = b""
@@ -129,6 +134,10 @@ class ResponseReader:
         complete = bytes(self._events[:end])
         del self._events[: end + 2]
         events = [e for e in complete.split(b"\n\n") if e.startswith(b"data: ")]
+        if self.count_text:
+            self.text_events += sum(
+                1 for e in events if e[6:].strip() != b"[DONE]" and _has_text(json.loads(e[6:]))
+            )
         if not self.has_text:
             # Only until the first text is every event decoded: its time is the
             # first-token latency.
@@ -373,3 +382,78 @@ def busy_rate(spans: list[tuple[float, float, int]]) -> float:
         reach = end
     tokens = sum(count for _, _, count in spans)
     return tokens / covered if covered > 0 else 0.0
+
+
+@dataclass
+class Timeline:
+    """A streamed completion with the time each piece of text arrived, perhaps cut short.
+
+    ``arrivals`` holds (perf_counter, text events so far) per network read, so that the
+    tokens a stream had by any moment can be read back (``tokens_by``): the rate of
+    several streams over the time they all ran, when they end at different moments.
+    """
+
+    sent_at: float
+    end_at: float
+    arrivals: list[tuple[float, int]]
+    tokens: int  # by the closing event; the text events counted when cut
+    timings: dict[str, float]  # llama-server's own, from the closing event; {} when cut
+    cut: bool  # the deadline came first and the connection was closed
+
+    def tokens_by(self, moment: float) -> int:
+        """Text events that had arrived by ``moment`` (about one per token)."""
+        found = 0
+        for at, count in self.arrivals:
+            if at > moment:
+                break
+            found = count
+        return found
+
+    @property
+    def wall_rate(self) -> float:
+        """Tokens per second from sending to the end, prompt included."""
+        elapsed = self.end_at - self.sent_at
+        return self.tokens / elapsed if elapsed > 0 else 0.0
+
+
+class _TimedProtocol(_Protocol):
+    def __init__(
+        self,
+        reader: ResponseReader,
+        finished: asyncio.Future[float],
+        arrivals: list[tuple[float, int]],
+    ) -> None:
+        super().__init__(reader, finished)
+        self.arrivals = arrivals
+
+    def data_received(self, data: bytes) -> None:
+        before = self.reader.text_events
+        super().data_received(data)
+        if self.reader.text_events != before:
+            self.arrivals.append((time.perf_counter(), self.reader.text_events))
+
+
+async def timeline_async(path: Address, request: bytes, deadline: float) -> Timeline:
+    """One streamed completion timed piece by piece, on a connection of its own, closed at
+    ``deadline`` (a perf_counter moment) if it has not ended by then: a server that
+    collapses under contention would otherwise hold a benchmark for minutes."""
+    loop = asyncio.get_running_loop()
+    reader = ResponseReader(count_text=True)
+    finished: asyncio.Future[float] = loop.create_future()
+    arrivals: list[tuple[float, int]] = []
+    factory = functools.partial(_TimedProtocol, reader, finished, arrivals)
+    sent_at = time.perf_counter()
+    if isinstance(path, tuple):
+        transport, _ = await loop.create_connection(factory, *path)
+    else:
+        transport, _ = await loop.create_unix_connection(factory, str(path))
+    try:
+        transport.write(request)
+        try:
+            end_at = await asyncio.wait_for(finished, max(0.0, deadline - time.perf_counter()))
+        except TimeoutError:
+            return Timeline(sent_at, time.perf_counter(), arrivals, reader.text_events, {}, True)
+    finally:
+        transport.close()
+    done = completed(reader, sent_at, 0.0, end_at)
+    return Timeline(sent_at, end_at, arrivals, done.tokens, done.timings, False)

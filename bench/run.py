@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from bench_cores import cores
 from bench_daemon import ScaleSizes, daemon_footprint, estimate_error, scale
 from bench_http import http_path
 from bench_requests import Sizes, cli_latency, request_overhead, swap_latency, throughput
+from bench_router import router_peer
 from harness import Figure, Runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,6 +47,9 @@ BENCHMARKS: dict[str, tuple[Benchmark, bool]] = {  # name: (function, takes Scal
     "footprint": (daemon_footprint, True),
     "estimate": (estimate_error, True),
     "scale": (scale, True),
+    # Real models (the demo extra's), against llama-server's defaults and its router mode.
+    "cores": (cores, False),
+    "router": (router_peer, False),
 }
 
 
@@ -104,7 +109,8 @@ def table(figures: list[Figure]) -> str:
 
 
 def footnotes(figures: list[Figure]) -> str:
-    """What each floor is, and why a row's floor is invalid."""
+    """What each floor (or peer) is, and why a row's floor is invalid or a peer row has
+    no comparison."""
     kinds: dict[str, list[str]] = {}
     for f in figures:
         if f.floor_kind and f.floor_kind not in kinds.setdefault(f.benchmark, []):
@@ -114,6 +120,8 @@ def footnotes(figures: list[Figure]) -> str:
         verdict, why = f.judged()
         if verdict == "floor invalid":
             lines.append(f"floor invalid, {f.benchmark} / {f.metric}: {why}")
+        elif why:  # a peer row without a comparison: the peer could not run, or why not
+            lines.append(f"{verdict}, {f.benchmark} / {f.metric}: {why}")
     return "\n".join(lines)
 
 

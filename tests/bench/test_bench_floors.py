@@ -22,6 +22,7 @@ from rawhttp import (
     ConnectionClosed,
     RawClient,
     ResponseReader,
+    Timeline,
     busy_rate,
     completed,
     completion_async,
@@ -400,3 +401,92 @@ def test_the_http_benchmark_flags_answers_of_other_lengths() -> None:
     assert "direct" not in problem
     assert tcp_address(["unix:/run/h.sock", "http://127.0.0.1:8123"]) == ("127.0.0.1", 8123)
     assert tcp_address(["unix:/run/h.sock"]) is None
+
+
+# ---------------------------------------------------------------- peers: ahead, level, behind
+
+
+@pytest.mark.parametrize(
+    ("ratio", "better", "expected"),
+    [(1.2, "higher", "ahead"), (1.03, "higher", "level"), (0.8, "higher", "behind"),
+     (0.8, "lower", "ahead"), (0.97, "lower", "level"), (1.3, "lower", "behind")],
+)  # fmt: skip
+def test_a_peer_row_reads_ahead_level_or_behind(ratio: float, better: str, expected: str) -> None:
+    from verdicts import Better, peer_verdict
+
+    side: Better = "higher" if better == "higher" else "lower"
+    assert peer_verdict(ratio, side)[0] == expected
+
+
+def test_a_peer_that_could_not_run_is_info_with_why() -> None:
+    from verdicts import peer_verdict
+
+    assert peer_verdict(None, "higher") == ("info", "no ratio to compare")
+    assert peer_verdict(1.5, "higher", problem="router exited 1") == ("info", "router exited 1")
+
+
+def test_a_peer_may_be_beaten_without_invalidating_the_row() -> None:
+    from harness import Figure, Spread
+
+    row = Figure("router", "x", "ms", Spread.of([10.0]), Spread.of([20.0]), "-", None, peer=True)
+    assert row.judged() == ("ahead", "")
+
+
+# ---------------------------------------------------------------- the cores benchmark
+
+
+def test_llama_servers_defaults_drop_the_thread_and_placement_flags() -> None:
+    from harness import without_cpu_flags
+
+    argv = ["llama-server", "-m", "a.gguf", "--threads", "1", "-tb", "1", "--cpu-mask", "0x1",
+            "--cpu-strict", "1", "--poll=0", "-c", "2048", "--parallel", "1"]  # fmt: skip
+    assert without_cpu_flags(argv) == [
+        "llama-server",
+        "-m",
+        "a.gguf",
+        "-c",
+        "2048",
+        "--parallel",
+        "1",
+    ]
+
+
+def _timeline(sent: float, end: float, arrivals: list[tuple[float, int]]) -> Timeline:
+    return Timeline(sent, end, arrivals, arrivals[-1][1] if arrivals else 0, {}, False)
+
+
+def test_a_streams_tokens_by_a_moment_count_what_had_arrived() -> None:
+    t = _timeline(0.0, 2.0, [(0.5, 1), (1.0, 5), (2.0, 9)])
+    assert [t.tokens_by(m) for m in (0.1, 0.5, 1.5, 3.0)] == [0, 1, 5, 9]
+    assert t.wall_rate == 4.5
+
+
+def test_rates_together_count_only_until_the_first_stream_ended() -> None:
+    from bench_cores import rates_while_all_ran  # imports mmd and grpc: only here
+
+    fast = _timeline(0.0, 1.0, [(0.5, 10), (1.0, 20)])
+    slow = _timeline(0.0, 3.0, [(0.5, 2), (1.0, 5), (3.0, 20)])
+    assert rates_while_all_ran({"fast": fast, "slow": slow}) == {"fast": 20.0, "slow": 5.0}
+
+
+@pytest.mark.parametrize("sizes", [(100, 100, 300, 250), (98, 70, 260, 240), (5, 9, 9, 5)])
+def test_the_router_swap_budget_holds_either_model_and_not_both(
+    sizes: tuple[int, int, int, int],
+) -> None:
+    from bench_router import one_of_two
+
+    pa, ca, pb, cb = sizes
+    needs = {"a": {"planned": pa, "counted": ca}, "b": {"planned": pb, "counted": cb}}
+    budget = one_of_two(needs)
+    assert max(sizes) <= budget
+    assert ca + pb > budget
+    assert cb + pa > budget
+
+
+def test_the_overcommit_budget_holds_two_models_and_not_three() -> None:
+    from bench_router import two_of_three
+
+    needs = {"a": {"planned": 100, "counted": 90}, "b": {"planned": 260, "counted": 280},
+             "c": {"planned": 100, "counted": 95}}  # fmt: skip
+    budget = two_of_three(needs)
+    assert 280 + 100 <= budget < 280 + 100 + 100
