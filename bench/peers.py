@@ -24,7 +24,7 @@ import psutil
 from harness import CPU_FLAGS_WITH_VALUE, CPU_ONLY_ENV, START_TIMEOUT_S, Runtime
 from rawhttp import RawClient, request_bytes
 
-from mmd.children import launch_flags
+from mmd.engine.children import launch_flags
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO / "scripts"))
