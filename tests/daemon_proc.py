@@ -9,6 +9,7 @@ It imports nothing from pytest, so that bench/ can import it by adding tests/ to
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +65,11 @@ class Daemon:
     process: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
     start_ms: float = 0.0  # from spawning to the first GetHealth answer
+    # [budget] cpus, unless the config sets it: one core, so each child computes on one
+    # thread. Several threads of one child wait for each other at every step, and on a
+    # machine that other work keeps busy a long answer then crawls and a test times out;
+    # one thread never waits. None: mmd's own budget (the benchmarks, the cores tests).
+    cpus: str | None = "1"
 
     @property
     def socket(self) -> Path:
@@ -99,7 +105,18 @@ class Daemon:
             header += f'load_timeout = "{self.load_timeout}"\n'
         extra = textwrap.dedent(self.daemon_extra)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(header + extra + textwrap.dedent(self.config_text))
+        self.config_path.write_text(header + extra + self._with_cpus(self.config_text))
+
+    def _with_cpus(self, config_text: str) -> str:
+        text = textwrap.dedent(config_text)
+        if self.cpus is None or re.search(r"^\s*cpus\s*=", text, re.MULTILINE):
+            return text
+        setting = f"cpus = {self.cpus}\n"
+        if re.search(r"^\[budget\]\s*$", text, re.MULTILINE):
+            return re.sub(
+                r"^\[budget\]\s*$\n?", f"[budget]\n{setting}", text, count=1, flags=re.MULTILINE
+            )
+        return f"{text}\n\n[budget]\n{setting}"
 
     def start(self, *extra_args: str, wait: bool = True) -> Self:
         self.write_config()

@@ -199,9 +199,7 @@ def test_add_via_sighup_and_mmctl_reload(make_daemon: Any, model_files: dict[str
 
 
 def test_remove_a_busy_model_drains_it(make_daemon: Any, model_files: dict[str, Path]) -> None:
-    # One thread: a 1,500-token answer must finish even on a machine that other work keeps
-    # busy (several threads wait for each other at every step when a core is taken away).
-    big = f'\n[models.big]\npath = "{model_files["m50"]}"\nctx = 2048\nargs = ["--threads", "1"]\n'
+    big = f'\n[models.big]\npath = "{model_files["m50"]}"\nctx = 2048\n'
     daemon: Daemon = make_daemon(big + tiny(model_files["tiny"]))
     results: dict[str, Any] = {}
 
@@ -236,7 +234,7 @@ def test_remove_a_busy_model_drains_it(make_daemon: Any, model_files: dict[str, 
         infer_tokens(daemon, "big")
     assert refused.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
 
-    long_run.join(300)
+    long_run.join(120)
     assert results["long"] == 1500  # the running request completed in full
     assert wait_until(lambda: "big" not in models_of(daemon), timeout=15)
     assert wait_until(lambda: not child.is_running() or child.status() == "zombie", timeout=5)
