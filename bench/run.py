@@ -29,6 +29,7 @@ from typing import Any
 
 import psutil
 from bench_daemon import ScaleSizes, daemon_footprint, estimate_error, scale
+from bench_fleet import fleet_balance
 from bench_http import http_path
 from bench_requests import Sizes, cli_latency, request_overhead, swap_latency, throughput
 from harness import Figure, Runtime
@@ -45,6 +46,7 @@ BENCHMARKS: dict[str, tuple[Benchmark, bool]] = {  # name: (function, takes Scal
     "footprint": (daemon_footprint, True),
     "estimate": (estimate_error, True),
     "scale": (scale, True),
+    "fleet": (fleet_balance, False),
 }
 
 

@@ -291,6 +291,11 @@ class Fleet:
             self.haproxy = subprocess.Popen(
                 ["haproxy", "-db", "-f", str(config)], env=env, stdout=log, stderr=log
             )
+        deadline = time.monotonic() + 15
+        while not self.stats_socket.exists():  # HAProxy makes it once it has started
+            if self.haproxy.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"haproxy did not start: {self.haproxy_log.read_text()}")
+            time.sleep(0.02)
         self.client = httpx.Client(
             base_url=f"http://127.0.0.1:{self.port}",
             headers={"Authorization": f"Bearer {KEY}"},
