@@ -30,6 +30,7 @@ from typing import Any
 import psutil
 from bench_cores import cores
 from bench_daemon import ScaleSizes, daemon_footprint, estimate_error, scale
+from bench_fleet import fleet_balance
 from bench_http import http_path
 from bench_requests import Sizes, cli_latency, request_overhead, swap_latency, throughput
 from bench_router import router_peer
@@ -50,6 +51,7 @@ BENCHMARKS: dict[str, tuple[Benchmark, bool]] = {  # name: (function, takes Scal
     # Real models (the demo extra's), against llama-server's defaults and its router mode.
     "cores": (cores, False),
     "router": (router_peer, False),
+    "fleet": (fleet_balance, False),
 }
 
 

@@ -62,6 +62,9 @@ class Daemon:
     drain_timeout: str = "5s"
     start_timeout: float = 30.0  # seconds until mmd must answer GetHealth
     poll_s: float = 0.05  # how often start() asks
+    # A command mmd runs under, e.g. ("ip", "netns", "exec", NAME) for a node in a
+    # network namespace; it must exec mmd (the process is mmd's, for signals).
+    wrapper: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     channel: grpc.Channel | None = None
     start_ms: float = 0.0  # from spawning to the first GetHealth answer
@@ -123,7 +126,15 @@ class Daemon:
         began = time.perf_counter()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mmd", "--config", str(self.config_path), *extra_args],
+                [
+                    *self.wrapper,
+                    sys.executable,
+                    "-m",
+                    "mmd",
+                    "--config",
+                    str(self.config_path),
+                    *extra_args,
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env(),

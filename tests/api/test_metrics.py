@@ -10,11 +10,11 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from conftest import Daemon
+from conftest import Daemon, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mmd.api.metrics import EventMetrics
+from mmd.api.metrics import EventMetrics, kv_use
 from mmd.config.http import parse_host_port
 from mmd.config.settings import parse_config
 from mmd.core.errors import ConfigError
@@ -166,3 +166,105 @@ def test_metrics_port_in_use_is_refused_at_start(
         assert daemon.process is not None
         assert daemon.process.wait(30) == 2
     assert "metrics.listen" in daemon.log_path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("slots", "expected"),
+    [
+        ([{"id": 0, "n_ctx": 1024, "is_processing": False}], (0, 1024)),
+        # Today's llama-server: n_prompt_tokens grows with each generated token.
+        (
+            [
+                {
+                    "n_ctx": 1000,
+                    "is_processing": True,
+                    "n_prompt_tokens": 249,
+                    "n_prompt_tokens_processed": 30,
+                    "n_prompt_tokens_cache": 0,
+                    "next_token": [{"n_decoded": 220}],
+                },
+                {"n_ctx": 1000, "is_processing": False, "n_prompt_tokens": 900},
+            ],
+            (250, 2000),
+        ),
+        # An older shape: the prompt (cached + processed) plus what was decoded.
+        (
+            [
+                {
+                    "n_ctx": 512,
+                    "is_processing": True,
+                    "n_prompt_tokens_processed": 10,
+                    "n_prompt_tokens_cache": 90,
+                    "next_token": {"n_decoded": 50},
+                }
+            ],
+            (150, 512),
+        ),
+        # Never more than a slot holds.
+        ([{"n_ctx": 100, "is_processing": True, "n_prompt_tokens": 400}], (100, 100)),
+    ],
+)
+def test_kv_use_reads_llama_server_slots(
+    slots: list[dict[str, Any]], expected: tuple[int, int]
+) -> None:
+    use = kv_use(slots)
+    assert use is not None
+    assert (use.used, use.capacity) == expected
+    assert 0.0 <= use.ratio <= 1.0
+
+
+@pytest.mark.parametrize("answer", [{"error": "x"}, [1], [{"id": 0}], "text"])
+def test_kv_use_refuses_what_is_not_a_slot_list(answer: Any) -> None:
+    assert kv_use(answer) is None
+
+
+def test_model_server_protocol_gauges_while_requests_queue_and_run(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    """Two requests run in the model's two slots and a third waits: the queued, running
+    and KV-cache gauges say so while it happens, and fall back to 0 after."""
+    port = free_port()
+    daemon: Daemon = make_daemon(
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\n\n'
+        f'[models.t]\npath = "{model_files["tiny"]}"\nctx = 4096\nparallel = 2\n'
+    )
+    daemon.load("t")
+    url = f"http://127.0.0.1:{port}/metrics"
+    calls = [
+        daemon.stub.Infer(pb.InferRequest(model_id="t", prompt="go", max_tokens=1900))
+        for _ in range(3)
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        seen: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            found = samples(httpx.get(url, timeout=10).text)
+            seen = {
+                "running": value(found, "mmd_model_active_requests", model="t"),
+                "queued": value(found, "mmd_model_queued_requests", model="t"),
+                "running_total": value(found, "mmd_active_requests"),
+                "queued_total": value(found, "mmd_queued_requests"),
+                "kv": value(found, "mmd_model_kv_cache_usage_ratio", model="t"),
+                "kv_total": value(found, "mmd_kv_cache_usage_ratio"),
+            }
+            if seen["running"] == 2 and seen["queued"] == 1 and seen["kv"] > 0:
+                break
+            time.sleep(0.05)
+        print("gauges while busy:", seen)
+        assert seen["running"] == seen["running_total"] == 2, seen
+        assert seen["queued"] == seen["queued_total"] == 1, seen
+        # Two slots of 2048 tokens, each holding its prompt and what it generated so far.
+        assert 0 < seen["kv"] <= 1, seen
+        assert seen["kv_total"] == pytest.approx(seen["kv"]), seen
+    finally:
+        for call in calls:
+            call.cancel()
+    assert wait_until(
+        lambda: value(samples(httpx.get(url, timeout=10).text), "mmd_active_requests") == 0,
+        timeout=20,
+    )
+    found = samples(httpx.get(url, timeout=10).text)
+    assert value(found, "mmd_queued_requests") == 0
+    assert ("mmd_model_kv_cache_usage_ratio", frozenset({("model", "t")})) in found
+    assert value(found, "mmd_model_kv_cache_usage_ratio", model="t") == 0
+    assert value(found, "mmd_kv_cache_usage_ratio") == 0

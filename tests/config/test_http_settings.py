@@ -52,6 +52,8 @@ def test_bare_port_means_loopback() -> None:
         ('listen = ["8080"]\napi_keys = ["short"]', "at least 16 printable characters"),
         ('listen = ["8080"]\napi_keys_file = "keys"', "must be an absolute path"),
         ('listen = ["8080"]\nport = 1', "http.port: unknown key"),
+        ('listen = ["8080"]\ninsufficient_memory_status = 500', "expected 507 or 503"),
+        ('listen = ["8080"]\ninsufficient_memory_status = true', "expected 507 or 503"),
     ],
 )
 def test_refused(text: str, message: str) -> None:
@@ -77,6 +79,12 @@ def test_keys_file(tmp_path: Path) -> None:
     keys.write_text("# nothing\n")
     with pytest.raises(ConfigError, match="has no keys"):
         parse_config(http(f'listen = ["8080"]\napi_keys_file = "{keys}"'), None)
+
+
+def test_insufficient_memory_status() -> None:
+    assert parse_config(http('listen = ["8080"]'), None).http.insufficient_memory_status == 507
+    config = parse_config(http('listen = ["8080"]\ninsufficient_memory_status = 503'), None)
+    assert config.http.insufficient_memory_status == 503
 
 
 def test_no_http_table_is_off() -> None:

@@ -282,6 +282,27 @@ def test_load_that_cannot_fit_is_507(make_daemon: Any, model_files: dict[str, Pa
     response = httpx.post(http_base(daemon) + "/load", json={"model": "b"}, timeout=60)
     assert response.status_code == 507
     assert response.json()["error"]["code"] == "insufficient_memory"
+    assert response.headers["X-Mmd-Error"] == "insufficient_memory"
+
+
+def test_insufficient_memory_status_503_for_a_load_balancer(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    """Behind HAProxy (whose retry-on takes 503, not 507) the same refusal is a 503, still
+    named insufficient_memory in the body and the X-Mmd-Error header; other errors keep
+    their statuses."""
+    config = HTTP.replace("]\n", "]\ninsufficient_memory_status = 503\n", 1)
+    config += '[budget]\nram = "20MiB"\n' + model("b", model_files["m50"])
+    daemon: Daemon = make_daemon(config)
+    base = http_base(daemon)
+    body = {"model": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    response = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "insufficient_memory"
+    assert response.headers["X-Mmd-Error"] == "insufficient_memory"
+    unknown = httpx.post(base + "/v1/chat/completions", json={**body, "model": "x"}, timeout=60)
+    assert unknown.status_code == 404
+    assert unknown.headers["X-Mmd-Error"] == "unknown_model"
 
 
 def test_streamed_admin_infer(daemon: Daemon) -> None:

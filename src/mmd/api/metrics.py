@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
@@ -37,6 +39,62 @@ FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # A scrape request is a few hundred bytes; anything slower or larger is dropped.
 _REQUEST_TIMEOUT_S = 10.0
 _MAX_HEADER_LINES = 100
+
+
+# A scrape asks each ready child for its slots; one that does not answer this fast (a
+# child stuck in a long prompt) is left out of that scrape rather than delaying it.
+_SLOTS_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class KvUse:
+    """A model's KV cache at one scrape: tokens held for running requests, and capacity
+    (the context of all its slots)."""
+
+    used: int
+    capacity: int
+
+    @property
+    def ratio(self) -> float:
+        return min(1.0, self.used / self.capacity) if self.capacity else 0.0
+
+
+def kv_use(slots: Any) -> KvUse | None:
+    """A KvUse from llama-server's ``GET /slots`` answer (None when it is not one).
+
+    Only slots that are processing count: an idle slot's cached prompt is reused or
+    overwritten by the next request, so it is free room, as vLLM's
+    ``kv_cache_usage_perc`` counts it. A processing slot holds its prompt and what it
+    has generated so far; llama-server reports that as ``n_prompt_tokens`` (which grows
+    with each token), and older builds as the prompt plus ``n_decoded``: the larger."""
+    if not isinstance(slots, list):
+        return None
+    used = capacity = 0
+    for slot in slots:
+        if not isinstance(slot, dict):
+            return None
+        n_ctx = slot.get("n_ctx")
+        if not isinstance(n_ctx, int):
+            return None
+        capacity += n_ctx
+        if not slot.get("is_processing"):
+            continue
+        held = _int(slot.get("n_prompt_tokens"))
+        prompt = _int(slot.get("n_prompt_tokens_cache")) + _int(
+            slot.get("n_prompt_tokens_processed")
+        )
+        next_tokens = slot.get("next_token")
+        if isinstance(next_tokens, dict):
+            next_tokens = [next_tokens]
+        decoded = sum(
+            _int(item.get("n_decoded")) for item in next_tokens or () if isinstance(item, dict)
+        )
+        used += min(n_ctx, max(held, prompt + decoded))
+    return KvUse(used, capacity)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _label(reason: str) -> str:
@@ -140,6 +198,8 @@ class EngineCollector(Collector):
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # Filled by MetricsServer.read_kv_cache just before each scrape renders.
+        self.kv: dict[str, KvUse] = {}
 
     def collect(self) -> Iterator[Metric]:
         engine = self.engine
@@ -205,6 +265,24 @@ class EngineCollector(Collector):
             "mmd_queued_requests", "Requests waiting, all models.", value=engine.queued_total
         )
 
+        # The model server protocol's KV-cache utilisation (a fraction, 0 to 1, like
+        # vLLM's kv_cache_usage_perc), per ready model and for the whole server.
+        kv = GaugeMetricFamily(
+            "mmd_model_kv_cache_usage_ratio",
+            "Fraction of the model's KV cache (all slots' context) held by running requests.",
+            labels=["model"],
+        )
+        for model, use in sorted(self.kv.items()):
+            kv.add_metric([model], use.ratio)
+        yield kv
+        used = sum(use.used for use in self.kv.values())
+        capacity = sum(use.capacity for use in self.kv.values())
+        yield GaugeMetricFamily(
+            "mmd_kv_cache_usage_ratio",
+            "Fraction of the KV cache of all ready models held by running requests.",
+            value=min(1.0, used / capacity) if capacity else 0.0,
+        )
+
 
 class MetricsServer:
     """The registry, the task that feeds it, and the HTTP endpoint."""
@@ -213,7 +291,8 @@ class MetricsServer:
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=True)
         self.events = EventMetrics(self.registry)
-        self.registry.register(EngineCollector(engine))
+        self.collector = EngineCollector(engine)
+        self.registry.register(self.collector)
         self.server: asyncio.Server | None = None
         self._feeder: asyncio.Task[None] | None = None
         self._subscription: Subscription | None = None
@@ -249,6 +328,20 @@ class MetricsServer:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    async def read_kv_cache(self) -> None:
+        """Ask every ready model's llama-server for its slots, all at once (each bounded
+        by _SLOTS_TIMEOUT_S); a child that does not answer is left out of this scrape."""
+        engine = self.engine
+        ready = [
+            (entry.spec.id, engine.servers[entry.spec.id])
+            for entry in engine.model_entries()
+            if entry.state == State.READY and entry.spec.id in engine.servers
+        ]
+        answers = await asyncio.gather(*(_read_slots(server.session) for _, server in ready))
+        self.collector.kv = {
+            model: use for (model, _), use in zip(ready, answers, strict=True) if use is not None
+        }
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             status, body, content_type = await asyncio.wait_for(
@@ -275,11 +368,23 @@ class MetricsServer:
             return "405 Method Not Allowed", b"only GET\n", text
         path = request_line[1].split("?", 1)[0]
         if path == "/metrics":
+            await self.read_kv_cache()
             body = self.render()
             return "200 OK", b"" if request_line[0] == "HEAD" else body, CONTENT_TYPE_LATEST
         if path == "/":
             return "200 OK", b"mmd metrics: /metrics\n", text
         return "404 Not Found", b"not found; try /metrics\n", text
+
+
+async def _read_slots(session: aiohttp.ClientSession) -> KvUse | None:
+    try:
+        async with asyncio.timeout(_SLOTS_TIMEOUT_S):
+            async with session.get("/slots") as response:
+                if response.status != 200:
+                    return None  # a child started with --no-slots
+                return kv_use(await response.json(content_type=None))
+    except (TimeoutError, aiohttp.ClientError, ValueError, RuntimeError):
+        return None  # busy, gone, or closing (RuntimeError: its session closed)
 
 
 async def start_metrics(engine: Engine, listen: str | None) -> MetricsServer | None:

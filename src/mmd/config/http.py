@@ -41,11 +41,17 @@ class Listen:
             return False
 
 
+# The statuses a "does not fit" answer may have: 507 says what happened; 503 is one a
+# load balancer retries on another node (HAProxy's retry-on accepts 503, not 507).
+INSUFFICIENT_MEMORY_STATUSES = (507, 503)
+
+
 @dataclass(frozen=True)
 class HttpSettings:
     listen: tuple[Listen, ...] = ()
     api_keys: tuple[str, ...] = ()
     api_keys_file: Path | None = None
+    insufficient_memory_status: int = 507
 
     @property
     def enabled(self) -> bool:
@@ -117,10 +123,17 @@ def _keys_file(value: Any) -> Path:
     return Path(value).expanduser()
 
 
+def _insufficient_memory_status(value: Any) -> int:
+    if isinstance(value, bool) or value not in INSUFFICIENT_MEMORY_STATUSES:
+        raise ValueError(f"expected 507 or 503, got {value!r}")
+    return int(value)
+
+
 HTTP_KEYS: Mapping[str, Callable[[Any], Any]] = {
     "listen": _listen_list,
     "api_keys": _key_list,
     "api_keys_file": _keys_file,
+    "insufficient_memory_status": _insufficient_memory_status,
 }
 
 

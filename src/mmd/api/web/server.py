@@ -55,6 +55,10 @@ _OPENAI_TYPE = {
     429: "rate_limit_error",
 }
 RETRY_AFTER_S = 1
+# Every error names its kind in this header too, so that a proxy can act on the kind
+# without reading the body (deploy/haproxy/ gives a 503 "insufficient_memory" its 507
+# back once no other node could answer).
+ERROR_KIND_HEADER = "X-Mmd-Error"
 # JSON envelope around a prompt: a body may be this much larger than max_prompt_bytes
 # (escapes, keys, other fields) before it is refused unread.
 _BODY_OVERHEAD = 64 * 1024
@@ -77,14 +81,18 @@ def error_response(status: int, message: str, kind: str) -> web.Response:
             "param": None,
         }
     }
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    headers = {ERROR_KIND_HEADER: kind}
+    if status == 429:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
     return web.json_response(payload, status=status, headers=headers)
 
 
-def mmd_error_response(error: MmdError) -> web.Response:
+def mmd_error_response(error: MmdError, insufficient_memory_status: int = 507) -> web.Response:
     status = STATUS_OF_KIND.get(error.kind, 500)
     if isinstance(error, QueueFull):
         status = 429
+    elif error.kind == "insufficient_memory":
+        status = insufficient_memory_status  # [http] insufficient_memory_status
     return error_response(status, error.message, error.kind)
 
 
@@ -192,7 +200,7 @@ class HttpFront:
         try:
             return await handler(request)
         except MmdError as err:
-            return mmd_error_response(err)
+            return mmd_error_response(err, self.settings.insufficient_memory_status)
         except web.HTTPException as err:
             if err.status < 400:
                 raise
