@@ -79,7 +79,9 @@ def _take_lock(sock: Path) -> IO[bytes]:
         ) from None
     try:
         sock.unlink()  # stale: its daemon is gone, since we hold the lock
-        log.info("took over %s: the daemon that left it is gone (lock %s was free)", sock, lock_path)
+        log.info(
+            "took over %s: the daemon that left it is gone (lock %s was free)", sock, lock_path
+        )
     except FileNotFoundError:
         pass
     except OSError as err:
