@@ -444,7 +444,7 @@ def test_mmctl_with_no_daemon_running(tmp_path: Path) -> None:
     assert result.returncode == 3
     assert error_line(result).startswith(f"mmctl: no mmd daemon at {missing} ")
     # A socket file that nobody listens on (a daemon that was SIGKILLed) is the same.
-    plant_stale_socket(missing)
+    plant_stale_socket(missing, keep=tmp_path / "stale-socket-link")
     result = subprocess.run(
         [sys.executable, "-m", "mmctl", "models"],
         capture_output=True,
