@@ -216,3 +216,32 @@ def test_ctrl_c_stops_the_answer_not_the_chat(daemon: Daemon, tmux: Tmux, tmp_pa
     assert wait_until(lambda: status.exists() and status.read_text().strip() != "", timeout=10)
     assert status.read_text().strip() == "0"
     assert "Traceback" not in tmux.screen()
+
+
+def test_the_system_prompt_leads_every_turn(daemon: Daemon) -> None:
+    watcher = Watcher(daemon)
+    try:
+        chat(daemon, "hello\nthere\n", "chat", *GREEDY)
+        chat(daemon, "hello\nthere\n", "chat", "--system", "Be brief.", *GREEDY)
+        requests = finished(watcher, 4)
+    finally:
+        watcher.close()
+    plain, with_system = [size for _, size in requests[:2]], [size for _, size in requests[2:]]
+    # "Be brief." in its own ChatML turn, in both requests of the conversation.
+    assert with_system[0] > plain[0] + 9
+    assert with_system[1] > plain[1] + 9
+
+
+def test_no_daemon_ends_the_chat_with_exit_3(tmp_path: Path) -> None:
+    missing = tmp_path / "run" / "mmd.sock"
+    result = subprocess.run(
+        [sys.executable, "-m", "mmctl", "--socket", str(missing), "chat", "smol"],
+        input=b"hello\n",
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 3
+    assert result.stderr.decode().startswith(f"mmctl: no mmd daemon at {missing} ")
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stdout == b""
