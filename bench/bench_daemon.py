@@ -174,7 +174,7 @@ async def _flood(socket: Path, count: int, marks: dict[str, float]) -> Raw:
                 outcomes[err.code().name] += 1
                 details[err.code().name] = str(err.details())
 
-        request = pb.InferRequest(model_id="m0", prompt=PROMPT, max_tokens=4)
+        request = pb.InferRequest(model_id="m0", prompt=PROMPT, max_tokens=4, raw=True)
         marks["submit"] = time.monotonic()
         calls = [stub.Infer(request) for _ in range(count)]
         tasks = [asyncio.create_task(consume(call)) for call in calls]

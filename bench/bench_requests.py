@@ -106,7 +106,15 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
         stub = daemon.stub
         messages = message_count(stub, "tiny", max_tokens)
         grpc_floor = GrpcFloor.start(work / "overhead" / "grpc-floor.sock", messages - 1)
-        mmctl = [*python_bin("mmctl"), "infer", "tiny", PROMPT, "--max-tokens", str(max_tokens)]
+        mmctl = [
+            *python_bin("mmctl"),
+            "infer",
+            "tiny",
+            PROMPT,
+            "--raw",
+            "--max-tokens",
+            str(max_tokens),
+        ]
         stub_ms: list[float] = []
         direct_ms: list[float] = []
         grpc_ms: list[float] = []
@@ -230,7 +238,7 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
 
 def message_count(stub: mmd_pb2_grpc.ModelManagerStub, model_id: str, max_tokens: int) -> int:
     """How many messages mmd sends for the benchmark's request (text pieces and the last)."""
-    request = pb.InferRequest(model_id=model_id, prompt=PROMPT, max_tokens=max_tokens)
+    request = pb.InferRequest(model_id=model_id, prompt=PROMPT, max_tokens=max_tokens, raw=True)
     return sum(1 for _ in stub.Infer(request, timeout=60))
 
 
@@ -270,7 +278,7 @@ async def _mmd_tokens(socket: Path, model_id: str, clients: int, requests: int, 
             nonlocal remaining, total
             while remaining > 0:
                 remaining -= 1
-                request = pb.InferRequest(model_id=model_id, prompt=PROMPT, max_tokens=n)
+                request = pb.InferRequest(model_id=model_id, prompt=PROMPT, max_tokens=n, raw=True)
                 async for chunk in stub.Infer(request):
                     if chunk.HasField("done"):
                         total += chunk.done.completion_tokens

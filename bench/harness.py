@@ -239,8 +239,10 @@ class Daemon(daemon_proc.Daemon):
 def infer_via_stub(
     stub: mmd_pb2_grpc.ModelManagerStub, model_id: str, max_tokens: int, prompt: str = PROMPT
 ) -> tuple[float, float, int]:
-    """(total ms, first-token ms, completion tokens) of one Infer through mmd."""
-    request = pb.InferRequest(model_id=model_id, prompt=prompt, max_tokens=max_tokens)
+    """(total ms, first-token ms, completion tokens) of one Infer through mmd.
+
+    raw: the prompt as it is, as the floor sends it to llama-server's /completion."""
+    request = pb.InferRequest(model_id=model_id, prompt=prompt, max_tokens=max_tokens, raw=True)
     start = time.perf_counter()
     first = 0.0
     tokens = 0

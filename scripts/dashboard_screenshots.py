@@ -1,10 +1,12 @@
 """Screenshots of the web dashboard for the README: docs/dashboard-desktop.png (1280x800) and
 docs/dashboard-phone.png (390x844, the whole page).
 
-Starts a throwaway mmd with an HTTP listener on synthetic models (real llama-server
-children, CPU only), opens the page at both widths in Debian's Chromium (driven by
+Starts a throwaway mmd with an HTTP listener (real llama-server children, CPU only) on
+the demo's SmolLM2-135M-Instruct, which writes the real answers the pictures show, and
+synthetic models beside it; opens the page at both widths in Debian's Chromium (driven by
 Playwright; nothing is downloaded), loads two models, sends a few requests from another
-client and one from the page's prompt box, then takes the pictures.
+client and one from the page's prompt box, then takes the pictures. SmolLM2 comes from
+the wheel `make demo` installs (see scripts/demo_model.py).
 
     python scripts/dashboard_screenshots.py [--out docs] [--browser /usr/bin/chromium]
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from demo_model import smollm2  # scripts/ is on the path when this script runs
 
 from mmd.runtime.synthetic import write_model
 
@@ -36,8 +39,10 @@ state_dir = "{root}/state"
 [http]
 listen = ["127.0.0.1:{port}"]
 
-[models.assistant]
-path = "{root}/assistant.gguf"
+[models.smol]
+path = "{smol}"
+role = "chat"
+ctx = 4096
 parallel = 2
 keep_alive = "15m"
 
@@ -53,11 +58,12 @@ embedding = true
 path = "{root}/summarizer.gguf"
 """
 PROMPTS = [
-    "Write a haiku about memory budgets.",
+    "Write a haiku about memory.",
     "List three prime numbers.",
-    "What is a KV cache?",
+    "What is a cache?",
     "Name a colour.",
 ]
+PAGE_PROMPT = "Why is the sky blue?"
 
 
 def free_port() -> int:
@@ -68,12 +74,11 @@ def free_port() -> int:
 
 
 def start_daemon(root: Path, port: int) -> subprocess.Popen[bytes]:
-    write_model(root / "assistant.gguf", embedding=512, blocks=4, heads=8, seed=3)
     write_model(root / "coder.gguf", seed=1)
     write_model(root / "embedder.gguf", embedding=128, seed=2)
     write_model(root / "summarizer.gguf", seed=4)
     config = root / "mmd.toml"
-    config.write_text(CONFIG.format(root=root, port=port))
+    config.write_text(CONFIG.format(root=root, port=port, smol=smollm2()))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     env.pop("MMD_CONFIG", None)
     log = (root / "daemon.log").open("wb")
@@ -99,15 +104,15 @@ def start_daemon(root: Path, port: int) -> subprocess.Popen[bytes]:
 
 def activity(url: str) -> None:
     """Two models loaded, a few requests of each kind finished."""
-    for model in ("assistant", "coder"):
+    for model in ("smol", "coder"):
         httpx.post(f"{url}/load", json={"model": model}, timeout=60).raise_for_status()
     for index, prompt in enumerate(PROMPTS):
         body = {
-            "model": "assistant" if index % 2 == 0 else "coder",
+            "model": "smol" if index % 2 == 0 else "coder",
             "messages": [{"role": "user", "content": prompt}],
             "max_tokens": 24 + 8 * index,
         }
-        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).raise_for_status()
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).raise_for_status()
         time.sleep(0.3)
     body = {"model": "embedder", "input": ["memory", "budget"]}
     httpx.post(f"{url}/v1/embeddings", json=body, timeout=60).raise_for_status()
@@ -115,11 +120,11 @@ def activity(url: str) -> None:
 
 
 def ask_from_the_page(page: Any) -> None:
-    page.select_option("#try-model", "assistant")
-    page.fill("#try-max", "48")
-    page.fill("#try-prompt", "Say hello in five words.")
+    page.select_option("#try-model", "smol")
+    page.fill("#try-max", "64")
+    page.fill("#try-prompt", PAGE_PROMPT)
     page.click("#try-send")
-    page.wait_for_selector("#try-stats:has-text('tokens')", timeout=30_000)
+    page.wait_for_selector("#try-stats:has-text('tokens')", timeout=180_000)
 
 
 def main() -> None:
@@ -159,6 +164,8 @@ def main() -> None:
             for page, name, full in pages:
                 page.evaluate("document.activeElement && document.activeElement.blur()")
                 page.evaluate("window.scrollTo(0, 0)")
+                # The answer box follows the text as it streams; show it from its start.
+                page.evaluate("document.getElementById('try-output').scrollTop = 0")
                 page.screenshot(path=str(args.out / name), full_page=full)
                 print(args.out / name)
             browser.close()

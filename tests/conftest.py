@@ -11,7 +11,14 @@ from daemon_proc import Daemon, llama_children
 
 from mmd.runtime.synthetic import write_model
 
-__all__ = ["Daemon", "llama_children", "wait_until"]
+__all__ = ["CHATML", "Daemon", "llama_children", "wait_until"]
+
+# A chat template (ChatML) for synthetic models that need one: the chat-mode tests.
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(autouse=True)

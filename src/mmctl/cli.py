@@ -13,7 +13,7 @@ import grpc
 import typer
 from typer.core import TyperGroup
 
-from mmctl import generate, observe, render, top
+from mmctl import chat, generate, observe, render, top
 from mmctl.client import (
     EXIT_BROKEN_PIPE,
     EXIT_ERROR,
@@ -329,6 +329,7 @@ def unload(
 
 # Commands that run a model (mmctl.generate), listed here to keep --help's order.
 app.command()(generate.infer)
+app.command()(chat.chat)
 app.command()(generate.embed)
 
 

@@ -189,9 +189,10 @@ def _safe_details(err: grpc.RpcError) -> str | None:
         return None
 
 
-def _show_warnings(call: Any) -> None:
+def _show_warnings(call: Any, shown: set[str] | None) -> None:
     """The daemon's warnings about a call it serves (see mmd.core.errors.WARNING_KEY), each one
-    line on stderr before the output."""
+    line on stderr before the output; those already in ``shown`` (a chat session's earlier
+    turns) are not repeated."""
     try:
         metadata: Any = call.initial_metadata()
     except Exception:  # not every call carries it
@@ -199,6 +200,10 @@ def _show_warnings(call: Any) -> None:
     for key, value in metadata or ():
         if key == WARNING_KEY:
             text = value.decode() if isinstance(value, bytes) else str(value)
+            if shown is not None:
+                if text in shown:
+                    continue
+                shown.add(text)
             sys.stdout.flush()
             sys.stderr.write(f"mmctl: warning: {' '.join(text.split())}\n")
             sys.stderr.flush()
@@ -215,10 +220,17 @@ class Stream(Generic[Response]):
     stream then just ends.
     """
 
-    def __init__(self, call: grpc.CallIterator[Response], socket_path: Path, endless: str = ""):
+    def __init__(
+        self,
+        call: grpc.CallIterator[Response],
+        socket_path: Path,
+        endless: str = "",
+        shown_warnings: set[str] | None = None,
+    ):
         self._call = call
         self._socket_path = socket_path
         self._endless = endless
+        self._shown_warnings = shown_warnings
         self._cancelled = False
 
     def cancel(self) -> None:
@@ -232,7 +244,7 @@ class Stream(Generic[Response]):
             for message in self._call:
                 if not received:
                     received = True
-                    _show_warnings(self._call)
+                    _show_warnings(self._call, self._shown_warnings)
                 yield message
             finished = True
         except grpc.RpcError as err:
@@ -358,8 +370,11 @@ class MmdClient:
             request.gpu_layers = gpu_layers
         return self._stream(self.stub.LoadModel, request)
 
-    def infer(self, request: mmd_pb2.InferRequest) -> Stream[mmd_pb2.InferChunk]:
-        return self._stream(self.stub.Infer, request)
+    def infer(
+        self, request: mmd_pb2.InferRequest, *, shown_warnings: set[str] | None = None
+    ) -> Stream[mmd_pb2.InferChunk]:
+        """The answer's pieces; a warning already in ``shown_warnings`` is not shown again."""
+        return self._stream(self.stub.Infer, request, shown_warnings=shown_warnings)
 
     def watch(self, interval: float = 1.0) -> Stream[mmd_pb2.Event]:
         """The daemon's events until it shuts down: a snapshot first, then changes."""
@@ -375,9 +390,10 @@ class MmdClient:
         method: grpc.UnaryStreamMultiCallable[Request, Response],
         request: Request,
         endless: str = "",
+        shown_warnings: set[str] | None = None,
     ) -> Stream[Response]:
         try:
             call: grpc.CallIterator[Response] = method(request)
         except grpc.RpcError as err:
             raise cli_error_for(err, self.socket_path) from None
-        return Stream(call, self.socket_path, endless)
+        return Stream(call, self.socket_path, endless, shown_warnings)

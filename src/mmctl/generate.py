@@ -54,7 +54,7 @@ def _read_input(value: str | None, what: str) -> str:
     return text
 
 
-def _keep_alive_seconds(value: str | None) -> float | None:
+def keep_alive_seconds(value: str | None) -> float | None:
     if value is None:
         return None
     try:
@@ -76,10 +76,15 @@ def infer(
     ] = None,
     system: Annotated[
         str | None,
-        typer.Option(
-            "--system", metavar="S", help="A system prompt; the model's chat template is used."
-        ),
+        typer.Option("--system", metavar="S", help="A system prompt for the chat."),
     ] = None,
+    raw: Annotated[
+        bool,
+        typer.Option(
+            "--raw",
+            help="Send the prompt as it is, for the model to continue, without its chat template.",
+        ),
+    ] = False,
     max_tokens: Annotated[
         int | None,
         typer.Option("--max-tokens", metavar="N", min=1, help="Generate at most N tokens."),
@@ -100,13 +105,18 @@ def infer(
         bool, typer.Option("--json", help="Print one JSON object with the text and totals.")
     ] = False,
 ) -> None:
-    """Generate text; it streams to stdout as it arrives.
+    """Answer a prompt; the text streams to stdout as it arrives.
+
+    The prompt is the user's turn of a chat, through the model's chat template, when its
+    GGUF file has one; else (or with --raw) it is sent as it is, for the model to continue.
 
     Example: `cat notes.txt | mmctl infer summarizer --max-tokens 200`
     """
-    keep_alive_seconds = _keep_alive_seconds(keep_alive)
+    if raw and system is not None:
+        raise typer.BadParameter("--raw sends the prompt as it is, without a chat: no --system")
+    seconds = keep_alive_seconds(keep_alive)
     text = _read_input(prompt, "prompt")
-    request = mmd_pb2.InferRequest(model_id=model_id)
+    request = mmd_pb2.InferRequest(model_id=model_id, raw=raw)
     if system is not None:
         request.messages.append(mmd_pb2.ChatMessage(role="user", content=text))
         request.system = system
@@ -116,8 +126,8 @@ def infer(
         request.max_tokens = max_tokens
     if temperature is not None:
         request.temperature = temperature
-    if keep_alive_seconds is not None:
-        request.keep_alive_seconds = keep_alive_seconds
+    if seconds is not None:
+        request.keep_alive_seconds = seconds
 
     pieces: list[str] = []
     done: mmd_pb2.InferDone | None = None
@@ -145,6 +155,7 @@ def infer(
             {
                 "model": model_id,
                 "text": "".join(pieces),
+                "mode": done.mode,
                 "finish_reason": done.finish_reason,
                 "prompt_tokens": done.prompt_tokens,
                 "completion_tokens": done.completion_tokens,
@@ -173,13 +184,13 @@ def embed(
     ] = False,
 ) -> None:
     """Print embedding vectors as JSON: a list of floats for one text, a list of lists for more."""
-    keep_alive_seconds = _keep_alive_seconds(keep_alive)
+    seconds = keep_alive_seconds(keep_alive)
     if not texts or texts == ["-"]:
         inputs = [_read_input(None, "text")]
     else:
         inputs = [_read_input(text, "text") for text in texts]
     with client_for(ctx) as client:
-        response = client.embed(model_id, inputs, keep_alive_seconds=keep_alive_seconds)
+        response = client.embed(model_id, inputs, keep_alive_seconds=seconds)
     vectors = [protojson.message_to_dict(embedding)["values"] for embedding in response.embeddings]
     if json_out:
         render.print_json(

@@ -39,7 +39,8 @@ def _into_a_closed_pipe(daemon: Daemon | None, *args: str) -> subprocess.Complet
 @pytest.mark.parametrize(
     "args",
     [
-        ["infer", "a", "x", "--max-tokens", "400"],
+        # --raw: the synthetic model has no chat template, and asked for, raw needs no warning.
+        ["infer", "a", "x", "--raw", "--max-tokens", "400"],
         ["ps"],
         ["models", "--json"],
         ["doctor"],

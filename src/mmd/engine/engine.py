@@ -38,6 +38,7 @@ from mmd.core.model_state import ModelEntry, State
 from mmd.core.planner import Placement, Plan, Refusal
 from mmd.core.scheduler import Scheduler
 from mmd.engine.accounting import RequestRecord
+from mmd.engine.chat_templates import ChatTemplates
 from mmd.engine.children import Child, ChildFactory, Children, LoadStage, model_file_problem
 from mmd.engine.events import EventBus
 from mmd.engine.monitor import MemoryMonitor
@@ -48,7 +49,7 @@ from mmd.host.cpu_topology import cpu_budget, read_cpu_facts
 from mmd.host.learned import LearnedStore
 from mmd.host.memory import MemoryReader, MemorySnapshot
 from mmd.runtime.check import LlamaRuntime
-from mmd.runtime.gguf import footprint_for, has_chat_template
+from mmd.runtime.gguf import footprint_for
 from mmd.runtime.server import LlamaServer, read_log_tail
 from mmd.runtime.upstream import Final, InferParams, embed, relay, stream_infer
 
@@ -121,8 +122,7 @@ class Engine:
             spawn=self.spawn,
             apply=self.apply,
         )
-        self._warned_no_template: set[str] = set()
-        self._chat_templates: dict[tuple[Path, int, int], bool] = {}  # file version -> has one
+        self.templates = ChatTemplates(lambda model_id: self.core.entry(model_id).spec.path)
         # Where the HTTP front door listens (set by the daemon once bound), for health.
         self.http_listen: tuple[str, ...] = ()
         self.reload_lock = asyncio.Lock()  # serialises reloads (SIGHUP and the Reload RPC)
@@ -459,34 +459,17 @@ class Engine:
     def queued_total(self) -> int:
         return self.core.queued_total
 
-    async def chat_template_warning(self, model_id: str) -> str:
-        """For a chat (messages, a system prompt) to a model whose GGUF file has no chat
-        template: llama-server then formats it as ChatML, which such a model (the Gemma
-        demo model, for one) may not know: it answered with ChatML's markers. Logged once
-        per model; returned for each such client ("" when the model has a template)."""
-        path = self.core.entry(model_id).spec.path
-        try:
-            info = path.stat()
-            version = (path, info.st_size, info.st_mtime_ns)
-        except OSError:
-            return ""  # the load reports a missing file, with its own error
-        known = self._chat_templates.get(version)
-        if known is None:
-            # The header is read once per file version (a thread: it is disk I/O); every
-            # chat after that costs a stat.
-            known = await asyncio.to_thread(has_chat_template, path) is not False
-            self._chat_templates[version] = known
-        if known:
-            return ""
-        warning = (
-            f"model {model_id!r} has no chat template in its GGUF file (no "
-            "tokenizer.chat_template): llama-server formats the chat as ChatML, which the "
-            "model may not follow; a plain prompt (no --system) is sent as it is"
-        )
-        if model_id not in self._warned_no_template:
-            self._warned_no_template.add(model_id)
-            log.warning("%s", warning)
-        return warning
+    async def chat_template_warning(self, model_id: str, chat: bool = True) -> str:
+        """The warning for a request to a model without a chat template (see
+        mmd.engine.chat_templates)."""
+        return await self.templates.warning(model_id, chat)
+
+    async def prompt_mode(
+        self, model_id: str, params: InferParams, raw: bool
+    ) -> tuple[InferParams, str]:
+        """A lone prompt through the model's chat template when it has one, unless raw; the
+        request as it will be sent and its warning (see mmd.engine.chat_templates)."""
+        return await self.templates.prompt_mode(model_id, params, raw)
 
     def model_entries(self) -> list[ModelEntry]:
         return list(self.core.models.values())

@@ -29,10 +29,16 @@ class InferParams:
     system: str = ""
     max_tokens: int | None = None
     temperature: float | None = None
+    chat: bool = False  # the prompt goes as the user's turn of a chat (see Engine.prompt_mode)
 
     @property
     def is_chat(self) -> bool:
-        return bool(self.messages or self.system)
+        return bool(self.chat or self.messages or self.system)
+
+    @property
+    def mode(self) -> str:
+        """What InferDone.mode and `--json` say: "chat" or "raw"."""
+        return "chat" if self.is_chat else "raw"
 
 
 @dataclass

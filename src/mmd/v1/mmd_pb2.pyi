@@ -521,14 +521,21 @@ class InferRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     KEEP_ALIVE_SECONDS_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     prompt: _builtins.str
-    """A plain prompt (sent to /completion) ..."""
+    """A prompt: the user's turn of a chat through the model's chat template when its GGUF
+    file has one, else sent as it is (to /completion) ...
+    """
     system: _builtins.str
     max_tokens: _builtins.int
     temperature: _builtins.float
     keep_alive_seconds: _builtins.float
     """Keep the model loaded this long after this request (seconds; negative: forever)."""
+    raw: _builtins.bool
+    """Send `prompt` as it is (a completion), even to a model with a chat template. Not with
+    `messages` or `system` (INVALID_ARGUMENT).
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """... or a chat (sent to /v1/chat/completions). `system` is prepended as a system message."""
@@ -543,10 +550,11 @@ class InferRequest(_message.Message):
         max_tokens: _builtins.int | None = ...,
         temperature: _builtins.float | None = ...,
         keep_alive_seconds: _builtins.float | None = ...,
+        raw: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_seconds", b"_keep_alive_seconds", "_max_tokens", b"_max_tokens", "_temperature", b"_temperature", "keep_alive_seconds", b"keep_alive_seconds", "max_tokens", b"max_tokens", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_seconds", b"_keep_alive_seconds", "_max_tokens", b"_max_tokens", "_temperature", b"_temperature", "keep_alive_seconds", b"keep_alive_seconds", "max_tokens", b"max_tokens", "messages", b"messages", "model_id", b"model_id", "prompt", b"prompt", "system", b"system", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_keep_alive_seconds", b"_keep_alive_seconds", "_max_tokens", b"_max_tokens", "_temperature", b"_temperature", "keep_alive_seconds", b"keep_alive_seconds", "max_tokens", b"max_tokens", "messages", b"messages", "model_id", b"model_id", "prompt", b"prompt", "raw", b"raw", "system", b"system", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__keep_alive_seconds: _TypeAlias = _typing.Literal["keep_alive_seconds"]  # noqa: Y015
     _WhichOneofArgType__keep_alive_seconds: _TypeAlias = _typing.Literal["_keep_alive_seconds", b"_keep_alive_seconds"]  # noqa: Y015
@@ -608,10 +616,13 @@ class InferDone(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     finish_reason: _builtins.str
     """"stop", "length" """
     prompt_tokens: _builtins.int
     completion_tokens: _builtins.int
+    mode: _builtins.str
+    """"chat" (through the chat template) or "raw" (the prompt as it is)"""
     @_builtins.property
     def timings(self) -> Global___Timings: ...
     def __init__(
@@ -621,10 +632,11 @@ class InferDone(_message.Message):
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
         timings: Global___Timings | None = ...,
+        mode: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "prompt_tokens", b"prompt_tokens", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "mode", b"mode", "prompt_tokens", b"prompt_tokens", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -34,9 +34,10 @@ def _keep_alive(request: pb.InferRequest | pb.EmbedRequest) -> float | None:
     return validate.keep_alive(seconds)
 
 
-def _done_chunk(final: Final) -> pb.InferChunk:
+def _done_chunk(final: Final, mode: str) -> pb.InferChunk:
     return pb.InferChunk(
         done=pb.InferDone(
+            mode=mode,
             finish_reason=final.finish_reason,
             prompt_tokens=final.prompt_tokens,
             completion_tokens=final.completion_tokens,
@@ -57,7 +58,6 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         self.engine = engine
         # Running handlers -> method name (grpc_errors keeps it), for interrupt_calls.
         self.calls: dict[asyncio.Task[Any], str] = {}
-        self._warned_no_template: set[str] = set()
 
     @property
     def stopping(self) -> bool:
@@ -98,10 +98,9 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
         model_id = validate.model_id(request.model_id)
         params = self._infer_params(request)
         keep_alive = _keep_alive(request)
-        if params.is_chat:
-            warning = await self.engine.chat_template_warning(model_id)
-            if warning:
-                await context.send_initial_metadata(((WARNING_KEY, warning),))
+        params, warning = await self.engine.prompt_mode(model_id, params, request.raw)
+        if warning:
+            await context.send_initial_metadata(((WARNING_KEY, warning),))
         async with (
             contextlib.aclosing(self.engine.infer(model_id, params, keep_alive)) as source,
             contextlib.aclosing(
@@ -109,7 +108,10 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
             ) as items,
         ):
             async for item in items:
-                yield _done_chunk(item) if isinstance(item, Final) else pb.InferChunk(text=item)
+                if isinstance(item, Final):
+                    yield _done_chunk(item, params.mode)
+                else:
+                    yield pb.InferChunk(text=item)
 
     def _infer_params(self, request: pb.InferRequest) -> InferParams:
         messages = tuple((m.role or "user", m.content) for m in request.messages)

@@ -64,11 +64,12 @@ def _messages(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def infer_json(model_id: str, text: str, final: Final) -> dict[str, Any]:
+def infer_json(model_id: str, text: str, final: Final, mode: str) -> dict[str, Any]:
     """The answer as ``mmctl infer --json`` prints it."""
     return {
         "model": model_id,
         "text": text,
+        "mode": mode,
         "finish_reason": final.finish_reason,
         "prompt_tokens": final.prompt_tokens,
         "completion_tokens": final.completion_tokens,
@@ -139,7 +140,8 @@ class AdminApi:
         )
         seconds = _field(body, "keep_alive_seconds", (int, float), "a number")
         keep_alive = validate.keep_alive(None if seconds is None else float(seconds))
-        warning = await self.engine.chat_template_warning(model_id) if params.is_chat else ""
+        raw = bool(_field(body, "raw", bool, "true or false"))
+        params, warning = await self.engine.prompt_mode(model_id, params, raw)
         headers = {WARNING_HEADER: warning} if warning else {}
         source = self.engine.infer(model_id, params, keep_alive)
         interval = self.engine.config.daemon.stream_interval
@@ -163,7 +165,7 @@ class AdminApi:
                 await _event(response, {"error": {"message": err.message, "code": err.kind}})
                 await response.write_eof()
                 return response
-        result = infer_json(model_id, "".join(pieces), final)
+        result = infer_json(model_id, "".join(pieces), final, params.mode)
         if body.get("stream") is not True:
             return web.json_response(result, headers=headers)
         if response is None:
