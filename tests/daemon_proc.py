@@ -115,9 +115,9 @@ class Daemon:
         if self.cpus is None or re.search(r"^\s*cpus\s*=", text, re.MULTILINE):
             return text
         setting = f"cpus = {self.cpus}\n"
-        if re.search(r"^\[budget\]\s*$", text, re.MULTILINE):
+        if re.search(r"^\s*\[budget\]\s*$", text, re.MULTILINE):
             return re.sub(
-                r"^\[budget\]\s*$\n?", f"[budget]\n{setting}", text, count=1, flags=re.MULTILINE
+                r"^\s*\[budget\]\s*$\n?", f"[budget]\n{setting}", text, count=1, flags=re.MULTILINE
             )
         return f"{text}\n\n[budget]\n{setting}"
 

@@ -33,6 +33,8 @@ from typing import Any
 import httpx
 from daemon_proc import Daemon, llama_children
 
+from mmd.v1 import mmd_pb2 as pb
+
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "deploy" / "haproxy" / "mmd.cfg"
 KEY = "fleet-key-0123456789abcdef"
@@ -352,15 +354,19 @@ class Fleet:
 
     # --- traffic ----------------------------------------------------------------------
 
-    def request(self, model: str, max_tokens: int = 8, key: str | None = KEY) -> Answer:
+    def request(
+        self, model: str, max_tokens: int = 8, key: str | None = KEY, *, every_token: bool = False
+    ) -> Answer:
         """One non-streamed chat through HAProxy; never raises (a broken connection is
-        status 0 with the error)."""
+        status 0 with the error). ``every_token``: all ``max_tokens``, past end-of-text."""
         assert self.client is not None
-        body = {
+        body: dict[str, Any] = {
             "model": model,
             "messages": [{"role": "user", "content": "Say something."}],
             "max_tokens": max_tokens,
         }
+        if every_token:
+            body["ignore_eos"] = True  # llama-server's own field, passed through
         headers = {} if key == KEY else {"Authorization": f"Bearer {key}" if key else ""}
         answer = Answer(model, 0, began=time.monotonic())
         try:
@@ -374,27 +380,41 @@ class Fleet:
         answer.ended = time.monotonic()
         return answer
 
-    def stream(self, model: str, max_tokens: int) -> tuple[Answer, list[float]]:
-        """One streamed chat; the answer and when each piece of the body arrived."""
+    def stream(self, model: str, max_tokens: int) -> tuple[Answer, list[float], int]:
+        """One streamed chat: the answer, when each piece of the body arrived, and how many
+        requests the nodes were still running when the first piece arrived (a stream that
+        HAProxy held back until the end would arrive with none running)."""
         assert self.client is not None
         body = {
             "model": model,
             "messages": [{"role": "user", "content": "Say something."}],
             "max_tokens": max_tokens,
+            "ignore_eos": True,  # llama-server's own field: all max_tokens, however it goes
             "stream": True,
         }
         answer = Answer(model, 0, began=time.monotonic())
         arrivals: list[float] = []
         pieces: list[bytes] = []
+        running = 0
         with self.client.stream("POST", "/v1/chat/completions", json=body) as response:
             answer.status = response.status_code
             answer.node = response.headers.get("X-Mmd-Node", "")
             for chunk in response.iter_raw():
+                if not arrivals:
+                    running = self.running_requests()
                 arrivals.append(time.monotonic())
                 pieces.append(chunk)
         answer.ended = time.monotonic()
         answer.text = b"".join(pieces).decode()
-        return answer, arrivals
+        return answer, arrivals, running
+
+    def running_requests(self) -> int:
+        """Requests the live nodes are running now, from each one's gRPC socket."""
+        return sum(
+            node.daemon.stub.GetHealth(pb.GetHealthRequest(), timeout=5).active_inferences
+            for node in self.nodes
+            if node.daemon.process is not None and node.daemon.process.poll() is None
+        )
 
     def loads(self, model: str) -> dict[str, int]:
         """Loads begun per node for ``model`` (nodes that never loaded it left out)."""

@@ -16,7 +16,7 @@ import yaml
 from mmd.config.settings import parse_config
 from mmd.runtime.synthetic import write_model
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 # The oldest Kubernetes the manifests are meant for; every field they use exists there.
 KUBERNETES = "1.30.0"
 
