@@ -27,8 +27,10 @@ from mmd import __version__
 from mmd.api.metrics import start_metrics
 from mmd.api.rpc.errors import interrupt_calls
 from mmd.api.rpc.service import ModelManager
-from mmd.config.settings import Config, check_socket_path, load_config
+from mmd.config.discovery import load_registry, log_discovery
+from mmd.config.settings import Config, check_socket_path
 from mmd.core.errors import ConfigError, MmdError, RuntimeFailed
+from mmd.core.sources import summary
 from mmd.engine.engine import Engine
 from mmd.engine.reload import reload_config
 from mmd.host import paths, rundir
@@ -118,6 +120,7 @@ class Daemon:
         count = len(self.config.models)
         self.notifier.ready(f"serving {self.sock} with {count} models")
         log.info("mmd %s serving on %s (%d models)", __version__, self.sock, count)
+        log_discovery(self.config)
         self.start_task(_preload_and_report(self.engine, self.notifier))
 
     async def _start_engine(self) -> None:
@@ -351,7 +354,8 @@ def _socket_path(args: argparse.Namespace, config: Config) -> Path:
 
 def _check_config(config: Config, sock: Path) -> str:
     """``--check-config``: what a start would refuse or fail on, without starting or
-    creating anything (ConfigError, exit 2; RuntimeFailed, exit 4). The line to print."""
+    creating anything (ConfigError, exit 2; RuntimeFailed, exit 4). The lines to print:
+    the verdict, then each discovered model and each of discovery's notes."""
     for spec in config.models.values():
         footprint_for(spec)
     rundir.check_log_dir(config.daemon.log_dir)
@@ -365,10 +369,18 @@ def _check_config(config: Config, sock: Path) -> str:
         raise RuntimeFailed(failure_line(choice.rejected))
     binary, verdict = choice.binary, choice.verdict
     where = config.source or "built-in defaults"
-    return (
-        f"{where}: ok ({len(config.models)} models), llama-server {binary.path} "
+    models = summary({m: spec.source for m, spec in config.models.items()})
+    lines = [
+        f"{where}: ok ({models}), llama-server {binary.path} "
         f"({binary.source}): {verdict.detail or 'works'}"
-    )
+    ]
+    lines += [
+        f"  {m}: {spec.source} {spec.path}"
+        for m, spec in config.models.items()
+        if spec.source != "config"
+    ]
+    lines += [f"  note: {note}" for note in config.notes]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -377,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if isinstance(args.check_config, str):
             args.config = Path(args.check_config)
-        config = load_config(args.config)
+        config = load_registry(args.config)
         sock = _socket_path(args, config)
         if args.check_config:
             print(_check_config(config, sock))

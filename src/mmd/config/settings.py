@@ -26,6 +26,7 @@ from mmd.config.http import (
 from mmd.core.budget import BudgetSettings, parse_budget_setting
 from mmd.core.cores import parse_cpus_setting
 from mmd.core.errors import ConfigError
+from mmd.core.sources import STORES
 from mmd.core.spec import ModelSpec, SchedulerSettings
 from mmd.core.units import MIB, parse_duration, parse_keep_alive, parse_size
 from mmd.host import paths
@@ -78,6 +79,10 @@ class DaemonSettings:
     # At most one message per stream this often (the first and the last are never held):
     # fewer gRPC writes per token on fast models, which leaves the CPU to generation.
     stream_interval: float = 0.01
+    # Directories scanned for *.gguf files, and the well-known stores scanned
+    # (mmd.config.discovery).
+    model_dirs: tuple[Path, ...] = ()
+    model_stores: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     models: Mapping[str, ModelSpec] = field(default_factory=dict)
+    # What discovery skipped and why (unreadable files, id clashes): for the log and notes.
+    notes: tuple[str, ...] = ()
 
 
 # --- value checkers: each returns the converted value or raises ValueError ------------
@@ -211,6 +218,23 @@ def _path(value: Any) -> Path:
     return Path(_non_empty_str(value)).expanduser()
 
 
+def _path_list(value: Any) -> tuple[Path, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of directories, got {value!r}")
+    return tuple(_path(item) for item in value)
+
+
+def _stores(value: Any) -> tuple[str, ...]:
+    if value == "all":
+        return STORES
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f'expected "all" or a list of store names, got {value!r}')
+    for name in value:
+        if name not in STORES:
+            raise ValueError(f"unknown store {name!r} (known: {', '.join(STORES)})")
+    return tuple(dict.fromkeys(value))  # duplicates named once
+
+
 def check_socket_path(path: Path, where: str) -> None:
     """Raise ConfigError when ``path``, or the children's sockets beside it, would be too
     long to bind as a Unix socket."""
@@ -241,6 +265,8 @@ _DAEMON_KEYS: dict[str, Callable[[Any], Any]] = {
     "unload_timeout": _positive_duration,
     "max_prompt_bytes": _positive_size,
     "stream_interval": _non_negative_duration,
+    "model_dirs": _path_list,
+    "model_stores": _stores,
 }
 
 
@@ -378,6 +404,10 @@ def _daemon_settings(where: str, base_dir: Path, raw: Any) -> DaemonSettings:
     for key in ("socket", "state_dir", "log_dir"):
         if key in values and not values[key].is_absolute():
             values[key] = base_dir / values[key]
+    if "model_dirs" in values:
+        values["model_dirs"] = tuple(
+            d if d.is_absolute() else base_dir / d for d in values["model_dirs"]
+        )
     if "socket" in values:
         check_socket_path(values["socket"], f"{where}: daemon.socket")
     return DaemonSettings(**values)

@@ -63,6 +63,7 @@ class ModelShape:
     sliding_window: int = 0  # tokens a sliding-window layer attends to (0: none)
     swa_layers: tuple[bool, ...] = ()  # which layers use the sliding window
     chat_template: bool = False  # has tokenizer.chat_template (else llama-server uses ChatML)
+    pooling_type: int = -1  # {arch}.pooling_type: 0 none, 1 mean, 2 cls, 3 last, 4 rank; -1 unset
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ class ModelSpec:
     args: tuple[str, ...] = ()
     memory: int | None = None  # overrides the footprint estimate
     preload: bool = False
+    # Where the model came from: "config" (a [models.<id>] table) or the discovery that
+    # found its file ("dir:/path", "huggingface:ORG/NAME", "ollama:NAME:TAG", ...; see
+    # mmd.config.discovery).
+    source: str = "config"
 
     @property
     def pinned(self) -> bool:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from mmd.config.settings import Config, load_config
+from mmd.config.discovery import load_registry, log_discovery
+from mmd.config.settings import Config
 from mmd.core.effects import Effect
 from mmd.core.footprint import Footprint
 from mmd.core.model_state import State
@@ -111,8 +112,10 @@ def diff_configs(
 
 
 def _sections(config: Config) -> list[str]:
-    """The settings tables: every field of Config but its source and its models."""
-    return [f.name for f in dataclasses.fields(config) if f.name not in ("source", "models")]
+    """The settings tables: every field of Config but its source, models and notes."""
+    return [
+        f.name for f in dataclasses.fields(config) if f.name not in ("source", "models", "notes")
+    ]
 
 
 def _needs_restart(key: str) -> bool:
@@ -239,9 +242,9 @@ async def finish_removals(engine: Reloading) -> None:
 
 
 def read_config(source: Path | None) -> tuple[Config, dict[str, Footprint]]:
-    """Read and validate the config and every model's footprint (blocking; raises
-    ConfigError with the one-line reason)."""
-    config = load_config(source)
+    """Read and validate the config, discover the models it asks for (a rescan), and
+    read every model's footprint (blocking; raises ConfigError with the one-line reason)."""
+    config = load_registry(source)
     footprints = {model_id: footprint_for(spec) for model_id, spec in config.models.items()}
     return config, footprints
 
@@ -259,4 +262,5 @@ async def reload_config(engine: Reloading) -> ConfigDiff:
     log.info("config reloaded from %s: %s", where, diff.summary())
     for key in diff.restart_needed:
         log.warning("%s changed: %s (the old value stays in force until then)", key, RESTART_NOTE)
+    log_discovery(config)
     return diff

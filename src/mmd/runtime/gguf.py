@@ -205,6 +205,7 @@ def _shape_from(reader: GGUFReader, path: Path) -> ModelShape:
         tied_embeddings="output.weight" not in names,
         sliding_window=sliding_window,
         swa_layers=_swa_layers(reader, arch, n_layers) if sliding_window else (),
+        pooling_type=number("pooling_type", -1),
     )
 
 

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, TokenType
+from gguf import GGUFWriter, PoolingType, TokenType
 
 # SentencePiece word-boundary marker.
 _SPACE_MARK = "\u2581"
@@ -45,9 +45,11 @@ def write_model(
     context: int = 2048,
     seed: int = 0,
     chat_template: str | None = None,
+    pooling_type: int | None = None,
 ) -> Path:
     """Write a llama-architecture GGUF file of F32 tensors to ``path`` (with
-    ``tokenizer.chat_template`` when ``chat_template`` is given)."""
+    ``tokenizer.chat_template`` when ``chat_template`` is given, and ``llama.pooling_type``,
+    which makes an embedding model, when ``pooling_type`` is)."""
     if embedding % heads:
         raise ValueError("embedding must be a multiple of heads")
     ff = feed_forward if feed_forward is not None else embedding * 2
@@ -85,6 +87,8 @@ def write_model(
     writer.add_unk_token_id(0)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    if pooling_type is not None:
+        writer.add_pooling_type(PoolingType(pooling_type))
 
     # Every token embedding carries a constant in dimension 0, no layer writes to that
     # dimension (row 0 of attn_output and ffn_down is zero), and the output row of the

@@ -272,6 +272,7 @@ class Model(_message.Message):
     LOG_TAIL_FIELD_NUMBER: _builtins.int
     FOOTPRINT_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     CORES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     role: _builtins.str
@@ -297,6 +298,11 @@ class Model(_message.Message):
     unloads_at_unix: _builtins.float
     """0 when no idle unload is scheduled"""
     last_error: _builtins.str
+    source: _builtins.str
+    """Where the model came from: "config" (a [models.ID] table), or the discovery that found
+    its file: "dir:/path" (daemon.model_dirs), "huggingface:ORG/NAME", "llama.cpp[:ORG/NAME]",
+    "ollama:NAME:TAG", "lmstudio:PUBLISHER/REPO".
+    """
     @_builtins.property
     def placement(self) -> Global___Placement: ...
     @_builtins.property
@@ -337,11 +343,12 @@ class Model(_message.Message):
         log_tail: _abc.Iterable[_builtins.str] | None = ...,
         footprint: Global___Footprint | None = ...,
         memory: _abc.Iterable[Global___DeviceMemory] | None = ...,
+        source: _builtins.str = ...,
         cores: Global___Cores | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cores", b"cores", "footprint", b"footprint", "placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "cores", b"cores", "ctx", b"ctx", "embedding", b"embedding", "estimated_bytes", b"estimated_bytes", "footprint", b"footprint", "id", b"id", "keep_alive_seconds", b"keep_alive_seconds", "last_error", b"last_error", "last_used_unix", b"last_used_unix", "log_tail", b"log_tail", "measured_bytes", b"measured_bytes", "memory", b"memory", "parallel", b"parallel", "path", b"path", "pid", b"pid", "pinned", b"pinned", "placement", b"placement", "priority", b"priority", "queued_requests", b"queued_requests", "ready_since_unix", b"ready_since_unix", "role", b"role", "state", b"state", "unloads_at_unix", b"unloads_at_unix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "cores", b"cores", "ctx", b"ctx", "embedding", b"embedding", "estimated_bytes", b"estimated_bytes", "footprint", b"footprint", "id", b"id", "keep_alive_seconds", b"keep_alive_seconds", "last_error", b"last_error", "last_used_unix", b"last_used_unix", "log_tail", b"log_tail", "measured_bytes", b"measured_bytes", "memory", b"memory", "parallel", b"parallel", "path", b"path", "pid", b"pid", "pinned", b"pinned", "placement", b"placement", "priority", b"priority", "queued_requests", b"queued_requests", "ready_since_unix", b"ready_since_unix", "role", b"role", "source", b"source", "state", b"state", "unloads_at_unix", b"unloads_at_unix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -367,16 +374,22 @@ class ListModelsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___Model]: ...
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What model discovery skipped and why (unreadable or malformed files, id clashes)."""
+
     def __init__(
         self,
         *,
         models: _abc.Iterable[Global___Model] | None = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "notes", b"notes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -108,6 +108,7 @@ def model_proto(engine: Engine, entry: ModelEntry) -> pb.Model:
         last_error=entry.last_error,
         footprint=footprint_proto(entry.footprint),
         memory=memory_protos(entry),
+        source=spec.source,
     )
     cores = cores_proto(entry.spec, entry.cores, entry.cores_reason)
     if cores is not None and entry.holds_memory:
@@ -131,6 +132,7 @@ def cores_proto(spec: ModelSpec, cores: CoreShare | None, reason: str) -> pb.Cor
 def health_proto(engine: Engine) -> pb.Health:
     """Devices, models that are not unloaded, request counts: GetHealth and Watch's snapshot."""
     notes = list(engine.snapshot.notes) if engine.snapshot else []
+    notes += engine.config.notes  # what model discovery skipped
     cpu = engine.cpu_budget
     return pb.Health(
         version=__version__,

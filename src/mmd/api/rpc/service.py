@@ -67,7 +67,10 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
     @unary
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> Any:
         entries = self.engine.model_entries()
-        return pb.ListModelsResponse(models=[model_proto(self.engine, e) for e in entries])
+        return pb.ListModelsResponse(
+            models=[model_proto(self.engine, e) for e in entries],
+            notes=self.engine.config.notes,
+        )
 
     @streaming
     async def LoadModel(self, request: pb.LoadModelRequest, context: Context) -> Any:
