@@ -44,6 +44,7 @@ class FakeModelManager(mmd_pb2_grpc.ModelManagerServicer):
 
     def __init__(self) -> None:
         self.models: list[mmd_pb2.Model] = []
+        self.registry_notes: list[str] = []  # ListModels' notes (model discovery)
         self.failure: Failure | None = None
         self.requests: list[Message] = []
         self.load_stages: list[tuple[str, str]] = [("planning", "fits"), ("loading", "")]
@@ -77,7 +78,7 @@ class FakeModelManager(mmd_pb2_grpc.ModelManagerServicer):
         self, request: mmd_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> mmd_pb2.ListModelsResponse:
         self._receive(request, context)
-        return mmd_pb2.ListModelsResponse(models=self.models)
+        return mmd_pb2.ListModelsResponse(models=self.models, notes=self.registry_notes)
 
     def LoadModel(
         self, request: mmd_pb2.LoadModelRequest, context: grpc.ServicerContext

@@ -231,13 +231,14 @@ def _is_listed(model: mmd_pb2.Model) -> bool:
 
 @app.command()
 def models(ctx: typer.Context, json_out: JsonFlag = False) -> None:
-    """List the registry's models with their state."""
+    """List the registry's models with their state and where each came from."""
     with client_for(ctx) as client:
-        found = client.list_models()
+        registry = client.registry()
     if json_out:
-        render.print_json([protojson.model_to_dict(model) for model in found])
+        render.print_json([protojson.model_to_dict(model) for model in registry.models])
+        render.print_notes(registry.notes)
     else:
-        render.print_models(found)
+        render.print_models(registry.models, registry.notes)
 
 
 @app.command()

@@ -329,8 +329,12 @@ class MmdClient:
         return response
 
     def list_models(self) -> list[mmd_pb2.Model]:
+        return list(self.registry().models)
+
+    def registry(self) -> mmd_pb2.ListModelsResponse:
+        """The models, and the daemon's notes on the files its model discovery skipped."""
         request = mmd_pb2.ListModelsRequest()
-        return list(self._call(self.stub.ListModels, request, query=True).models)
+        return self._call(self.stub.ListModels, request, query=True)
 
     def unload_model(
         self, model_id: str, *, force: bool, timeout_seconds: float

@@ -262,13 +262,14 @@ def _rich_table(table: TextTable) -> Table:
     return drawn
 
 
-def print_models(models: Sequence[mmd_pb2.Model]) -> None:
-    """`mmctl models`: the registry."""
+def print_models(models: Sequence[mmd_pb2.Model], notes: Sequence[str] = ()) -> None:
+    """`mmctl models`: the registry, then the notes on files model discovery skipped."""
     out = _Output()
+    # SOURCE comes last so that scripts cutting the earlier columns keep working.
     table = TextTable(
-        ["ID", "ROLE", "STATE", "MEMORY EST", "PATH"],
+        ["ID", "ROLE", "STATE", "MEMORY EST", "PATH", "SOURCE"],
         state_column=2,
-        drop_first=("ROLE", "MEMORY EST", "PATH"),
+        drop_first=("ROLE", "SOURCE", "MEMORY EST", "PATH"),
     )
     for model in models:
         flags = [name for name in ("pinned", "embedding") if getattr(model, name)]
@@ -280,9 +281,19 @@ def print_models(models: Sequence[mmd_pb2.Model]) -> None:
                 state_name(model.state),
                 size_or_dash(model.estimated_bytes),
                 model.path,
+                model.source or "config",  # a daemon older than the field: config alone
             ]
         )
     out.table_or_note(table, "no models in the registry")
+    for note in notes:
+        out.note(f"note: {note}", "yellow")
+
+
+def print_notes(notes: Sequence[str]) -> None:
+    """Notes beside JSON output: on stderr, so that stdout holds the JSON alone."""
+    sys.stdout.flush()
+    for note in notes:
+        sys.stderr.write(f"mmctl: note: {note}\n")
 
 
 def cpu_list_text(cpus: Sequence[int]) -> str:

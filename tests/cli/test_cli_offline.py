@@ -327,18 +327,20 @@ def test_piped_models_split_into_columns_like_awk(
             id="coder", role="coding assistant", pinned=True, state=mmd_pb2.MODEL_STATE_READY
         ),
         mmd_pb2.Model(id="vectors", embedding=True, state=mmd_pb2.MODEL_STATE_UNLOADED),
-        mmd_pb2.Model(id="plain", role="chat", state=mmd_pb2.MODEL_STATE_FAILED),
+        mmd_pb2.Model(
+            id="plain", role="chat", state=mmd_pb2.MODEL_STATE_FAILED, source="ollama:plain:7b"
+        ),
     ]
     result = invoke(socket_path, "models")
     assert result.exit_code == 0
     rows = [line.split("\t") for line in result.stdout.splitlines()]
-    assert rows[0] == ["ID", "ROLE", "STATE", "MEMORY EST", "PATH"]
-    assert [(row[0], row[1], row[2]) for row in rows[1:]] == [
-        ("coder", "coding assistant (pinned)", "ready"),
-        ("vectors", "- (embedding)", "unloaded"),
-        ("plain", "chat", "failed"),
+    assert rows[0] == ["ID", "ROLE", "STATE", "MEMORY EST", "PATH", "SOURCE"]
+    assert [(row[0], row[1], row[2], row[5]) for row in rows[1:]] == [
+        ("coder", "coding assistant (pinned)", "ready", "config"),
+        ("vectors", "- (embedding)", "unloaded", "config"),
+        ("plain", "chat", "failed", "ollama:plain:7b"),
     ]
-    assert all(len(row) == 5 for row in rows)
+    assert all(len(row) == 6 for row in rows)
     awk = shutil.which("awk")
     if awk is not None:  # the documented way: awk -F'\t'
         printed = subprocess.run(
@@ -349,6 +351,26 @@ def test_piped_models_split_into_columns_like_awk(
             check=True,
         ).stdout
         assert printed.splitlines() == ["coder ready", "vectors unloaded", "plain failed"]
+
+
+def test_models_discovery_notes_go_to_stderr_and_json_keeps_stdout_clean(
+    fake: FakeModelManager, socket_path: Path
+) -> None:
+    """Files model discovery skipped are listed beside the models, never mixed into a
+    table or JSON that a script reads from stdout."""
+    fake.models = [
+        mmd_pb2.Model(id="llama3.2-3b", source="ollama:llama3.2:3b"),
+    ]
+    fake.registry_notes = ["/m/broken.gguf: skipped: not a GGUF file"]
+    result = invoke(socket_path, "models")
+    assert result.exit_code == 0
+    assert "broken" not in result.stdout
+    assert "note: /m/broken.gguf: skipped: not a GGUF file" in result.stderr
+    result = invoke(socket_path, "models", "--json")
+    assert result.exit_code == 0
+    listed = json.loads(result.stdout)
+    assert [(m["id"], m["source"]) for m in listed] == [("llama3.2-3b", "ollama:llama3.2:3b")]
+    assert result.stderr == "mmctl: note: /m/broken.gguf: skipped: not a GGUF file\n"
 
 
 def test_piped_ps_has_no_escape_codes_and_is_not_cut_to_80_columns(socket_path: Path) -> None:
