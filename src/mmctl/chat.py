@@ -21,9 +21,8 @@ from mmctl.client import (
     CliError,
     MmdClient,
 )
-from mmctl.generate import KeepAlive, keep_alive_seconds
-from mmctl.options import ModelId, client_for, finite
-from mmd.core.validate import MAX_TEMPERATURE
+from mmctl.generate import KeepAlive, Temperature, keep_alive_seconds
+from mmctl.options import ModelId, client_for
 from mmd.v1 import mmd_pb2
 
 PROMPT = ">>> "
@@ -195,17 +194,7 @@ def chat(
         int | None,
         typer.Option("--max-tokens", metavar="N", min=1, help="At most N tokens per answer."),
     ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option(
-            "--temperature",
-            metavar="T",
-            min=0.0,
-            max=MAX_TEMPERATURE,
-            callback=finite,
-            help="Sampling temperature.",
-        ),
-    ] = None,
+    temperature: Temperature = None,
     keep_alive: KeepAlive = None,
 ) -> None:
     """Chat with a model: each answer streams, and the conversation is kept until the end.

@@ -18,6 +18,17 @@ from mmd.core.units import parse_keep_alive
 from mmd.core.validate import MAX_TEMPERATURE
 from mmd.v1 import mmd_pb2
 
+Temperature = Annotated[
+    float | None,
+    typer.Option(
+        "--temperature",
+        metavar="T",
+        min=0.0,
+        max=MAX_TEMPERATURE,
+        callback=finite,
+        help="Sampling temperature.",
+    ),
+]
 KeepAlive = Annotated[
     str | None,
     typer.Option(
@@ -89,17 +100,7 @@ def infer(
         int | None,
         typer.Option("--max-tokens", metavar="N", min=1, help="Generate at most N tokens."),
     ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option(
-            "--temperature",
-            metavar="T",
-            min=0.0,
-            max=MAX_TEMPERATURE,
-            callback=finite,
-            help="Sampling temperature.",
-        ),
-    ] = None,
+    temperature: Temperature = None,
     keep_alive: KeepAlive = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with the text and totals.")
