@@ -175,6 +175,16 @@ def test_second_cpu_model_re_places_the_idle_first_one() -> None:
     assert state_of(core, "a") == state_of(core, "b") == State.READY
 
 
+def test_a_pinned_model_is_re_placed_too_and_started_again_at_once() -> None:
+    core = on_cpus(TWO, {"p": 1, "b": 1}, p={"priority": 0})
+    core.submit("p", Kind.LOAD, 0.0)
+    core.load_done("p", 0.0)
+    _, effects = core.submit("b", Kind.LOAD, 1.0)
+    assert stops(effects) == [("p", "re-placed for b")]
+    assert [s.model_id for s in loads(core.stopped("p", 2.0))] == ["p"]
+    assert cores_of(core, "p") == CoreShare((1,), 1)
+
+
 def test_a_busy_model_is_re_placed_only_once_its_request_is_done() -> None:
     core = on_cpus(TWO, {"a": 1, "b": 1})
     core.submit("a", Kind.LOAD, 0.0)
