@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import CHATML, Daemon, wait_until
+from terminal import Tmux, tmux_server
 from watching import Watcher
 
 from mmd.runtime.synthetic import write_model
@@ -124,38 +123,17 @@ def test_unknown_model_fails_before_the_first_turn(daemon: Daemon) -> None:
     assert result.stdout == b""
 
 
-class Tmux:
-    """A tmux server of its own, with one session, "chat"."""
-
-    def __init__(self) -> None:
-        self.name = f"mmd-test-{uuid.uuid4().hex[:8]}"
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["tmux", "-L", self.name, *args], capture_output=True, text=True, check=False
-        )
-
-    def screen(self) -> str:
-        return self.run("capture-pane", "-p", "-t", "chat").stdout
-
-    def keys(self, *keys: str) -> None:
-        self.run("send-keys", "-t", "chat", *keys)
-
-    def start(self, daemon: Daemon, command: str) -> None:
-        started = self.run(
-            "new-session", "-d", "-s", "chat", "-x", "100", "-y", "40",
-            "-e", f"MMD_SOCKET={daemon.socket}", command,
-        )  # fmt: skip
-        assert started.returncode == 0, started.stderr
+def start(tmux: Tmux, daemon: Daemon, command: str) -> None:
+    started = tmux.run(
+        "new-session", "-d", "-s", "chat", "-x", "100", "-y", "40",
+        "-e", f"MMD_SOCKET={daemon.socket}", command,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
 
 
 @pytest.fixture
 def tmux() -> Iterator[Tmux]:
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed")
-    server = Tmux()
-    yield server
-    server.run("kill-server")
+    yield from tmux_server("chat")
 
 
 def prompts(screen: str) -> int:
@@ -168,8 +146,8 @@ def active(daemon: Daemon) -> int:
 
 def test_chat_in_a_real_terminal(daemon: Daemon, tmux: Tmux, tmp_path: Path) -> None:
     status = tmp_path / "status"
-    tmux.start(
-        daemon, f"{sys.executable} -m mmctl chat chat {' '.join(GREEDY)}; echo $? > {status}"
+    start(
+        tmux, daemon, f"{sys.executable} -m mmctl chat chat {' '.join(GREEDY)}; echo $? > {status}"
     )
     assert wait_until(lambda: "chatting with chat" in tmux.screen(), timeout=30), tmux.screen()
     assert wait_until(lambda: prompts(tmux.screen()) == 1, timeout=10), tmux.screen()
@@ -195,7 +173,7 @@ def test_chat_in_a_real_terminal(daemon: Daemon, tmux: Tmux, tmp_path: Path) -> 
 def test_ctrl_c_stops_the_answer_not_the_chat(daemon: Daemon, tmux: Tmux, tmp_path: Path) -> None:
     status = tmp_path / "status"
     command = f"{sys.executable} -m mmctl chat slow --max-tokens 8000; echo $? > {status}"
-    tmux.start(daemon, command)
+    start(tmux, daemon, command)
     assert wait_until(lambda: prompts(tmux.screen()) == 1, timeout=30), tmux.screen()
     tmux.keys("go on and on", "Enter")
     assert wait_until(lambda: active(daemon) == 1, timeout=30)

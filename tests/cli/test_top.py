@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import pytest
 from conftest import Daemon, wait_until
 from rich.console import Console
+from terminal import Tmux, tmux_server
 
 from mmctl.top import TopState, parse_keys, screen
 from mmd.core.units import GIB, MIB
@@ -129,31 +128,9 @@ def test_parse_keys() -> None:
     assert list(parse_keys(b"\x1b[15~")) == []
 
 
-class Tmux:
-    """A tmux server of its own, so nothing touches the user's sessions."""
-
-    def __init__(self) -> None:
-        self.name = f"mmd-test-{uuid.uuid4().hex[:8]}"
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["tmux", "-L", self.name, *args], capture_output=True, text=True, check=False
-        )
-
-    def screen(self) -> str:
-        return self.run("capture-pane", "-p", "-t", "top").stdout
-
-    def alive(self) -> bool:
-        return self.run("has-session", "-t", "top").returncode == 0
-
-
 @pytest.fixture
 def tmux() -> Iterator[Tmux]:
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed")
-    server = Tmux()
-    yield server
-    server.run("kill-server")
+    yield from tmux_server("top")
 
 
 def test_top_in_a_real_terminal(
@@ -185,14 +162,14 @@ def test_top_in_a_real_terminal(
     for text in ("budget", "ram ", "┃", "ready", "q quit"):
         assert wait_until(lambda text=text: text in tmux.screen(), timeout=10), tmux.screen()
     # t is selected first; move down to u and unload it.
-    tmux.run("send-keys", "-t", "top", "j")
-    tmux.run("send-keys", "-t", "top", "u")
+    tmux.keys("j")
+    tmux.keys("u")
     assert wait_until(
         lambda: {m["id"] for m in json.loads(daemon.mmctl("ps", "--json").stdout)} == {"t"},
         timeout=30,
     )
     assert wait_until(lambda: "u unloaded (unload)" in tmux.screen(), timeout=10)
-    tmux.run("send-keys", "-t", "top", "q")
+    tmux.keys("q")
     assert wait_until(lambda: status.exists() and status.read_text().strip() != "", timeout=10)
     assert status.read_text().strip() == "0"
 
