@@ -30,13 +30,12 @@ from mmd.api import protojson
 from mmd.config.http import Listen, parse_listen_address, read_keys_file
 from mmd.config.settings import Config, check_model_file, find_config, load_config
 from mmd.core.budget import BudgetSettings, DeviceBudgetView, compute_budgets, configured_cap
-from mmd.core.cores import parse_cpus_setting
 from mmd.core.errors import ConfigError, MmdError
 from mmd.core.planner import DeviceBudget, Plan, plan_load
 from mmd.core.spec import ModelSpec
 from mmd.core.units import format_size
 from mmd.host import paths
-from mmd.host.cpu_topology import cpu_budget, read_cpu_facts
+from mmd.host.cpu_topology import read_cpu_budget
 from mmd.host.memory import MemoryProbe
 from mmd.runtime.cpu import BUILD_HINT
 from mmd.runtime.server import llama_server_candidates
@@ -119,8 +118,7 @@ def _check_gpus(probe: MemoryProbe) -> Check:
 
 def _check_cpus(config: Config | None) -> Check:
     """The cores children would compute on, as the daemon reads them at start."""
-    setting = parse_cpus_setting(config.budget.cpus) if config else "auto"
-    budget = cpu_budget(read_cpu_facts(), setting)
+    budget = read_cpu_budget(config.budget.cpus if config else "auto")
     return Check("cores", "ok", f"{render.cpu_list_text(budget.cpus)} ({budget.source})")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from mmd.config.settings import Config
 from mmd.core.budget import DeviceBudgetView
-from mmd.core.cores import CoreDecision, CpuBudget, parse_cpus_setting
+from mmd.core.cores import CoreDecision, CpuBudget
 from mmd.core.effects import (
     AbortRunning,
     Admit,
@@ -45,7 +45,7 @@ from mmd.engine.monitor import MemoryMonitor
 from mmd.engine.preload import preload_models
 from mmd.engine.reload import ConfigDiff, apply_config
 from mmd.host import paths
-from mmd.host.cpu_topology import cpu_budget, read_cpu_facts
+from mmd.host.cpu_topology import read_cpu_budget
 from mmd.host.learned import LearnedStore
 from mmd.host.memory import MemoryReader, MemorySnapshot
 from mmd.runtime.check import LlamaRuntime
@@ -135,8 +135,7 @@ class Engine:
     def read_cpus(self) -> None:
         """The cores children may compute on: read at start and at each reload (a changed
         affinity or quota applies from the next load)."""
-        setting = parse_cpus_setting(self.config.budget.cpus)
-        self.core.cpu_budget = cpu_budget(read_cpu_facts(), setting)
+        self.core.cpu_budget = read_cpu_budget(self.config.budget.cpus)
 
     # --- lifecycle ------------------------------------------------------------------
 

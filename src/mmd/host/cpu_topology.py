@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmd.core.cores import CpuBudget, parse_cpu_list
+from mmd.core.cores import CpuBudget, parse_cpu_list, parse_cpus_setting
 
 _SYS_CPU = Path("/sys/devices/system/cpu")
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -28,6 +28,12 @@ class CpuFacts:
 def read_cpu_facts() -> CpuFacts:
     affinity = tuple(sorted(os.sched_getaffinity(0)))
     return CpuFacts(affinity, {cpu: _siblings(cpu) for cpu in affinity}, _cgroup_quota())
+
+
+def read_cpu_budget(setting: str | int = "auto") -> CpuBudget:
+    """This machine's budget for ``[budget] cpus`` as written in the config: the daemon's
+    (at start and each reload) and doctor's, read the same way."""
+    return cpu_budget(read_cpu_facts(), parse_cpus_setting(setting))
 
 
 def cpu_budget(facts: CpuFacts, setting: str | int | tuple[int, ...] = "auto") -> CpuBudget:
