@@ -28,6 +28,7 @@ from harness import (
     Spread,
     child_argv_matches,
     percentile,
+    share_of,
 )
 from rawhttp import Address, Completion, RawClient, busy_rate, completion_async, request_bytes
 
@@ -110,7 +111,13 @@ def _direct(
     """The floor's llama-server for a model mmd has loaded, and whether its argv is mmd's."""
     loaded = daemon.load(model_id)
     spec = runtime.spec(
-        model_id, path, root, ctx=ctx, parallel=np, layers=loaded.placement.gpu_layers
+        model_id,
+        path,
+        root,
+        ctx=ctx,
+        parallel=np,
+        layers=loaded.placement.gpu_layers,
+        cores=share_of(loaded),
     )
     server = DirectServer(runtime, spec).start()
     return server, child_argv_matches(loaded.pid, server.argv)

@@ -32,7 +32,16 @@ from typing import Any
 
 import psutil
 from bench_requests import Raw, Sizes
-from harness import PROMPT, Daemon, DirectServer, Figure, Runtime, Spread, child_argv_matches
+from harness import (
+    PROMPT,
+    Daemon,
+    DirectServer,
+    Figure,
+    Runtime,
+    Spread,
+    child_argv_matches,
+    share_of,
+)
 from peers import CTX, Router, RssSampler, chat_request, demo_models
 from rawhttp import Address, RawClient, timeline_async
 
@@ -138,7 +147,9 @@ def _latency(
     clients: dict[str, RawClient] = {}
     try:
         loaded = daemon.load("smol")
-        spec = runtime.spec("smol", models["smollm2"], root, ctx=CTX, parallel=1)
+        spec = runtime.spec(
+            "smol", models["smollm2"], root, ctx=CTX, parallel=1, cores=share_of(loaded)
+        )
         direct = DirectServer(runtime, spec, cpu_only=True).start()
         router = Router(runtime, _router_files(models, ["smol"]), root / "r", 1).start()
         addresses: dict[str, Address] = {
@@ -320,8 +331,10 @@ def _throughput(
     router = direct = None
     rates: dict[str, list[float]] = {"mmd": [], "router": [], "direct": []}
     try:
-        daemon.load("smol")
-        spec = runtime.spec("smol", models["smollm2"], root, ctx=CTX, parallel=CLIENTS)
+        loaded = daemon.load("smol")
+        spec = runtime.spec(
+            "smol", models["smollm2"], root, ctx=CTX, parallel=CLIENTS, cores=share_of(loaded)
+        )
         direct = DirectServer(runtime, spec, cpu_only=True).start()
         files = _router_files(models, ["smol"])
         router = Router(runtime, files, root / "r", 1, parallel=CLIENTS).start()

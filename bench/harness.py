@@ -23,6 +23,7 @@ from verdicts import Better, Verdict, peer_verdict, verdict
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 import daemon_proc
 
+from mmd.core.cores import CoreShare
 from mmd.engine.children import launch_flags
 from mmd.runtime.server import (
     LaunchSpec,
@@ -284,7 +285,15 @@ class Runtime:
         return cls(binary, version, options)
 
     def spec(
-        self, model_id: str, path: Path, workdir: Path, *, ctx: int, parallel: int, layers: int = 0
+        self,
+        model_id: str,
+        path: Path,
+        workdir: Path,
+        *,
+        ctx: int,
+        parallel: int,
+        layers: int = 0,
+        cores: CoreShare | None = None,
     ) -> LaunchSpec:
         no_devices, verbosity = launch_flags(self.options, layers)
         return LaunchSpec(
@@ -299,7 +308,16 @@ class Runtime:
             supports_cache_ram="--cache-ram" in self.options,
             no_devices=no_devices,
             log_verbosity=verbosity,
+            cores=cores,
         )
+
+
+def share_of(model: pb.Model) -> CoreShare | None:
+    """The cores and threads mmd gave a loaded model's child, so that a floor started
+    "with mmd's argv" runs on the same cores with the same threads."""
+    if not model.HasField("cores") or model.cores.threads == 0:
+        return None  # its args chose its threads, or it is not on the CPU
+    return CoreShare(tuple(model.cores.cpus), model.cores.threads, tuple(model.cores.shared_with))
 
 
 @dataclass
@@ -334,6 +352,10 @@ class DirectServer:
                 env=env,
                 start_new_session=True,
             )
+        if self.spec.cores is not None and not self.cpu_defaults:
+            # As mmd does for its child: the whole process on its share, before its threads start.
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(self.process.pid, self.spec.cores.cpus)
 
     def wait_ready(self, client: RawClient, poll_s: float = 0.005) -> None:
         """Poll /health until 200, as mmd does (every 5 ms)."""
