@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from mmd.runtime.upstream import Final, _read_chat, _read_completion, _sse_batches
 
@@ -186,3 +189,65 @@ def test_a_request_whose_answer_began_is_never_sent_again(tmp_path: Any) -> None
     assert seen == ["break"]  # one connection: not resent
     assert isinstance(pieces, str)
     assert pieces.startswith("model 'm': connection to llama-server lost: ")
+
+
+def test_a_stream_to_a_real_llama_server_is_never_sent_twice(
+    model_files: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """llama-server closes a connection once a streamed answer is over, whatever its
+    headers say: a pooled one would fail on the next request, which then goes out again
+    on a new connection, every time. Streams are asked for on connections that are not
+    pooled; an answer that is not streamed keeps its connection."""
+    from mmd.runtime.server import LaunchSpec, LlamaServer, probe_binary, resolve_llama_server
+    from mmd.runtime.upstream import InferParams, relay, stream_infer
+
+    binary = resolve_llama_server(None)
+    options = probe_binary(binary)[1]
+    spec = LaunchSpec(
+        model_id="tiny",
+        model_path=model_files["tiny"],
+        socket=tmp_path / "tiny.sock",
+        log_path=tmp_path / "tiny.log",
+        ctx=256,
+        parallel=1,
+        gpu_layers=0,
+        supports_fit="--fit" in options,
+        supports_cache_ram="--cache-ram" in options,
+        no_devices=True,
+    )
+
+    async def run() -> tuple[list[int], int]:
+        server = LlamaServer(binary, spec)
+        await server.start(timeout=60)
+        lengths = []
+        try:
+            for _ in range(4):
+                pieces = [p async for p in stream_infer(server.session, "tiny", params)]
+                assert isinstance(pieces[-1], Final)
+                assert pieces[-1].completion_tokens == 4
+                lengths.append(len(pieces))
+                body = {"prompt": "hi", "max_tokens": 4, "stream": True}
+                final = Final()
+                relayed = b"".join(
+                    [c async for c in relay(server.session, "tiny", path, body, final)]
+                )
+                assert final.finished
+                assert relayed.rstrip().endswith(b"data: [DONE]")
+            async with server.session.get("/health") as first:
+                assert first.status == 200
+            async with server.session.get("/health") as second:
+                assert second.status == 200
+            pooled = sum(len(c) for c in server.session.connector._conns.values())  # type: ignore[union-attr]
+        finally:
+            await server.stop(grace=2.0)
+        return lengths, pooled
+
+    params = InferParams(prompt="The quick brown fox", max_tokens=4)
+    path = "/v1/completions"
+    with caplog.at_level(logging.DEBUG, logger="mmd.upstream"):
+        lengths, pooled = asyncio.run(run())
+    assert len(lengths) == 4
+    assert all(n >= 2 for n in lengths)
+    resent = [r.getMessage() for r in caplog.records if "sent again" in r.getMessage()]
+    assert resent == []
+    assert pooled == 1  # the two health checks went out on one kept connection
