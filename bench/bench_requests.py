@@ -573,6 +573,7 @@ def _swap_run(
     floor_ready_ms: list[float] = []
     floor_swap_ms: list[float] = []  # kill the other one directly first, then the same
     swaps = sizes.swaps + 1  # the first one warms the file cache and the code paths
+    sent_unix: list[tuple[float, str, str]] = []  # (when, target, victim) of each measured swap
     events = None
     try:
         current = "swap_a"
@@ -602,9 +603,11 @@ def _swap_run(
         for i in range(swaps):
             other = current
             target = "swap_b" if current == "swap_a" else "swap_a"
+            sent = time.time()  # the daemon stamps its events with the same clock
             _total, first, _tokens = infer_via_stub(daemon.stub, target, max_tokens)
             if i:
                 swap_ms.append(first)
+                sent_unix.append((sent, target, other))
             current = target
             old, new = direct(other).start(), direct(target)
             try:
@@ -628,6 +631,7 @@ def _swap_run(
                 floor_ready_ms.append((alone.ready_at - alone.started_at) * 1000)
                 floor_swap_ms.append(swapped)
         evicted = events.wait_for_evictions(swaps)
+        phases = swap_phases(events.events(), sent_unix, swap_ms)
         loaded = [m.id for m in daemon.health().models]
     finally:
         if events:
@@ -640,6 +644,32 @@ def _swap_run(
         problems.append(f"mmd placed {gpu_layers} layers on a GPU in the {label} run")
     problem = "; ".join(problems)
     swap, floor = Spread.of(swap_ms), Spread.of(floor_ms)
+    # Where mmd's swap goes, from its own events: each phase against the floor's share.
+    phase_rows = [
+        ("request to the old child stopped (kill, reap)", "stopped", None),
+        ("old stopped to the new child started", "started", None),
+        ("new child started to ready", "ready", floor_ready_ms),
+        (
+            "ready to first token",
+            "first",
+            [f - r for f, r in zip(floor_ms, floor_ready_ms, strict=True)],
+        ),
+    ]
+    phase_figures = [
+        Figure(
+            "swap",
+            f"phase, {label}: {text}",
+            "ms",
+            Spread.of(phases[key]),
+            Spread.of(floor_part) if floor_part else None,
+            "-",
+            None,
+            better="",
+            floor_kind="the same phase of the direct floor",
+        )
+        for text, key, floor_part in phase_rows
+        if phases[key]
+    ]
     figures = [
         Figure(
             "swap",
@@ -663,6 +693,7 @@ def _swap_run(
             problem=problem,
             floor_kind="llama-server killed, the other started directly, first token",
         ),
+        *phase_figures,
     ]
     raw = {
         "budget": budget,
@@ -679,8 +710,43 @@ def _swap_run(
         "floor_first_token_ms": floor_ms,
         "floor_ready_ms": floor_ready_ms,
         "floor_kill_other_then_start_ms": floor_swap_ms,
+        "phases_ms": phases,
     }
     return figures, raw
+
+
+def swap_phases(
+    events: list[dict[str, Any]], sent: list[tuple[float, str, str]], first_ms: list[float]
+) -> dict[str, list[float]]:
+    """Each measured swap cut into phases by the daemon's model events (ms each): until the
+    victim is unloaded, until the target is loading (its child spawned), until it is
+    ready, and from ready to the first token the client saw."""
+    phases: dict[str, list[float]] = {"stopped": [], "started": [], "ready": [], "first": []}
+    for (at, target, victim), first in zip(sent, first_ms, strict=True):
+
+        def when(model_id: str, state: str, at: float = at) -> float | None:
+            times = [
+                float(e["time"])
+                for e in events
+                if e.get("type") == "model"
+                and e.get("model_id") == model_id
+                and e.get("state") == state
+                and float(e["time"]) >= at
+            ]
+            return min(times) if times else None
+
+        stopped, started, ready = (
+            when(victim, "unloaded"),
+            when(target, "loading"),
+            when(target, "ready"),
+        )
+        if stopped is None or started is None or ready is None:
+            continue
+        phases["stopped"].append((stopped - at) * 1000)
+        phases["started"].append((started - stopped) * 1000)
+        phases["ready"].append((ready - started) * 1000)
+        phases["first"].append(first - (ready - at) * 1000)
+    return phases
 
 
 # ---------------------------------------------------------------- 4. CLI latency
