@@ -6,12 +6,13 @@ Prompts come from the argument or stdin (strict UTF-8, never empty).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Annotated
 
 import typer
 
 from mmctl import render
-from mmctl.client import EXIT_USAGE, CliError
+from mmctl.client import EXIT_INTERRUPTED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, MmdClient
 from mmctl.options import ModelId, client_for, finite
 from mmd.api import protojson
 from mmd.core.units import parse_keep_alive
@@ -105,6 +106,14 @@ def infer(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with the text and totals.")
     ] = False,
+    each_line: Annotated[
+        bool,
+        typer.Option(
+            "--each-line",
+            help="Answer every line of stdin as a prompt of its own, in order, and print one "
+            "JSON object per line (JSON Lines): a script's many prompts in one mmctl.",
+        ),
+    ] = False,
 ) -> None:
     """Answer a prompt; the text streams to stdout as it arrives.
 
@@ -112,57 +121,142 @@ def infer(
     GGUF file has one; else (or with --raw) it is sent as it is, for the model to continue.
 
     Example: `cat notes.txt | mmctl infer summarizer --max-tokens 200`
+
+    Many prompts, one a line: `mmctl infer summarizer --each-line < prompts.txt > answers.jsonl`
     """
     if raw and system is not None:
         raise typer.BadParameter("--raw sends the prompt as it is, without a chat: no --system")
-    seconds = keep_alive_seconds(keep_alive)
+    if each_line and prompt not in (None, "-"):
+        raise typer.BadParameter("--each-line reads its prompts from stdin: no PROMPT argument")
+    options = _Options(
+        model_id, system, raw, max_tokens, temperature, keep_alive_seconds(keep_alive)
+    )
+    if each_line:
+        _each_line(ctx, options)
+        return
     text = _read_input(prompt, "prompt")
-    request = mmd_pb2.InferRequest(model_id=model_id, raw=raw)
-    if system is not None:
-        request.messages.append(mmd_pb2.ChatMessage(role="user", content=text))
-        request.system = system
-    else:
-        request.prompt = text
-    if max_tokens is not None:
-        request.max_tokens = max_tokens
-    if temperature is not None:
-        request.temperature = temperature
-    if seconds is not None:
-        request.keep_alive_seconds = seconds
+    with client_for(ctx) as client:
+        pieces, done = _answer(client, options.request(text), echo=not json_out)
+    if json_out:
+        render.print_json(_answer_json(model_id, pieces, done))
 
+
+@dataclass(frozen=True)
+class _Options:
+    """What every prompt of one ``mmctl infer`` is sent with."""
+
+    model_id: str
+    system: str | None
+    raw: bool
+    max_tokens: int | None
+    temperature: float | None
+    keep_alive_seconds: float | None
+
+    def request(self, text: str) -> mmd_pb2.InferRequest:
+        request = mmd_pb2.InferRequest(model_id=self.model_id, raw=self.raw)
+        if self.system is not None:
+            request.messages.append(mmd_pb2.ChatMessage(role="user", content=text))
+            request.system = self.system
+        else:
+            request.prompt = text
+        if self.max_tokens is not None:
+            request.max_tokens = self.max_tokens
+        if self.temperature is not None:
+            request.temperature = self.temperature
+        if self.keep_alive_seconds is not None:
+            request.keep_alive_seconds = self.keep_alive_seconds
+        return request
+
+
+def _answer(
+    client: MmdClient,
+    request: mmd_pb2.InferRequest,
+    *,
+    echo: bool,
+    shown_warnings: set[str] | None = None,
+) -> tuple[list[str], mmd_pb2.InferDone]:
+    """The answer's pieces and totals; with ``echo``, each piece written to stdout at once."""
     pieces: list[str] = []
     done: mmd_pb2.InferDone | None = None
-    with client_for(ctx) as client:
-        try:
-            for chunk in client.infer(request):
-                kind = chunk.WhichOneof("kind")
-                if kind == "text":
-                    pieces.append(chunk.text)
-                    if not json_out:
-                        sys.stdout.write(chunk.text)
-                        sys.stdout.flush()
-                elif kind == "done":
-                    done = chunk.done
-        finally:
-            # Keep the shell prompt (or an error line) off the end of the text.
-            wrote = "".join(pieces)
-            if not json_out and (done is not None or wrote) and not wrote.endswith("\n"):
-                sys.stdout.write("\n")
-                sys.stdout.flush()
+    try:
+        for chunk in client.infer(request, shown_warnings=shown_warnings):
+            kind = chunk.WhichOneof("kind")
+            if kind == "text":
+                pieces.append(chunk.text)
+                if echo:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+            elif kind == "done":
+                done = chunk.done
+    finally:
+        # Keep the shell prompt (or an error line) off the end of the text.
+        wrote = "".join(pieces)
+        if echo and (done is not None or wrote) and not wrote.endswith("\n"):
+            sys.stdout.write("\n")
+            sys.stdout.flush()
     if done is None:
-        raise CliError(f"mmd ended the answer from {model_id!r} without its final totals")
-    if json_out:
-        render.print_json(
-            {
-                "model": model_id,
-                "text": "".join(pieces),
-                "mode": done.mode,
-                "finish_reason": done.finish_reason,
-                "prompt_tokens": done.prompt_tokens,
-                "completion_tokens": done.completion_tokens,
-                "timings": protojson.message_to_dict(done.timings),
-            }
-        )
+        raise CliError(f"mmd ended the answer from {request.model_id!r} without its final totals")
+    return pieces, done
+
+
+def _answer_json(model_id: str, pieces: list[str], done: mmd_pb2.InferDone) -> dict[str, object]:
+    return {
+        "model": model_id,
+        "text": "".join(pieces),
+        "mode": done.mode,
+        "finish_reason": done.finish_reason,
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "timings": protojson.message_to_dict(done.timings),
+    }
+
+
+# Failures after which the next line cannot fare better: the run stops there.
+_STOPS_THE_RUN = frozenset({EXIT_UNREACHABLE, EXIT_INTERRUPTED})
+
+
+def _each_line(ctx: typer.Context, options: _Options) -> None:
+    """--each-line: each non-blank line of stdin is answered as it arrives, one JSON object
+    out per line, with its line number ("line", from 1). A line that fails gets {"line",
+    "error", "exit_code"} and the next one goes on; mmctl then exits with the first
+    failure's code. An unreachable daemon or Ctrl-C ends the run at once."""
+    if sys.stdin.isatty():
+        sys.stderr.write("mmctl: reading prompts from stdin, one per line (end with Ctrl-D)\n")
+        sys.stderr.flush()
+    first_failure = 0
+    shown_warnings: set[str] = set()  # a warning (the prompt mode) once, not once a line
+    with client_for(ctx) as client:
+        for number, data in enumerate(sys.stdin.buffer, start=1):
+            try:
+                text = data.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                failure = CliError(
+                    f"line {number} is not valid UTF-8 (byte 0x{data[err.start]:02x} at "
+                    f"offset {err.start})",
+                    EXIT_USAGE,
+                )
+                first_failure = first_failure or failure.exit_code
+                render.print_json_line(_failed_line(number, failure))
+                continue
+            if not text.strip():
+                continue
+            try:
+                pieces, done = _answer(
+                    client, options.request(text), echo=False, shown_warnings=shown_warnings
+                )
+            except CliError as failure:
+                if failure.exit_code in _STOPS_THE_RUN:
+                    raise
+                first_failure = first_failure or failure.exit_code
+                render.print_json_line(_failed_line(number, failure))
+                continue
+            render.print_json_line({"line": number, **_answer_json(options.model_id, pieces, done)})
+    if first_failure:
+        raise typer.Exit(first_failure)
+
+
+def _failed_line(number: int, failure: CliError) -> dict[str, object]:
+    return {"line": number, "error": failure.message, "exit_code": failure.exit_code}
 
 
 def embed(

@@ -40,6 +40,12 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def print_json_line(obj: Any) -> None:
+    """One object on one line (JSON Lines), flushed: a reader gets each as it is made."""
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
 # ---------------------------------------------------------------------------
 # Plain text pieces
 

@@ -557,6 +557,64 @@ def test_infer_json(fake: FakeModelManager, socket_path: Path) -> None:
     assert request.keep_alive_seconds == 300.0
 
 
+def test_infer_each_line_answers_every_line_in_order(
+    fake: FakeModelManager, socket_path: Path
+) -> None:
+    fake.infer_pieces = ["o", "k"]
+    stdin = b"first prompt\n\n   \nsecond prompt\r\nthird"
+    result = invoke(socket_path, "infer", "chat", "--each-line", "--max-tokens", "3", stdin=stdin)
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["line"] for a in answers] == [1, 4, 5]  # blank lines are skipped, not renumbered
+    assert all(a["text"] == "ok" and a["model"] == "chat" for a in answers)
+    assert all(a["finish_reason"] == "stop" for a in answers)
+    sent = [r for r in fake.requests if isinstance(r, mmd_pb2.InferRequest)]
+    assert [(r.prompt, r.max_tokens) for r in sent] == [
+        ("first prompt", 3),
+        ("second prompt", 3),
+        ("third", 3),
+    ]
+
+
+def test_infer_each_line_goes_on_after_a_failed_line(
+    fake: FakeModelManager, socket_path: Path
+) -> None:
+    """A line that fails gets an error object, the next one is still answered, and the exit
+    code is the first failure's."""
+    fake.infer_pieces = ["x"]
+    result = invoke(
+        socket_path, "infer", "chat", "--each-line", stdin=b"good\n\xff bad\nalso good\n"
+    )
+    assert result.exit_code == 2, result.output
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["line"] for a in answers] == [1, 2, 3]
+    assert answers[1] == {
+        "line": 2,
+        "error": "line 2 is not valid UTF-8 (byte 0xff at offset 0)",
+        "exit_code": 2,
+    }
+    assert answers[0]["text"] == answers[2]["text"] == "x"
+
+
+def test_infer_each_line_reports_runtime_failures_per_line(
+    fake: FakeModelManager, socket_path: Path
+) -> None:
+    fake.infer_failure_after_pieces = Failure(
+        grpc.StatusCode.UNAVAILABLE, "llama-server for 'chat' exited", "runtime_failed"
+    )
+    result = invoke(socket_path, "infer", "chat", "--each-line", stdin=b"a\nb\n")
+    assert result.exit_code == 6
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(a["line"], a["exit_code"]) for a in answers] == [(1, 6), (2, 6)]
+    assert "llama-server for 'chat' exited" in answers[0]["error"]
+
+
+def test_infer_each_line_takes_no_prompt_argument(socket_path: Path) -> None:
+    result = invoke(socket_path, "infer", "chat", "hello", "--each-line")
+    assert result.exit_code == 2
+    assert "--each-line reads its prompts from stdin" in one_error_line(result)
+
+
 def test_infer_runtime_failure_mid_stream(fake: FakeModelManager, socket_path: Path) -> None:
     fake.infer_pieces = ["partial"]
     fake.infer_failure_after_pieces = Failure(

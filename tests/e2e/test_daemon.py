@@ -120,6 +120,16 @@ def test_mmctl_infer_json(daemon: Daemon) -> None:
     assert isinstance(payload["text"], str)
 
 
+def test_mmctl_infer_each_line_answers_a_file_of_prompts(daemon: Daemon) -> None:
+    prompts = b"say hi\nname a colour\n\ncount to three\n"
+    result = daemon.mmctl("infer", "tiny", "--each-line", "--max-tokens", "2", input=prompts)
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["line"] for a in answers] == [1, 2, 4]
+    assert [a["completion_tokens"] for a in answers] == [2, 2, 2]
+    assert all(a["finish_reason"] == "length" for a in answers)
+
+
 def test_embed_via_grpc_and_mmctl(daemon: Daemon) -> None:
     response = daemon.stub.Embed(pb.EmbedRequest(model_id="embed", input=["a", "b c"]))
     assert [len(e.values) for e in response.embeddings] == [128, 128]
