@@ -752,6 +752,9 @@ def swap_phases(
 # ---------------------------------------------------------------- 4. CLI latency
 
 
+EACH_LINE_PROMPTS = 20
+
+
 def cli_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure], Raw]:
     del runtime
     tables = "".join(
@@ -784,6 +787,16 @@ def cli_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure
         for _ in range(sizes.cli_runs):
             for name, (argv, terminal) in commands.items():
                 times[name].append(timed_run(argv, env, terminal)[0])
+        # The same prompts in one mmctl: what a script with many prompts pays per prompt.
+        each_line = [*infer[:3], "--each-line", *infer[4:]]
+        lines = "".join(f"{PROMPT} {i}\n" for i in range(EACH_LINE_PROMPTS)).encode()
+        per_prompt: list[float] = []
+        for _ in range(3):
+            began = time.perf_counter()
+            done = subprocess.run(each_line, input=lines, capture_output=True, env=env, check=True)
+            per_prompt.append((time.perf_counter() - began) * 1000 / EACH_LINE_PROMPTS)
+            if len(done.stdout.splitlines()) != EACH_LINE_PROMPTS:
+                raise RuntimeError(f"mmctl infer --each-line answered: {done.stdout[-300:]!r}")
     finally:
         daemon.stop()
     spread = {name: Spread.of(values) for name, values in times.items()}
@@ -821,8 +834,19 @@ def cli_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure
         wall("mmctl infer, one-shot", "-"),
         start_up("mmctl ps"),
         start_up("mmctl infer, one-shot"),
+        Figure(
+            "cli",
+            f"mmctl infer --each-line, per prompt of {EACH_LINE_PROMPTS}",
+            "ms",
+            Spread.of(per_prompt),
+            spread["mmctl infer, one-shot"],
+            "-",
+            None,
+            better="",
+            floor_kind="one mmctl infer per prompt",
+        ),
         wall("python -c 'import mmctl.cli'", "-"),
         wall("python -c 'import grpc'", "-"),
         start_up("python -c 'import grpc'", judged=False),
     ]
-    return figures, {"wall_ms": times, "models_loaded": 3}
+    return figures, {"wall_ms": times, "each_line_ms_per_prompt": per_prompt, "models_loaded": 3}
