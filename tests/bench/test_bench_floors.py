@@ -490,3 +490,28 @@ def test_the_overcommit_budget_holds_two_models_and_not_three() -> None:
              "c": {"planned": 100, "counted": 95}}  # fmt: skip
     budget = two_of_three(needs)
     assert 280 + 100 <= budget < 280 + 100 + 100
+
+
+def test_a_swap_is_cut_into_phases_by_the_daemon_events() -> None:
+    from bench_requests import swap_phases
+
+    def model(model_id: str, state: str, at: float) -> dict[str, object]:
+        return {"type": "model", "model_id": model_id, "state": state, "time": at}
+
+    events = [
+        model("a", "ready", 99.0),  # before the swap: not part of it
+        model("a", "stopping", 100.001),
+        model("a", "unloaded", 100.008),
+        model("b", "loading", 100.009),
+        {"type": "request", "model_id": "b", "time": 100.05},
+        model("b", "ready", 100.150),
+    ]
+    phases = swap_phases(events, [(100.0, "b", "a")], [180.0])
+    assert phases == {
+        "stopped": pytest.approx([8.0]),
+        "started": pytest.approx([1.0]),
+        "ready": pytest.approx([141.0]),
+        "first": pytest.approx([30.0]),
+    }
+    # A swap whose events are missing (the watcher lagged) is left out, not guessed.
+    assert swap_phases(events[:3], [(100.0, "b", "a")], [180.0])["ready"] == []
