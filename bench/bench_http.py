@@ -18,7 +18,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from bench_requests import DIRECT_CLIENT, Raw, Sizes
+from bench_requests import DIRECT_CLIENT, Raw, Sizes, daemon_pid, server_cpu_ms
 from harness import (
     PROMPT,
     Daemon,
@@ -151,6 +151,8 @@ def _latency(
             for name in [*order, "mmd_tcp"]:
                 if name in clients:
                     done[name].append(clients[name].send(request))
+        # mmd's own CPU per request on this path, beside the gRPC path's (overhead rows).
+        cpu_ms = server_cpu_ms(daemon_pid(daemon), lambda: clients["mmd"].send(request))
     finally:
         for client in clients.values():
             client.close()
@@ -198,6 +200,16 @@ def _latency(
         row("added latency via HTTP, p50", added_p50, "< 1 ms", added_p50 < 1.0),
         row("added latency via HTTP, p95", added_p95),
         row("added first-token latency via HTTP, p50", added_first),
+        Figure(
+            "http",
+            "server CPU per request: mmd",
+            "ms",
+            Spread.of([cpu_ms]),
+            None,
+            "-",
+            None,
+            digits=2,
+        ),
     ]
     added_tcp = None
     if total["mmd_tcp"]:
@@ -213,6 +225,7 @@ def _latency(
         "first_token_ms": first,
         "tokens": {name: [c.tokens for c in found] for name, found in done.items()},
         "added_p50_ms": added_p50,
+        "server_cpu_ms_per_request": cpu_ms,
         "added_p95_ms": added_p95,
         "added_first_token_p50_ms": added_first,
         "added_tcp_p50_ms": added_tcp,

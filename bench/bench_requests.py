@@ -7,11 +7,13 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 from harness import (
     CPU_ONLY_ENV,
     PROMPT,
@@ -139,6 +141,14 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
                 grpc_ms.append(infer_via_stub(grpc_floor.stub, "tiny", max_tokens)[0])
                 if i % cli_every == 0:
                     cli_ms.append(timed_run(mmctl, daemon.env())[0])
+        # The servers' own CPU per request, which a busy machine cannot blur as it does
+        # wall time: mmd's (admission, the child's stream, gRPC) and gRPC's alone.
+        cpu_ms = {
+            "mmd": server_cpu_ms(daemon_pid(daemon), lambda: infer_via_stub(stub, "tiny", 4)),
+            "grpc_floor": server_cpu_ms(
+                grpc_floor.process.pid, lambda: infer_via_stub(grpc_floor.stub, "tiny", 4)
+            ),
+        }
     finally:
         if grpc_floor:
             grpc_floor.stop()
@@ -212,6 +222,18 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
         ),
         Figure(
             "overhead",
+            "server CPU per request: mmd vs gRPC alone",
+            "ms",
+            Spread.of([cpu_ms["mmd"]]),
+            Spread.of([cpu_ms["grpc_floor"]]),
+            "-",
+            None,
+            digits=2,
+            better="",
+            floor_kind="grpc.aio with nothing behind it",
+        ),
+        Figure(
+            "overhead",
             "latency via mmctl infer, p50",
             "ms",
             cli_s,
@@ -234,8 +256,29 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
         "messages_per_request": messages,
         "grpc_floor_ms": grpc_ms,
         "added_beyond_grpc_floor_p50_ms": beyond_grpc_p50,
+        "server_cpu_ms_per_request": cpu_ms,
     }
     return figures, raw
+
+
+CPU_SAMPLE_REQUESTS = 200
+
+
+def daemon_pid(daemon: Daemon) -> int:
+    assert daemon.process is not None
+    return daemon.process.pid
+
+
+def server_cpu_ms(pid: int, request: Callable[[], object]) -> float:
+    """The CPU time (user + system, ms) process ``pid`` spends per ``request()``, over
+    CPU_SAMPLE_REQUESTS of them in a row."""
+    process = psutil.Process(pid)
+    before = process.cpu_times()
+    for _ in range(CPU_SAMPLE_REQUESTS):
+        request()
+    after = process.cpu_times()
+    spent = (after.user - before.user) + (after.system - before.system)
+    return spent * 1000 / CPU_SAMPLE_REQUESTS
 
 
 def message_count(stub: mmd_pb2_grpc.ModelManagerStub, model_id: str, max_tokens: int) -> int:

@@ -7,6 +7,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -234,3 +235,23 @@ UUIDS = ["GPU-aaaa1111", "GPU-bbbb2222", "GPU-abcd3333"]
 )
 def test_cuda_visible_devices_is_read_as_cuda_does(value: str | None, expected: list[int]) -> None:
     assert visible_gpus(value, UUIDS) == expected
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_descendants_from_proc_are_psutils_including_grandchildren() -> None:
+    from mmd.host.memory import _descendant_pids
+
+    proc = subprocess.Popen(["sh", "-c", "sh -c 'sleep 60 & wait' & sleep 60 & wait"])
+    try:
+        shell = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        while len(shell.children(recursive=True)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        expected = {child.pid for child in shell.children(recursive=True)}
+        assert len(expected) == 3  # the inner shell, its sleep and the outer sleep
+        assert set(_descendant_pids(proc.pid)) == expected
+    finally:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        proc.wait()
