@@ -388,10 +388,18 @@ def throughput(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure]
         ).start()
         raw["argv_matches_mmd_child"] = child_argv_matches(loaded.pid, direct.argv)
 
+        mmd_process = psutil.Process(daemon_pid(daemon))
+        cpu_per_token: list[float] = []  # mmd's own CPU (µs) per token in the level's rounds
+
         def run_mmd(clients: int, requests: int) -> float:
+            before = mmd_process.cpu_times()
             start = time.perf_counter()
             tokens = asyncio.run(_mmd_tokens(daemon.socket, "gen", clients, requests, max_tokens))
-            return tokens / (time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            after = mmd_process.cpu_times()
+            spent = (after.user - before.user) + (after.system - before.system)
+            cpu_per_token.append(spent * 1e6 / max(tokens, 1))
+            return tokens / elapsed
 
         server_tps: list[float] = []  # llama-server's own rate in the current level's rounds
 
@@ -411,6 +419,7 @@ def throughput(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure]
             mmd_tps: list[float] = []
             direct_tps: list[float] = []
             server_tps.clear()
+            cpu_per_token.clear()
             for r in range(sizes.throughput_rounds):
                 order = (run_mmd, run_direct) if r % 2 == 0 else (run_direct, run_mmd)
                 for run in order:
@@ -446,8 +455,23 @@ def throughput(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure]
                     better="higher",
                     floor_kind="llama-server's own prompt_ms + predicted_ms, busy time only",
                 ),
+                # What mmd takes from the cores the child generates on, against what a
+                # token costs the child: the share of the machine the relay competes for.
+                Figure(
+                    "throughput",
+                    f"mmd's CPU per token vs the child's time per token, {clients} clients",
+                    "us",
+                    Spread.of(cpu_per_token),
+                    Spread.of([1e6 / rate for rate in server_tps if rate]),
+                    "-",
+                    None,
+                    digits=0,
+                    better="",
+                    floor_kind="1 / llama-server's busy rate",
+                ),
             ]
             raw[f"clients_{clients}"] = {
+                "mmd_cpu_us_per_token": list(cpu_per_token),
                 "requests_per_round": requests,
                 "mmd_tokens_per_s": mmd_tps,
                 "direct_tokens_per_s": direct_tps,
