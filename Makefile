@@ -45,7 +45,7 @@ runtime: $(STAMP)
 		BACKEND=cpu PYTHON=$(PYTHON) bash scripts/build_llama.sh; }
 
 # The aarch64 llama-server that tests/runtime/test_arm64_runtime.py runs under qemu-aarch64:
-# cross-built once per machine and pin (cold ~26 min on 2 busy cores), then cached.
+# cross-built once per machine and pin (cold 16-26 min on 2 cores), then cached.
 arm64-runtime:
 	@bash scripts/cross_arm64.sh
 

@@ -26,7 +26,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "aarch64 llama-server: not built (needs ${missing[*]}; .ci/run installs them); its test skips"
   exit 0
 fi
-echo "== cross-building llama-server for aarch64, once per machine (~26 min on 2 busy cores; cached in $cache)"
+echo "== cross-building llama-server for aarch64, once per machine (16-26 min on 2 cores; cached in $cache)"
 nice -n 19 env CROSS=aarch64 BACKEND=cpu PREFIX="$prefix" JOBS="${JOBS:-$(nproc)}" \
   bash scripts/build_llama.sh
 find "$cache" -mindepth 1 -maxdepth 1 ! -name "$key" -exec rm -rf {} +
