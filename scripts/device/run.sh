@@ -19,7 +19,7 @@ venv=/tmp/mmd-venv
   "$venv/bin/pip" install -q --no-index --no-deps "$here"/wheels/*.whl
   "$venv/bin/pip" install -q --no-index --no-deps --no-build-isolation -e .
   mkdir -p /tmp/mmd-llama && tar -xJf "$here/llama.tar.xz" -C /tmp/mmd-llama
-  cp -r /tmp/mmd-llama/bundled/* "$site/"
+  if [ -d /tmp/mmd-llama/bundled ]; then cp -r /tmp/mmd-llama/bundled/* "$site/"; fi
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
   for server in "$site"/*/bin/llama-server /tmp/mmd-llama/built/bin/llama-server; do
     [ -x "$server" ] && echo "$server" && "$server" --list-devices

