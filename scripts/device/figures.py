@@ -3,11 +3,11 @@
 ``python scripts/device/figures.py LLAMA_SERVER [--label NAME]`` starts the server three
 times, as mmd would place a model: all layers on the GPU (``-ngl 99``), split (half of the
 layers), and on the CPU (``-ngl 0 --device none``). For each it prints one JSON line: the
-load time, tokens/s for 64 generated tokens, the child's host memory (PSS) and GPU memory
-per device (NVML, per process), its thread count, and the per-device bytes that mmd reads
-from the log's buffer-size lines, beside the estimate's constant for a GPU child's host
-memory. Where NVML sees no GPU the same runs happen on the CPU, which proves the script,
-not the figures.
+load time, tokens/s for 64 generated tokens, the child's host memory (PSS, and its anonymous
+resident part) and GPU memory per device (NVML, per process), its thread count, and the
+per-device bytes that mmd reads from the log's buffer-size lines, beside the estimate's
+constant for a GPU child's host memory. Where NVML sees no GPU the same runs happen on the
+CPU, which proves the script, not the figures.
 """
 
 from __future__ import annotations
@@ -84,6 +84,12 @@ def measure(
         usage = probe.process_usage(child.pid)
         row["host_mib"] = round(usage.pop("ram", 0) / MIB)
         row["gpu_mib"] = {device: round(n / MIB) for device, n in usage.items()}
+        # Without the file-backed pages of the mapped model, which the kernel can reclaim.
+        status = Path(f"/proc/{child.pid}/status").read_text()
+        anon_kib = next(
+            int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("RssAnon:")
+        )
+        row["host_anon_mib"] = round(anon_kib / 1024)
         row["threads"] = psutil.Process(child.pid).num_threads()
         logged = runtime_bytes(log_path.read_text(errors="replace"))
         row["buffers_mib"] = {device: round(n / MIB) for device, n in logged.items()}
