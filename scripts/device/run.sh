@@ -62,7 +62,9 @@ started=$(date +%s)
       fi
     done
     missing=$(ldd "$llama/cuda/bin/libggml-cuda.so" | sed -n 's/^[[:space:]]*\([^ ]*\) => not found/\1/p')
-    if [ -n "$missing" ]; then
+    if [ -n "$missing" ] && [ $dry = 1 ]; then
+      echo "cuda build: lacks $(echo $missing); dry run: used anyway (it serves on the CPU)"
+    elif [ -n "$missing" ]; then
       # llama-server would quietly serve on the CPU: not a CUDA run.
       echo "lacks $(echo $missing)" >"$llama/cuda/unusable"
       echo "cuda build: unusable here, lacks $(echo $missing)"
