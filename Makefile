@@ -91,7 +91,8 @@ bench: $(DEMO_STAMP)
 device-prep: $(STAMP)
 	bash scripts/device/prepare.sh
 
-# ~25-40 min on 2 cores; see the README's "The llama-server runtime".
+# ~25-40 min on 2 cores (BACKEND=cuda: add ~45 min per GPU architecture; CUDA_ARCHITECTURES=90
+# builds one); see the README's "The llama-server runtime".
 llama:
 	BACKEND=$(or $(BACKEND),cpu) CROSS=$(CROSS) PYTHON=$(PYTHON) bash scripts/build_llama.sh
 

@@ -34,13 +34,12 @@ CROSS=${CROSS:-}
 
 case "$BACKEND" in
   cpu) backend_flags=() ;;
-  # CUDA_ARCHITECTURES=90 (say) builds for that GPU only, much faster than the default list.
-  cuda) backend_flags=(-DGGML_CUDA=ON ${CUDA_ARCHITECTURES:+-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCHITECTURES}) ;;
+  cuda) backend_flags=(-DGGML_CUDA=ON) ;;  # and more below, once nvcc is known
   vulkan) backend_flags=(-DGGML_VULKAN=ON) ;;
   *) echo "make llama: BACKEND must be cpu, cuda or vulkan (got '$BACKEND')" >&2; exit 2 ;;
 esac
 if [ "$BACKEND" = cuda ] && ! command -v nvcc >/dev/null; then
-  echo "make llama: BACKEND=cuda needs the CUDA toolkit (nvcc on PATH)" >&2
+  echo "make llama: BACKEND=cuda needs the CUDA toolkit's compiler (nvcc on PATH)" >&2
   exit 2
 fi
 
@@ -69,6 +68,80 @@ if [ -n "$CROSS" ] && [ "$BACKEND" != cpu ]; then
 fi
 
 mkdir -p "$WORK"
+
+# CUDA: the architectures, and cuBLAS from PyPI where the toolkit has none (a toolkit made
+# of the nvidia-cuda-* wheels, say). The pins match nvcc's major version (CUDA 12 or 13).
+cuda_libs=()  # the CUDA libraries copied beside llama-server (not libcuda.so.1: the driver's)
+if [ "$BACKEND" = cuda ]; then
+  cuda_version=$(nvcc --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')
+  cuda_major=${cuda_version%%.*}
+  case "$cuda_major" in
+    13) default_archs="75-real;80-real;86-real;89-real;90-real;100-real;120-real;100-virtual"
+        cublas_req="nvidia-cublas==13.0.2.14"
+        cublas_hashes=(0cf238ffdbe46c00cb9aa98e7bca745c223a5ca5a53e686ac8b3e5a08fe80d6c  # x86_64
+                       17165c296de689662b96e0ef4f21dfbff3092ff00d0e3e59470f5acb08c0f87d)  # aarch64
+        cublas_sub=cu13 ;;
+    12) if [ "${cuda_version#12.}" -ge 8 ]; then
+          default_archs="75-real;80-real;86-real;89-real;90-real;100-real;120-real;100-virtual"
+        else
+          default_archs="75-real;80-real;86-real;89-real;90-real;90-virtual"
+        fi
+        cublas_req="nvidia-cublas-cu12==12.9.1.4"
+        cublas_hashes=(453611eb21a7c1f2c2156ed9f3a45b691deda0440ec550860290dc901af5b4c2  # x86_64
+                       7a950dae01add3b415a5a5cdc4ec818fb5858263e9cca59004bb99fdbbd3a5d6)  # aarch64
+        cublas_sub=cublas ;;
+    *) echo "make llama: BACKEND=cuda needs CUDA 12 or 13 (nvcc says '${cuda_version:-?}')" >&2
+       exit 2 ;;
+  esac
+  # CUDA_ARCHITECTURES=90 (say) builds for that GPU only, much faster than the default list.
+  archs=${CUDA_ARCHITECTURES:-$default_archs}
+  backend_flags+=("-DCMAKE_CUDA_ARCHITECTURES=$archs")
+  echo "== CUDA $cuda_version, architectures $archs"
+  top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+  toolkit_libs=$(find -L "$top/lib64" "$top/lib" "$top"/targets/*/lib -maxdepth 1 \
+    -name 'libcudart.so.*' -printf '%h\n' 2>/dev/null | head -1)
+  if find -L "$top/include" "$top"/targets/*/include -maxdepth 1 -name cublas_v2.h 2>/dev/null |
+    grep -q . && [ -n "$toolkit_libs" ] && [ -e "$toolkit_libs/libcublas.so" ]; then
+    cublas_lib=$toolkit_libs
+    echo "== cuBLAS from the CUDA toolkit ($cublas_lib)"
+  else
+    cublas_dir="$WORK/cublas-cuda$cuda_major"
+    cublas_lib="$cublas_dir/nvidia/$cublas_sub/lib"
+    if [ ! -e "$cublas_lib/libcublas.so" ]; then
+      echo "== cuBLAS from PyPI ($cublas_req; the CUDA toolkit has none)"
+      requirements="$WORK/cublas-cuda$cuda_major.txt"
+      printf '%s' "$cublas_req" >"$requirements"
+      printf ' --hash=sha256:%s' "${cublas_hashes[@]}" >>"$requirements"
+      echo >>"$requirements"
+      rm -rf "$cublas_dir"
+      "$PYTHON" -m pip install --quiet --no-deps --require-hashes --target "$cublas_dir" \
+        -r "$requirements"
+      # The wheel has the run-time names only; the linker looks for the plain ones.
+      for lib in cublas cublasLt; do ln -sf "lib$lib.so.$cuda_major" "$cublas_lib/lib$lib.so"; done
+    fi
+    # FindCUDAToolkit looks for cuBLAS beside libcudart only: name the libraries, and the
+    # headers for the compilers.
+    cublas_include="$cublas_dir/nvidia/$cublas_sub/include"
+    backend_flags+=("-DCUDA_cublas_LIBRARY=$cublas_lib/libcublas.so"
+      "-DCUDA_cublasLt_LIBRARY=$cublas_lib/libcublasLt.so"
+      "-DCMAKE_CUDA_FLAGS=-isystem $cublas_include" "-DCMAKE_CXX_FLAGS=-isystem $cublas_include")
+  fi
+  # ggml-cuda links the driver's libcuda.so.1. A toolkit without the driver usually has a
+  # link-time stub for it; where it has none either, one is made from cuda.h's functions.
+  # It is only linked against: at run time the loader finds the driver's own library.
+  if ! find -L "$top" -name libcuda.so 2>/dev/null | grep -q . && ! ldconfig -p | grep -q 'libcuda\.so '; then
+    stub="$WORK/cuda-driver-stub"
+    mkdir -p "$stub"
+    echo '#include <cuda.h>' | ${CC:-cc} -E -P $(printf -- '-I%s ' "$top"/targets/*/include "$top/include") -x c - |
+      grep -oE '\bcu[A-Z][A-Za-z0-9_]*[[:space:]]*\(' | tr -d ' (' | sort -u |
+      sed 's/.*/void &(void) {}/' >"$stub/libcuda.c"
+    ${CC:-cc} -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub/libcuda.so" "$stub/libcuda.c"
+    backend_flags+=("-DCUDA_cuda_driver_LIBRARY=$stub/libcuda.so")
+    echo "== linking against a stub libcuda.so ($(grep -c . "$stub/libcuda.c") functions; no driver here)"
+  fi
+  cuda_libs=("$toolkit_libs/libcudart.so.$cuda_major" "$cublas_lib/libcublas.so.$cuda_major"
+    "$cublas_lib/libcublasLt.so.$cuda_major")
+fi
 started=$(date +%s)
 tools="$WORK/tools"
 if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
@@ -140,6 +213,9 @@ echo "== installing into $PREFIX"
 rm -rf "$PREFIX.new" && mkdir -p "$PREFIX.new/bin"
 cp "$build/bin/llama-server" "$PREFIX.new/bin/"
 find "$build" -name '*.so*' \( -type f -o -type l \) -exec cp -P {} "$PREFIX.new/bin/" \;
+# The CUDA runtime and cuBLAS, so that llama-server needs no LD_LIBRARY_PATH (they are
+# found by $ORIGIN); libcuda.so.1 comes with the NVIDIA driver and is never copied.
+for lib in "${cuda_libs[@]}"; do cp -L "$lib" "$PREFIX.new/bin/"; done
 rm -rf "$PREFIX" && mv "$PREFIX.new" "$PREFIX"
 if [ -z "$CROSS" ]; then
   "$PREFIX/bin/llama-server" --version 2>&1 | grep -m1 version || true

