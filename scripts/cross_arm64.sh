@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # make test's aarch64 llama-server: `make llama` with CROSS=aarch64, built once and kept
 # under $XDG_CACHE_HOME/mmd/llama-aarch64/KEY, where KEY hashes scripts/build_llama.sh
-# (which pins the llama.cpp source by hash): a new pin or build recipe builds anew, and
-# the older build is removed. tests/runtime/test_arm64_runtime.py runs it under
+# (which pins the llama.cpp source by hash) less its GPU parts (its CUDA section and any
+# line naming CUDA, cuBLAS or Vulkan, which a CPU build does not run): a new pin or CPU
+# build recipe builds anew, and the older build is removed. tests/runtime/test_arm64_runtime.py runs it under
 # qemu-aarch64. Skipped (said so) without the cross compiler or qemu-user, unless
 # MMD_REQUIRE_ARM64 is set (.ci/run sets it where it installed them): then it must build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/mmd/llama-aarch64
-key=$(sha256sum scripts/build_llama.sh | cut -c1-16)
+key=$(sed '/^# CUDA:/,/^fi$/d' scripts/build_llama.sh | grep -viE 'cuda|cublas|vulkan|^[[:space:]]*$' |
+  sha256sum | cut -c1-16)
 prefix=$cache/$key
 if [ -x "$prefix/bin/llama-server" ]; then
   echo "aarch64 llama-server: cached in $prefix"
