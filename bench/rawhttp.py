@@ -291,7 +291,11 @@ class RawClient:
                     raise
                 continue
             end_at = time.perf_counter()
-            if not reader.keep_alive:
+            if not reader.keep_alive or reader.chunked:
+                # llama-server closes its end once a streamed (chunked) answer is over,
+                # whatever its headers say: a kept connection would fail on the next
+                # request and be sent again, a cost mmd's relay does not pay (it asks for
+                # streams on connections it does not pool). mmd's listener is read alike.
                 self.close()
             # Else the connection is kept, as mmd keeps its own to the child: llama-server
             # answers a request on a kept connection ~5 ms sooner than on a new one. A kept
