@@ -12,6 +12,10 @@ cache=${XDG_CACHE_HOME:-$HOME/.cache}/mmd/llama-aarch64
 key=$(sed '/^# CUDA:/,/^fi$/d' scripts/build_llama.sh | grep -viE 'cuda|cublas|vulkan|^[[:space:]]*$' |
   sha256sum | cut -c1-16)
 prefix=$cache/$key
+if [ "${1:-}" = --prefix ]; then  # where the build is (or will be): for the test
+  echo "$prefix"
+  exit 0
+fi
 if [ -x "$prefix/bin/llama-server" ]; then
   echo "aarch64 llama-server: cached in $prefix"
   exit 0

@@ -12,7 +12,6 @@ hwcaps), not assumed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -33,9 +32,11 @@ CROSS_CC = shutil.which("aarch64-linux-gnu-gcc")
 
 def cached_build() -> Path:
     """Where scripts/cross_arm64.sh keeps the build for this pin and recipe."""
-    key = hashlib.sha256((ROOT / "scripts" / "build_llama.sh").read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "mmd" / "llama-aarch64" / key / "bin" / "llama-server"
+    script = ROOT / "scripts" / "cross_arm64.sh"
+    prefix = subprocess.run(
+        ["bash", str(script), "--prefix"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return Path(prefix) / "bin" / "llama-server"
 
 
 BUILD = cached_build()
