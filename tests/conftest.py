@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,12 @@ import pytest
 from daemon_proc import Daemon, llama_children
 
 from mmd.runtime.synthetic import write_model
+
+# A suite started in the background by a script without job control inherits SIGINT
+# ignored, and so would every mmctl it starts: the tests of Ctrl-C would then see none.
+# A handler of our own is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 __all__ = ["CHATML", "Daemon", "llama_children", "wait_until"]
 
