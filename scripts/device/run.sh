@@ -132,6 +132,14 @@ for item in $plan; do
   rc=$?
   echo "rc=$rc" >>"$file"
   echo "$item: rc=$rc in $(($(date +%s) - t0))s (limit ${limit}s): $(grep -v '^rc=' "$file" | tail -1)" >>"$out/summary.txt"
+  # A stage cut by its timeout can leave llama-servers running (the bench's direct floors,
+  # figures.py's child): they would hold GPU memory into the next stage's figures.
+  pattern="$(dirname "$server")/llama-server"
+  left_over=$(pgrep -f "$pattern" | wc -l)
+  if [ "$left_over" -gt 0 ]; then
+    pkill -KILL -f "$pattern"
+    echo "$item: killed $left_over llama-server(s) it left running" >>"$out/summary.txt"
+  fi
 done
 echo "total $(($(date +%s) - started))s" >>"$out/summary.txt"
 cat "$out/summary.txt"
