@@ -269,16 +269,20 @@ def daemon_pid(daemon: Daemon) -> int:
     return daemon.process.pid
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    """The CPU time (user + system, s) ``process`` has spent so far."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def server_cpu_ms(pid: int, request: Callable[[], object]) -> float:
-    """The CPU time (user + system, ms) process ``pid`` spends per ``request()``, over
+    """The CPU time (ms) process ``pid`` spends per ``request()``, over
     CPU_SAMPLE_REQUESTS of them in a row."""
     process = psutil.Process(pid)
-    before = process.cpu_times()
+    before = cpu_seconds(process)
     for _ in range(CPU_SAMPLE_REQUESTS):
         request()
-    after = process.cpu_times()
-    spent = (after.user - before.user) + (after.system - before.system)
-    return spent * 1000 / CPU_SAMPLE_REQUESTS
+    return (cpu_seconds(process) - before) * 1000 / CPU_SAMPLE_REQUESTS
 
 
 def message_count(stub: mmd_pb2_grpc.ModelManagerStub, model_id: str, max_tokens: int) -> int:
@@ -392,12 +396,11 @@ def throughput(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure]
         cpu_per_token: list[float] = []  # mmd's own CPU (µs) per token in the level's rounds
 
         def run_mmd(clients: int, requests: int) -> float:
-            before = mmd_process.cpu_times()
+            before = cpu_seconds(mmd_process)
             start = time.perf_counter()
             tokens = asyncio.run(_mmd_tokens(daemon.socket, "gen", clients, requests, max_tokens))
             elapsed = time.perf_counter() - start
-            after = mmd_process.cpu_times()
-            spent = (after.user - before.user) + (after.system - before.system)
+            spent = cpu_seconds(mmd_process) - before
             cpu_per_token.append(spent * 1e6 / max(tokens, 1))
             return tokens / elapsed
 
@@ -832,10 +835,11 @@ def cli_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure
     daemon = Daemon(work / "cli", tables).start()
     # As installed: with bytecode caches (an environment may turn writing them off).
     env = {k: v for k, v in daemon.env().items() if k != "PYTHONDONTWRITEBYTECODE"}
-    infer = [*python_bin("mmctl"), "infer", "cli0", PROMPT, "--raw", "--max-tokens", "4"]
+    mmctl, options = python_bin("mmctl"), ["--raw", "--max-tokens", "4"]
+    infer = [*mmctl, "infer", "cli0", PROMPT, *options]
     commands: dict[str, tuple[list[str], bool]] = {
-        "mmctl ps": ([*python_bin("mmctl"), "ps"], False),
-        "mmctl ps, on a terminal": ([*python_bin("mmctl"), "ps"], True),
+        "mmctl ps": ([*mmctl, "ps"], False),
+        "mmctl ps, on a terminal": ([*mmctl, "ps"], True),
         "mmctl infer, one-shot": (infer, False),
         "python -c pass": ([sys.executable, "-c", "pass"], False),
         "python -c 'import mmctl.cli'": ([sys.executable, "-c", "import mmctl.cli"], False),
@@ -855,7 +859,7 @@ def cli_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure
             for name, (argv, terminal) in commands.items():
                 times[name].append(timed_run(argv, env, terminal)[0])
         # The same prompts in one mmctl: what a script with many prompts pays per prompt.
-        each_line = [*infer[:3], "--each-line", *infer[4:]]
+        each_line = [*mmctl, "infer", "cli0", "--each-line", *options]
         lines = "".join(f"{PROMPT} {i}\n" for i in range(EACH_LINE_PROMPTS)).encode()
         per_prompt: list[float] = []
         for _ in range(3):
