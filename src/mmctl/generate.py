@@ -46,15 +46,7 @@ def _read_input(value: str | None, what: str) -> str:
         if sys.stdin.isatty():
             sys.stderr.write(f"mmctl: reading the {what} from stdin (end with Ctrl-D)\n")
             sys.stderr.flush()
-        data = sys.stdin.buffer.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise CliError(
-                f"the {what} on stdin is not valid UTF-8 "
-                f"(byte 0x{data[err.start]:02x} at offset {err.start})",
-                EXIT_USAGE,
-            ) from None
+        text = _decoded(sys.stdin.buffer.read(), f"the {what} on stdin")
     else:
         text = value
         try:
@@ -64,6 +56,17 @@ def _read_input(value: str | None, what: str) -> str:
     if not text.strip():
         raise CliError(f"empty {what}", EXIT_USAGE)
     return text
+
+
+def _decoded(data: bytes, subject: str) -> str:
+    """``data`` as strict UTF-8; else a usage error naming ``subject`` and the bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CliError(
+            f"{subject} is not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})",
+            EXIT_USAGE,
+        ) from None
 
 
 def keep_alive_seconds(value: str | None) -> float | None:
@@ -228,19 +231,9 @@ def _each_line(ctx: typer.Context, options: _Options) -> None:
     with client_for(ctx) as client:
         for number, data in enumerate(sys.stdin.buffer, start=1):
             try:
-                text = data.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                failure = CliError(
-                    f"line {number} is not valid UTF-8 (byte 0x{data[err.start]:02x} at "
-                    f"offset {err.start})",
-                    EXIT_USAGE,
-                )
-                first_failure = first_failure or failure.exit_code
-                render.print_json_line(_failed_line(number, failure))
-                continue
-            if not text.strip():
-                continue
-            try:
+                text = _decoded(data, f"line {number}").rstrip("\r\n")
+                if not text.strip():
+                    continue
                 pieces, done = _answer(
                     client, options.request(text), echo=False, shown_warnings=shown_warnings
                 )

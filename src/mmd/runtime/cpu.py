@@ -70,17 +70,14 @@ def sigill_line(
     """The one-line diagnosis of a llama-server killed by SIGILL."""
     flags = cpu_flags() if flags is None else flags
     features = machine_features(machine)
-    if not features:
-        return (
-            f"llama-server {binary}: illegal instruction: built for CPU features this machine "
-            f"lacks; {BUILD_HINT}"
-        )
-    has = [f for f in features if f in flags]
-    lacks = [f for f in features if f not in flags]
+    listed = ""  # an architecture whose variants mmd does not know gets no feature list
+    if features:
+        has = " ".join(f for f in features if f in flags) or "none of them"
+        lacks = " ".join(f for f in features if f not in flags) or "none of them"
+        listed = f" (this CPU has {has}; lacks {lacks})"
     return (
         f"llama-server {binary}: illegal instruction: built for CPU features this machine "
-        f"lacks (this CPU has {' '.join(has) or 'none of them'}; lacks "
-        f"{' '.join(lacks) or 'none of them'}); {BUILD_HINT}"
+        f"lacks{listed}; {BUILD_HINT}"
     )
 
 
