@@ -8,6 +8,7 @@ It imports nothing from pytest, so that bench/ can import it by adding tests/ to
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -176,6 +177,17 @@ class Daemon:
             timeout=timeout,
             check=False,
         )
+
+    def load_and_answer(self, model_id: str, tokens: int, timeout: float) -> None:
+        """``mmctl load`` then a ``mmctl infer --json`` of ``tokens`` tokens, both must work:
+        the proof that a runtime serves."""
+        load = self.mmctl("load", model_id, timeout=timeout)
+        assert load.returncode == 0, load.stderr.decode()
+        result = self.mmctl(
+            "infer", model_id, "hello", "--max-tokens", str(tokens), "--json", timeout=timeout
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        assert json.loads(result.stdout)["completion_tokens"] == tokens
 
     def load(self, model_id: str, timeout: float = 120) -> pb.Model:
         """LoadModel until ready; the loaded model."""

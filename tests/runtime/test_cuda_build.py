@@ -94,11 +94,7 @@ def test_without_a_driver_the_cuda_build_serves_on_the_cpu(
         '[models.tiny]\npath = "{}"\nctx = 256\n'.format(model_files["tiny"]),
         extra_env={"XDG_DATA_HOME": str(data), "PATH": "/usr/bin:/bin", "MMD_LLAMA_SERVER": ""},
     )
-    load = daemon.mmctl("load", "tiny", timeout=120)
-    assert load.returncode == 0, load.stderr.decode()
-    result = daemon.mmctl("infer", "tiny", "hello", "--max-tokens", "2", "--json", timeout=120)
-    assert result.returncode == 0, result.stderr.decode()
-    assert json.loads(result.stdout)["completion_tokens"] == 2
+    daemon.load_and_answer("tiny", tokens=2, timeout=120)
     health = json.loads(daemon.mmctl("health", "--json").stdout)
     assert health["llama_server"].startswith(f"{chosen} (built (cuda)), version")
     assert "falling back" not in daemon.log_path.read_text()

@@ -58,11 +58,7 @@ def test_a_model_is_served_on_a_haswell_cpu(
         daemon_extra=f'llama_server = "{wrapper}"\nload_timeout = "120s"\n',
         extra_env={"XDG_DATA_HOME": str(tmp_path / "data")},
     )
-    load = daemon.mmctl("load", "tiny", timeout=180)
-    assert load.returncode == 0, load.stderr.decode()
-    result = daemon.mmctl("infer", "tiny", "hello", "--max-tokens", "6", "--json", timeout=180)
-    assert result.returncode == 0, result.stderr.decode()
-    assert json.loads(result.stdout)["completion_tokens"] == 6
+    daemon.load_and_answer("tiny", tokens=6, timeout=180)
     health = json.loads(daemon.mmctl("health", "--json").stdout)
     assert health["llama_server"].startswith(f"{wrapper} (config daemon.llama_server), version")
     assert "qemu-x86_64" in " ".join(p.cmdline()[0] for p in daemon.children())
