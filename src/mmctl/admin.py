@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mmctl import render
-from mmctl.client import EXIT_ERROR
+from mmctl.errors import EXIT_ERROR
 from mmctl.options import JsonFlag, client_for, socket_of
 from mmd.api import protojson
 

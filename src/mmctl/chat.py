@@ -14,13 +14,8 @@ from typing import Annotated
 
 import typer
 
-from mmctl.client import (
-    EXIT_UNKNOWN_MODEL,
-    EXIT_UNREACHABLE,
-    EXIT_USAGE,
-    CliError,
-    MmdClient,
-)
+from mmctl.client import MmdClient
+from mmctl.errors import EXIT_UNKNOWN_MODEL, EXIT_UNREACHABLE, EXIT_USAGE, CliError
 from mmctl.generate import KeepAlive, Temperature, keep_alive_seconds
 from mmctl.options import ModelId, client_for
 from mmd.v1 import mmd_pb2

@@ -14,14 +14,14 @@ import typer
 from typer.core import TyperGroup
 
 from mmctl import chat, generate, observe, render, top
-from mmctl.client import (
+from mmctl.client import exit_code_for
+from mmctl.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_NO_ROOM,
     EXIT_USAGE,
     CliError,
-    exit_code_for,
 )
 from mmctl.options import JsonFlag, ModelId, client_for, finite
 from mmd.api import protojson

@@ -1,8 +1,7 @@
-"""A synchronous gRPC client for mmd, and the one mapping from gRPC errors to exit codes."""
+"""A synchronous gRPC client for mmd, and its failures as mmctl's one-line errors."""
 
 from __future__ import annotations
 
-import grp
 import os
 import sys
 from collections.abc import Iterator
@@ -13,22 +12,11 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from mmctl.errors import EXIT_UNREACHABLE, CliError, exit_code_for_status
+from mmctl.sockets import choose_socket, unreachable_message
 from mmd.core.errors import ERROR_KIND_KEY, WARNING_KEY
 from mmd.host import paths
 from mmd.v1 import mmd_pb2, mmd_pb2_grpc
-
-# Exit codes, documented in `mmctl --help`.
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_UNKNOWN_MODEL = 4
-EXIT_NO_ROOM = 5
-EXIT_RUNTIME_FAILED = 6
-EXIT_INTERRUPTED = 130
-# The reader of mmctl's output went away (`mmctl ... | head`): what a process killed by
-# SIGPIPE reports to a shell (128 + 13), so that `set -o pipefail` scripts see the usual code.
-EXIT_BROKEN_PIPE = 141
 
 # Short queries get a deadline so a wedged daemon cannot hang a script forever;
 # loads, unloads and inference may legitimately take minutes and get none.
@@ -37,19 +25,8 @@ QUERY_TIMEOUT_S = 30.0
 # Many long embeddings can exceed grpc's 4 MiB default.
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-_RUNTIME_FAILED_KIND = "runtime_failed"
-
 Request = TypeVar("Request", bound=Message)
 Response = TypeVar("Response", bound=Message)
-
-
-class CliError(Exception):
-    """An error mmctl reports as one line on stderr and an exit code."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = exit_code
 
 
 def error_kind(err: grpc.RpcError) -> str | None:
@@ -73,97 +50,9 @@ def _status_code(err: grpc.RpcError) -> grpc.StatusCode | None:
 
 
 def exit_code_for(err: grpc.RpcError) -> int:
-    """The exit code for a failed call.
-
-    UNAVAILABLE means two different things: mmd says a model's runtime failed
-    (it then names the kind in trailing metadata), or grpc could not reach the
-    daemon at all (no metadata).
-    """
+    """The exit code for a failed call (mmctl.errors.exit_code_for_status)."""
     code = _status_code(err)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return EXIT_USAGE
-    if code == grpc.StatusCode.NOT_FOUND:
-        return EXIT_UNKNOWN_MODEL
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return EXIT_NO_ROOM
-    if code == grpc.StatusCode.UNAVAILABLE:
-        if error_kind(err) == _RUNTIME_FAILED_KIND:
-            return EXIT_RUNTIME_FAILED
-        if error_kind(err) is None:
-            return EXIT_UNREACHABLE
-    return EXIT_ERROR
-
-
-def unreachable_message(*tried: Path) -> str:
-    where = " or ".join(str(path) for path in tried)
-    return (
-        f"no mmd daemon at {where} (start it with 'mmd' or 'systemctl start mmd', or pass --socket)"
-    )
-
-
-def permission_message(socket_path: Path) -> str:
-    return f"permission denied on {socket_path} (are you in group {_group_of(socket_path)}?)"
-
-
-def _group_of(socket_path: Path) -> str:
-    """The group that grants access: the socket's, else its directory's (when the directory
-    is what keeps us out); "mmd", the system service's group, when neither can be read."""
-    for path in (socket_path, socket_path.parent):
-        try:
-            gid = os.stat(path).st_gid
-        except OSError:
-            continue
-        try:
-            return grp.getgrgid(gid).gr_name
-        except KeyError:
-            return str(gid)
-    return "mmd"
-
-
-def locate_socket(candidates: list[Path]) -> Path | None:
-    """The first candidate that exists, or that we may not even look at (its directory is
-    closed to us, and the daemon may well be there); None when none does."""
-    for candidate in candidates:
-        try:
-            os.stat(candidate)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError:
-            pass
-        return candidate
-    return None
-
-
-def check_runtime_dir(socket_path: Path) -> None:
-    """CliError (exit 3) when the socket lies in the per-user /tmp/mmd-UID and that is not
-    this user's alone: whoever made it could serve a socket of their own there."""
-    if socket_path.parent != paths.fallback_runtime_dir():
-        return
-    try:
-        paths.check_private_dir(socket_path.parent)
-    except FileNotFoundError:
-        pass
-    except paths.UnsafeDirectory as err:
-        raise CliError(str(err), EXIT_UNREACHABLE) from None
-
-
-def choose_socket(candidates: list[Path]) -> Path:
-    """The socket to connect to, or CliError (exit 3) saying why there is none to use."""
-    absolute = [Path(os.path.abspath(candidate)) for candidate in candidates]
-    for candidate in absolute:
-        check_runtime_dir(candidate)
-    found = locate_socket(absolute)
-    if found is None:
-        raise CliError(unreachable_message(*absolute), EXIT_UNREACHABLE)
-    try:
-        os.stat(found)
-    except OSError as err:
-        if isinstance(err, PermissionError):
-            raise CliError(permission_message(found), EXIT_UNREACHABLE) from None
-        raise CliError(f"cannot use {found}: {err.strerror}", EXIT_UNREACHABLE) from None
-    if not os.access(found, os.R_OK | os.W_OK):
-        raise CliError(permission_message(found), EXIT_UNREACHABLE)
-    return found
+    return exit_code_for_status(code.name if code is not None else None, error_kind(err))
 
 
 def cli_error_for(err: grpc.RpcError, socket_path: Path) -> CliError:

@@ -19,13 +19,9 @@ import httpx
 import typer
 
 from mmctl import render
-from mmctl.client import (
-    CliError,
-    MmdClient,
-    check_runtime_dir,
-    locate_socket,
-    permission_message,
-)
+from mmctl.client import MmdClient
+from mmctl.errors import CliError
+from mmctl.sockets import check_runtime_dir, locate_socket, permission_message
 from mmd.api import protojson
 from mmd.config.http import Listen, parse_listen_address, read_keys_file
 from mmd.config.settings import Config, check_model_file, find_config, load_config

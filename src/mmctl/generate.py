@@ -12,8 +12,10 @@ from typing import Annotated
 import typer
 
 from mmctl import render
-from mmctl.client import EXIT_INTERRUPTED, EXIT_UNREACHABLE, EXIT_USAGE, CliError, MmdClient
+from mmctl.client import MmdClient
+from mmctl.errors import EXIT_INTERRUPTED, EXIT_UNREACHABLE, CliError
 from mmctl.options import ModelId, client_for, finite
+from mmctl.prompts import decoded, read_input
 from mmd.api import protojson
 from mmd.core.units import parse_keep_alive
 from mmd.core.validate import MAX_TEMPERATURE
@@ -38,35 +40,6 @@ KeepAlive = Annotated[
         help="Keep the model loaded this long after the request ('30s', '5m', '1h'; -1: forever).",
     ),
 ]
-
-
-def _read_input(value: str | None, what: str) -> str:
-    """The argument, or stdin when it is omitted or '-'; strict UTF-8; never empty."""
-    if value is None or value == "-":
-        if sys.stdin.isatty():
-            sys.stderr.write(f"mmctl: reading the {what} from stdin (end with Ctrl-D)\n")
-            sys.stderr.flush()
-        text = _decoded(sys.stdin.buffer.read(), f"the {what} on stdin")
-    else:
-        text = value
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise CliError(f"the {what} argument is not valid UTF-8", EXIT_USAGE) from None
-    if not text.strip():
-        raise CliError(f"empty {what}", EXIT_USAGE)
-    return text
-
-
-def _decoded(data: bytes, subject: str) -> str:
-    """``data`` as strict UTF-8; else a usage error naming ``subject`` and the bad byte."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise CliError(
-            f"{subject} is not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})",
-            EXIT_USAGE,
-        ) from None
 
 
 def keep_alive_seconds(value: str | None) -> float | None:
@@ -137,7 +110,7 @@ def infer(
     if each_line:
         _each_line(ctx, options)
         return
-    text = _read_input(prompt, "prompt")
+    text = read_input(prompt, "prompt")
     with client_for(ctx) as client:
         pieces, done = _answer(client, options.request(text), echo=not json_out)
     if json_out:
@@ -231,7 +204,7 @@ def _each_line(ctx: typer.Context, options: _Options) -> None:
     with client_for(ctx) as client:
         for number, data in enumerate(sys.stdin.buffer, start=1):
             try:
-                text = _decoded(data, f"line {number}").rstrip("\r\n")
+                text = decoded(data, f"line {number}").rstrip("\r\n")
                 if not text.strip():
                     continue
                 pieces, done = _answer(
@@ -274,9 +247,9 @@ def embed(
     """Print embedding vectors as JSON: a list of floats for one text, a list of lists for more."""
     seconds = keep_alive_seconds(keep_alive)
     if not texts or texts == ["-"]:
-        inputs = [_read_input(None, "text")]
+        inputs = [read_input(None, "text")]
     else:
-        inputs = [_read_input(text, "text") for text in texts]
+        inputs = [read_input(text, "text") for text in texts]
     with client_for(ctx) as client:
         response = client.embed(model_id, inputs, keep_alive_seconds=seconds)
     vectors = [protojson.message_to_dict(embedding)["values"] for embedding in response.embeddings]

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from mmctl import render
-from mmctl.client import EXIT_UNREACHABLE, CliError, MmdClient, Stream
+from mmctl.client import MmdClient, Stream
+from mmctl.errors import EXIT_UNREACHABLE, CliError
 from mmctl.observe import Interval, event_line, model_event_text, request_text
 from mmctl.options import client_for
 from mmd.api import protojson

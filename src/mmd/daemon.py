@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mmd import __version__
+from mmd.api.lines import JsonLinesServer
 from mmd.api.metrics import start_metrics
 from mmd.api.rpc.errors import interrupt_calls
 from mmd.api.rpc.service import ModelManager
@@ -106,6 +107,7 @@ class Daemon:
         # Preloads and reloads: cancelled at shutdown.
         self.tasks: set[asyncio.Task[Any]] = set()
         self.http: HttpFront | None = None  # the [http] listener, when there is one
+        self.lines: JsonLinesServer | None = None  # <socket>.json, for mmctl's quick commands
 
     # --- startup ----------------------------------------------------------------------
 
@@ -113,6 +115,7 @@ class Daemon:
         """Engine, listeners, gRPC server, signal handlers, then READY=1 and the preloads."""
         await self._start_engine()
         await self._start_grpc()
+        await self._start_lines()
         self._handle_signals()
         self.watchdog = asyncio.get_running_loop().create_task(
             run_watchdog(self.notifier, self.stop)
@@ -177,6 +180,18 @@ class Daemon:
         await server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
+    async def _start_lines(self) -> None:
+        """The JSON Lines socket beside the gRPC one. Without it mmctl uses gRPC for
+        everything, only slower to start: a path that is in the way costs a warning, not
+        the daemon."""
+        lines = JsonLinesServer(self.engine, paths.json_socket(self.sock))
+        try:
+            await lines.start()
+        except (rundir.SocketInTheWay, OSError) as err:
+            log.warning("no JSON Lines socket (mmctl uses gRPC for every command): %s", err)
+            return
+        self.lines = lines
+
     async def _set_health(self, status: Any) -> None:
         for name in ("", self.service_names[0]):
             await self.health_servicer.set(name, status)
@@ -237,6 +252,8 @@ class Daemon:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.http is not None:
             await self.http.stop_accepting()
+        if self.lines is not None:
+            self.lines.stop_accepting()
         drain = config.daemon.drain_timeout
         # Stop taking new RPCs; running ones finish within the drain period.
         server_stopped = loop.create_task(self.server.stop(drain + config.daemon.stop_grace))
@@ -248,6 +265,8 @@ class Daemon:
         while not engine.closed and not closing.done():
             await asyncio.sleep(_CLOSED_POLL_S)
         await interrupt_calls(self.servicer.calls, spare=frozenset({"Watch", "Logs"}))
+        if self.lines is not None:
+            await self.lines.interrupt()
         await closing
         if self.http is not None:
             await self.http.close()
@@ -256,6 +275,8 @@ class Daemon:
             await self.metrics.close()
         self.watchdog.cancel()
         self.probe.close()
+        if self.lines is not None:
+            self.lines.remove()
         with contextlib.suppress(FileNotFoundError):
             self.sock.unlink()
         rundir.remove_children_dir(self.sock)

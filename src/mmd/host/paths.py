@@ -7,7 +7,6 @@ $XDG_CONFIG_HOME/mmd.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pwd
 import stat
@@ -39,6 +38,13 @@ def children_dir(sock: Path) -> Path:
     return sock.with_name(sock.name + ".d")
 
 
+def json_socket(sock: Path) -> Path:
+    """The daemon's JSON Lines socket, ``<socket>.json`` beside its gRPC socket: what
+    mmctl's quick commands (``ps``, a one-shot ``infer``) use, since a client that must
+    import grpc takes several times longer to start than the request takes."""
+    return sock.with_name(sock.name + ".json")
+
+
 def child_socket(children: Path, model_id: str) -> Path:
     """Where a model's llama-server listens: ``<id>.sock`` in the daemon's ``children``
     directory, or a name made from the id's hash when that path is too long to bind
@@ -46,6 +52,8 @@ def child_socket(children: Path, model_id: str) -> Path:
     path = children / f"{model_id}.sock"
     if socket_path_bytes(path) <= MAX_SOCKET_PATH_BYTES:
         return path
+    import hashlib  # here: mmctl's quick commands load this module and never need it
+
     digest = hashlib.sha256(model_id.encode()).hexdigest()[:16]
     return children / f"{digest}.sock"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import stat
 from pathlib import Path
 
@@ -185,3 +186,30 @@ def _mkdir_exact(path: Path, mode: int) -> None:
 def remove_children_dir(sock: Path) -> None:
     """At shutdown, once every child has stopped."""
     shutil.rmtree(paths.children_dir(sock), ignore_errors=True)
+
+
+class SocketInTheWay(Exception):
+    """Something at a socket path mmd would bind that is not a dead socket of its own."""
+
+
+def remove_dead_socket(path: Path) -> None:
+    """A socket left by a daemon of this user's that died goes; a live one, or anything
+    that is not a socket of this user's, is refused (SocketInTheWay) and never removed:
+    it is not mmd's."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
+        raise SocketInTheWay(f"{path} exists and is not a socket of this user's")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError as err:
+        raise SocketInTheWay(f"{path}: {err.strerror or err}") from None
+    finally:
+        probe.close()
+    raise SocketInTheWay(f"{path} is in use by another process")

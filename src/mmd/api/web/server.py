@@ -14,7 +14,6 @@ import hmac
 import logging
 import os
 import socket
-import stat
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -152,7 +151,10 @@ class HttpFront:
         try:
             if address.path is not None:
                 rundir.prepare_socket_dir(address.path)
-                _remove_stale_socket(address.path)
+                try:
+                    rundir.remove_dead_socket(address.path)
+                except rundir.SocketInTheWay as err:
+                    raise ConfigError(f"http.listen: {err}") from None
                 old_umask = os.umask(0o117)  # rw for owner and group, as the gRPC socket
                 try:
                     site = web.UnixSite(self._runner, str(address.path))
@@ -262,28 +264,6 @@ def _over_tcp(request: web.Request) -> bool:
         return False
     sock = transport.get_extra_info("socket")
     return sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
-
-
-def _remove_stale_socket(path: Any) -> None:
-    """A socket left by a daemon that died goes; a live one, or anything that is not a
-    socket, is refused (never removed: it is not mmd's)."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.geteuid():
-        raise ConfigError(f"http.listen: {path} exists and is not a socket of this user's")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    except OSError as err:
-        raise ConfigError(f"http.listen: {path}: {err.strerror or err}") from None
-    finally:
-        probe.close()
-    raise ConfigError(f"http.listen: {path} is in use by another process")
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

@@ -1,0 +1,54 @@
+"""mmctl's exit codes, its one error type, and the one mapping from a daemon's error (a
+gRPC status name and mmd's error kind) to an exit code, whichever socket it came over.
+
+Imports nothing but the standard library: the quick commands (mmctl.quick) load it
+without grpc.
+"""
+
+from __future__ import annotations
+
+# Exit codes, documented in `mmctl --help`.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_UNKNOWN_MODEL = 4
+EXIT_NO_ROOM = 5
+EXIT_RUNTIME_FAILED = 6
+EXIT_INTERRUPTED = 130
+# The reader of mmctl's output went away (`mmctl ... | head`): what a process killed by
+# SIGPIPE reports to a shell (128 + 13), so that `set -o pipefail` scripts see the usual code.
+EXIT_BROKEN_PIPE = 141
+
+
+_RUNTIME_FAILED_KIND = "runtime_failed"
+
+
+class CliError(Exception):
+    """An error mmctl reports as one line on stderr and an exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+def exit_code_for_status(status: str | None, kind: str | None) -> int:
+    """The exit code for a call that failed with gRPC status ``status`` (its name, e.g.
+    "NOT_FOUND") and mmd's error ``kind``.
+
+    UNAVAILABLE means two different things: mmd says a model's runtime failed (it then
+    names the kind), or the daemon could not be reached at all (no kind).
+    """
+    if status == "INVALID_ARGUMENT":
+        return EXIT_USAGE
+    if status == "NOT_FOUND":
+        return EXIT_UNKNOWN_MODEL
+    if status == "RESOURCE_EXHAUSTED":
+        return EXIT_NO_ROOM
+    if status == "UNAVAILABLE":
+        if kind == _RUNTIME_FAILED_KIND:
+            return EXIT_RUNTIME_FAILED
+        if kind is None:
+            return EXIT_UNREACHABLE
+    return EXIT_ERROR
