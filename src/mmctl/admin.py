@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmctl import render
+from mmctl import tables
 from mmctl.errors import EXIT_ERROR
 from mmctl.options import JsonFlag, client_for, socket_of
 from mmd.api import protojson
@@ -23,7 +23,7 @@ def reload(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     with client_for(ctx) as client:
         response = client.reload()
     if json_out:
-        render.print_json(protojson.message_to_dict(response))
+        tables.print_json(protojson.message_to_dict(response))
         return
     typer.echo(f"reloaded {response.source or 'built-in defaults'}")
     for label, ids in (
@@ -59,7 +59,7 @@ def doctor(
 
     checks = checks_module.run_checks(config, socket_of(ctx))
     if json_out:
-        render.print_json(checks_module.as_json(checks))
+        tables.print_json(checks_module.as_json(checks))
     else:
         checks_module.print_checks(checks)
     if any(c.status == "fail" for c in checks):

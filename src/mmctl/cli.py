@@ -13,7 +13,7 @@ import grpc
 import typer
 from typer.core import TyperGroup
 
-from mmctl import chat, generate, observe, render, top
+from mmctl import chat, generate, observe, render, tables, top
 from mmctl.client import exit_code_for
 from mmctl.errors import (
     EXIT_BROKEN_PIPE,
@@ -235,7 +235,7 @@ def models(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     with client_for(ctx) as client:
         registry = client.registry()
     if json_out:
-        render.print_json([protojson.model_to_dict(model) for model in registry.models])
+        tables.print_json([protojson.model_to_dict(model) for model in registry.models])
         render.print_notes(registry.notes)
     else:
         render.print_models(registry.models, registry.notes)
@@ -247,9 +247,9 @@ def ps(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     with client_for(ctx) as client:
         loaded = [model for model in client.list_models() if _is_listed(model)]
     if json_out:
-        render.print_json([protojson.model_to_dict(model) for model in loaded])
+        tables.print_json([protojson.model_to_dict(model) for model in loaded])
     else:
-        render.print_ps(loaded)
+        tables.print_ps([protojson.model_to_dict(model) for model in loaded])
 
 
 def _follow_load(progress: Iterable[mmd_pb2.LoadProgress]) -> mmd_pb2.Model | None:
@@ -290,7 +290,7 @@ def load(
     if model is None:
         raise CliError(f"mmd ended the load of {model_id!r} without reporting the model")
     if json_out:
-        render.print_json(protojson.model_to_dict(model))
+        tables.print_json(protojson.model_to_dict(model))
     else:
         typer.echo(render.model_summary(model))
 
@@ -320,7 +320,7 @@ def unload(
     if json_out:
         out = protojson.model_to_dict(response.model)
         out["aborted_requests"] = response.aborted_requests
-        render.print_json(out)
+        tables.print_json(out)
         return
     line = render.model_summary(response.model)
     if response.aborted_requests:
@@ -340,7 +340,7 @@ def health(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     with client_for(ctx) as client:
         report = client.get_health()
     if json_out:
-        render.print_json(protojson.message_to_dict(report))
+        tables.print_json(protojson.message_to_dict(report))
     else:
         render.print_health(report)
 
@@ -359,7 +359,7 @@ def plan(
     with client_for(ctx) as client:
         result = client.plan_load(model_id, gpu_layers=gpu_layers)
     if json_out:
-        render.print_json(protojson.message_to_dict(result))
+        tables.print_json(protojson.message_to_dict(result))
     else:
         typer.echo("\n".join(render.plan_lines(result)))
     if not result.feasible and not result.already_loaded:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import httpx
 import typer
 
-from mmctl import render
+from mmctl import tables
 from mmctl.client import MmdClient
 from mmctl.errors import CliError
 from mmctl.sockets import check_runtime_dir, locate_socket, permission_message
@@ -115,7 +115,7 @@ def _check_gpus(probe: MemoryProbe) -> Check:
 def _check_cpus(config: Config | None) -> Check:
     """The cores children would compute on, as the daemon reads them at start."""
     budget = read_cpu_budget(config.budget.cpus if config else "auto")
-    return Check("cores", "ok", f"{render.cpu_list_text(budget.cpus)} ({budget.source})")
+    return Check("cores", "ok", f"{tables.cpu_list_text(budget.cpus)} ({budget.source})")
 
 
 def _raw_config(source: Path) -> dict[str, Any]:
@@ -276,7 +276,7 @@ def _check_daemon(socket: Path) -> tuple[Check, mmd_pb2.Health | None]:
     counts = [f"{len(registry)} models, {states.count('ready')} loaded"]
     counts += [f"{states.count(s)} {s}" for s in ("loading", "unloading", "failed") if s in states]
     detail = (
-        f"mmd {health.version}, up {render.format_duration(health.uptime_seconds)}, "
+        f"mmd {health.version}, up {tables.format_duration(health.uptime_seconds)}, "
         f"{', '.join(counts)}, {health.active_inferences} requests running"
     )
     failed = [model.id for model in health.models if protojson.state_name(model.state) == "failed"]

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mmctl import render
+from mmctl import tables
 from mmctl.client import MmdClient
 from mmctl.errors import EXIT_INTERRUPTED, EXIT_UNREACHABLE, CliError
 from mmctl.options import ModelId, client_for, finite
@@ -114,7 +114,7 @@ def infer(
     with client_for(ctx) as client:
         pieces, done = _answer(client, options.request(text), echo=not json_out)
     if json_out:
-        render.print_json(_answer_json(model_id, pieces, done))
+        tables.print_json(_answer_json(model_id, pieces, done))
 
 
 @dataclass(frozen=True)
@@ -214,9 +214,9 @@ def _each_line(ctx: typer.Context, options: _Options) -> None:
                 if failure.exit_code in _STOPS_THE_RUN:
                     raise
                 first_failure = first_failure or failure.exit_code
-                render.print_json_line(_failed_line(number, failure))
+                tables.print_json_line(_failed_line(number, failure))
                 continue
-            render.print_json_line({"line": number, **_answer_json(options.model_id, pieces, done)})
+            tables.print_json_line({"line": number, **_answer_json(options.model_id, pieces, done)})
     if first_failure:
         raise typer.Exit(first_failure)
 
@@ -254,7 +254,7 @@ def embed(
         response = client.embed(model_id, inputs, keep_alive_seconds=seconds)
     vectors = [protojson.message_to_dict(embedding)["values"] for embedding in response.embeddings]
     if json_out:
-        render.print_json(
+        tables.print_json(
             {"model": model_id, "embeddings": vectors, "prompt_tokens": response.prompt_tokens}
         )
     else:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from mmctl import render
+from mmctl import tables
 from mmctl.options import ModelId, client_for, finite
 from mmd.api import protojson
 from mmd.api.protojson import event_to_dict, event_type
@@ -55,7 +55,8 @@ def model_event_text(change: pb.ModelEvent) -> str:
     if change.detail:
         text += f": {change.detail}"
     if change.model.pid and change.state == pb.MODEL_STATE_READY:
-        text += f", pid {change.model.pid}, {render.placement_text(change.model.placement)}"
+        placement = tables.placement_text(protojson.message_to_dict(change.model.placement))
+        text += f", pid {change.model.pid}, {placement}"
     return text
 
 

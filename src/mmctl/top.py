@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmctl import render
+from mmctl import render, tables
 from mmctl.client import MmdClient, Stream
 from mmctl.errors import EXIT_UNREACHABLE, CliError
 from mmctl.observe import Interval, event_line, model_event_text, request_text
@@ -195,11 +195,11 @@ def _idle_text(model: pb.Model, now: float) -> str:
     if model.state != pb.MODEL_STATE_READY:
         return "-"
     if model.pinned or model.keep_alive_seconds < 0:
-        since = render.relative_time(model.last_used_unix, now) if model.last_used_unix else "-"
+        since = tables.relative_time(model.last_used_unix, now) if model.last_used_unix else "-"
         return f"idle {since}, kept"
-    text = f"idle {render.relative_time(model.last_used_unix, now)}"
+    text = f"idle {tables.relative_time(model.last_used_unix, now)}"
     if model.unloads_at_unix:
-        text += f", unloads in {render.format_duration(max(0.0, model.unloads_at_unix - now))}"
+        text += f", unloads in {tables.format_duration(max(0.0, model.unloads_at_unix - now))}"
     return text
 
 
@@ -215,10 +215,10 @@ def models_table(state: TopState, now: float) -> RenderableType:
         name = protojson.state_name(model.state)
         cells = [
             Text(model.id),
-            Text(name, render.STATE_STYLES.get(name, "")),
-            Text(render.placement_text(model.placement)),
-            Text(render.size_or_dash(model.estimated_bytes)),
-            Text(render.size_or_dash(model.measured_bytes)),
+            Text(name, tables.STATE_STYLES.get(name, "")),
+            Text(tables.placement_text(protojson.message_to_dict(model.placement))),
+            Text(tables.size_or_dash(model.estimated_bytes)),
+            Text(tables.size_or_dash(model.measured_bytes)),
             Text(f"{model.active_requests}/{model.parallel}"),
             Text(str(model.queued_requests)),
             Text(_idle_text(model, now)),

@@ -23,7 +23,7 @@ import pytest
 from cli_fakeserver import Failure, FakeModelManager, serve
 from typer.testing import CliRunner, Result
 
-from mmctl import render
+from mmctl import tables
 from mmctl.cli import app, run_guarded
 from mmctl.client import exit_code_for
 from mmd.api import protojson
@@ -300,10 +300,10 @@ def test_ps_shows_models_that_are_not_unloaded(socket_path: Path) -> None:
 
 
 def test_piped_tables_are_tab_separated() -> None:
-    table = render.TextTable(["ID", "STATE", "PATH"], state_column=1)
+    table = tables.TextTable(["ID", "STATE", "PATH"], state_column=1)
     table.rows.append(["chat[1]", "ready", "/models/a b.gguf"])
     table.rows.append(["e", "failed", "a\tb\nc"])
-    text = render.plain_table(table)
+    text = tables.plain_table(table)
     assert text == "ID\tSTATE\tPATH\nchat[1]\tready\t/models/a b.gguf\ne\tfailed\ta b c\n"
 
 
@@ -393,11 +393,11 @@ def test_piped_ps_has_no_escape_codes_and_is_not_cut_to_80_columns(socket_path: 
 
 
 def test_relative_time() -> None:
-    assert render.relative_time(0, now=1000.0) == "never"
-    assert render.relative_time(997.0, now=1000.0) == "3s ago"
-    assert render.relative_time(1000.0 - 300, now=1000.0) == "5m ago"
-    assert render.relative_time(1e6 - 3 * 3600 - 120, now=1e6) == "3h 2m ago"
-    assert render.relative_time(1e6 - 2 * 86400, now=1e6) == "2d ago"
+    assert tables.relative_time(0, now=1000.0) == "never"
+    assert tables.relative_time(997.0, now=1000.0) == "3s ago"
+    assert tables.relative_time(1000.0 - 300, now=1000.0) == "5m ago"
+    assert tables.relative_time(1e6 - 3 * 3600 - 120, now=1e6) == "3h 2m ago"
+    assert tables.relative_time(1e6 - 2 * 86400, now=1e6) == "2d ago"
 
 
 def test_health_json_and_text(fake: FakeModelManager, socket_path: Path) -> None:

@@ -11,7 +11,8 @@ from mmctl import quick
 def test_ps_with_the_socket_before_or_after_the_command() -> None:
     for args in (["ps"], ["--socket", "/s", "ps"], ["ps", "--socket=/s"], ["ps", "--json"]):
         command = quick.parse(args)
-        assert command is not None and command.name == "ps", args
+        assert command is not None, args
+        assert command.name == "ps", args
     assert quick.parse(["--socket", "/s", "ps", "--json"]).json_out  # type: ignore[union-attr]
     assert quick.parse(["ps", "--socket", "/s"]).socket == "/s"  # type: ignore[union-attr]
 
@@ -33,7 +34,8 @@ def test_a_one_shot_infer_with_every_option_it_knows() -> None:
         ]
     )
     assert command is not None
-    assert command.name == "infer" and command.json_out
+    assert command.name == "infer"
+    assert command.json_out
     assert command.prompt == "write a haiku"
     assert command.request == {
         "call": "infer",
@@ -49,7 +51,8 @@ def test_a_one_shot_infer_with_every_option_it_knows() -> None:
 def test_the_prompt_from_stdin_when_omitted_or_dash() -> None:
     for args in (["infer", "m"], ["infer", "m", "-"], ["infer", "--raw", "m", "-"]):
         command = quick.parse(args)
-        assert command is not None and command.prompt in (None, "-"), args
+        assert command is not None, args
+        assert command.prompt in (None, "-"), args
 
 
 @pytest.mark.parametrize(

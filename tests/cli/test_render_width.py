@@ -4,11 +4,13 @@ and the pid are never dropped or shortened."""
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 from rich.console import Console
 
-from mmctl import render
+from mmctl import tables
+from mmd.api import protojson
 from mmd.v1 import mmd_pb2
 
 LONG_ID = "a-rather-long-model-identifier-x"  # 32 characters
@@ -21,16 +23,16 @@ def terminal(width: int) -> Console:
     )
 
 
-def drawn(table: render.TextTable, width: int) -> list[str]:
+def drawn(table: tables.TextTable, width: int) -> list[str]:
     console = terminal(width)
-    render.draw_table(console, table)
+    tables.draw_table(console, table)
     output = console.file.getvalue()  # type: ignore[attr-defined]
     assert "…" not in output, output
     return [line.rstrip() for line in output.splitlines()]
 
 
-def ps_models() -> list[mmd_pb2.Model]:
-    return [
+def ps_models() -> list[dict[str, Any]]:
+    models = [
         mmd_pb2.Model(
             id=LONG_ID,
             state=mmd_pb2.MODEL_STATE_READY,
@@ -43,11 +45,12 @@ def ps_models() -> list[mmd_pb2.Model]:
         ),
         mmd_pb2.Model(id="b", state=mmd_pb2.MODEL_STATE_LOADING, pid=17),
     ]
+    return [protojson.model_to_dict(model) for model in models]
 
 
 @pytest.mark.parametrize("width", [60, 80, 100])
 def test_ps_keeps_id_state_and_pid_whole_and_fits(width: int) -> None:
-    lines = drawn(render.ps_table(ps_models(), now=0.0), width)
+    lines = drawn(tables.ps_table(ps_models(), now=0.0), width)
     header, first, second = lines
     assert header.split()[:3] == ["ID", "STATE", "PID"]
     assert first.split()[:3] == [LONG_ID, "ready", str(BIG_PID)]
@@ -56,10 +59,10 @@ def test_ps_keeps_id_state_and_pid_whole_and_fits(width: int) -> None:
 
 
 def test_ps_drops_the_least_useful_columns_first() -> None:
-    table = render.ps_table(ps_models(), now=0.0)
-    full = render.table_width(table)
+    table = tables.ps_table(ps_models(), now=0.0)
+    full = tables.table_width(table)
     assert full == 129
-    assert list(render.fit_table(table, 100).headers) == [
+    assert list(tables.fit_table(table, 100).headers) == [
         "ID",
         "STATE",
         "PID",
@@ -68,20 +71,20 @@ def test_ps_drops_the_least_useful_columns_first() -> None:
         "MEM MEASURED",
         "SLOTS",
     ]
-    assert list(render.fit_table(table, 80).headers) == ["ID", "STATE", "PID", "MEM MEASURED"]
-    assert list(render.fit_table(table, 60).headers) == ["ID", "STATE", "PID"]
-    assert render.fit_table(table, full).headers == table.headers
-    assert render.fit_table(table, 60).state_column == 1
+    assert list(tables.fit_table(table, 80).headers) == ["ID", "STATE", "PID", "MEM MEASURED"]
+    assert list(tables.fit_table(table, 60).headers) == ["ID", "STATE", "PID"]
+    assert tables.fit_table(table, full).headers == table.headers
+    assert tables.fit_table(table, 60).state_column == 1
 
 
 def test_too_narrow_even_for_the_kept_columns_draws_them_whole() -> None:
-    lines = drawn(render.ps_table(ps_models(), now=0.0), 30)
+    lines = drawn(tables.ps_table(ps_models(), now=0.0), 30)
     assert lines[0].split() == ["ID", "STATE", "PID"]
     assert lines[1].split() == [LONG_ID, "ready", str(BIG_PID)]
 
 
 def test_models_keep_id_and_state_at_60_columns() -> None:
-    table = render.TextTable(
+    table = tables.TextTable(
         ["ID", "ROLE", "STATE", "MEMORY EST", "PATH"],
         [[LONG_ID, "coding assistant (pinned)", "ready", "4.6 GiB", "/var/lib/mmd/models/x.gguf"]],
         state_column=2,
