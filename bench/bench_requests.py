@@ -25,6 +25,7 @@ from harness import (
     child_argv_matches,
     completion_body,
     infer_direct,
+    infer_via_lines,
     infer_via_stub,
     percentile,
     python_bin,
@@ -33,6 +34,7 @@ from harness import (
 )
 from rawhttp import busy_rate, completion_async, request_bytes
 
+from mmd.host import paths
 from mmd.runtime.synthetic import write_model
 from mmd.v1 import mmd_pb2 as pb
 from mmd.v1 import mmd_pb2_grpc
@@ -119,15 +121,18 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
             "--max-tokens",
             str(max_tokens),
         ]
+        lines = paths.json_socket(daemon.socket)
         stub_ms: list[float] = []
         direct_ms: list[float] = []
         grpc_ms: list[float] = []
+        lines_ms: list[float] = []
         cli_ms: list[float] = []
         with direct.client() as client:
             for _ in range(20):  # warm-up: connections, prompt cache, allocator
                 infer_via_stub(stub, "tiny", max_tokens)
                 infer_direct(client, max_tokens)
                 infer_via_stub(grpc_floor.stub, "tiny", max_tokens)
+                infer_via_lines(lines, "tiny", max_tokens)
             timed_run(mmctl, daemon.env())
             cli_every = max(1, sizes.overhead_requests // sizes.overhead_cli)
             for i in range(sizes.overhead_requests):
@@ -139,12 +144,16 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
                     direct_ms.append(infer_direct(client, max_tokens)[0])
                     stub_ms.append(infer_via_stub(stub, "tiny", max_tokens)[0])
                 grpc_ms.append(infer_via_stub(grpc_floor.stub, "tiny", max_tokens)[0])
+                lines_ms.append(infer_via_lines(lines, "tiny", max_tokens)[0])
                 if i % cli_every == 0:
                     cli_ms.append(timed_run(mmctl, daemon.env())[0])
         # The servers' own CPU per request, which a busy machine cannot blur as it does
         # wall time: mmd's (admission, the child's stream, gRPC) and gRPC's alone.
         cpu_ms = {
             "mmd": server_cpu_ms(daemon_pid(daemon), lambda: infer_via_stub(stub, "tiny", 4)),
+            "mmd_json_lines": server_cpu_ms(
+                daemon_pid(daemon), lambda: infer_via_lines(lines, "tiny", 4)
+            ),
             "grpc_floor": server_cpu_ms(
                 grpc_floor.process.pid, lambda: infer_via_stub(grpc_floor.stub, "tiny", 4)
             ),
@@ -156,8 +165,9 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
             direct.stop()
         daemon.stop()
     stub_s, direct_s, cli_s = Spread.of(stub_ms), Spread.of(direct_ms), Spread.of(cli_ms)
-    grpc_s = Spread.of(grpc_ms)
+    grpc_s, lines_s = Spread.of(grpc_ms), Spread.of(lines_ms)
     added_p50 = stub_s.median - direct_s.median
+    lines_added_p50 = lines_s.median - direct_s.median
     beyond_grpc_p50 = added_p50 - grpc_s.median
     added_p95 = percentile(stub_ms, 95) - percentile(direct_ms, 95)
     p95 = {k: percentile(v, 95) for k, v in (("stub", stub_ms), ("direct", direct_ms))}
@@ -234,6 +244,30 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
         ),
         Figure(
             "overhead",
+            "added latency via the JSON Lines socket, p50",
+            "ms",
+            Spread.of([lines_added_p50]),
+            None,
+            "-",
+            None,
+            digits=2,
+            added=True,
+            floor_kind=DIRECT_CLIENT,
+        ),
+        Figure(
+            "overhead",
+            "server CPU per request: mmd over JSON Lines vs over gRPC",
+            "ms",
+            Spread.of([cpu_ms["mmd_json_lines"]]),
+            Spread.of([cpu_ms["mmd"]]),
+            "-",
+            None,
+            digits=2,
+            better="",
+            floor_kind="mmd over gRPC",
+        ),
+        Figure(
+            "overhead",
             "latency via mmctl infer, p50",
             "ms",
             cli_s,
@@ -255,6 +289,8 @@ def request_overhead(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[F
         "added_p95_ms": added_p95,
         "messages_per_request": messages,
         "grpc_floor_ms": grpc_ms,
+        "json_lines_ms": lines_ms,
+        "json_lines_added_p50_ms": lines_added_p50,
         "added_beyond_grpc_floor_p50_ms": beyond_grpc_p50,
         "server_cpu_ms_per_request": cpu_ms,
     }
@@ -841,7 +877,11 @@ def cli_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure
         "mmctl ps": ([*mmctl, "ps"], False),
         "mmctl ps, on a terminal": ([*mmctl, "ps"], True),
         "mmctl infer, one-shot": (infer, False),
+        # A command of the full CLI (Typer, gRPC), beside the quick ones above.
+        "mmctl models": ([*mmctl, "models"], False),
         "python -c pass": ([sys.executable, "-c", "pass"], False),
+        # The quick path's own imports (standard library only), and the full CLI's.
+        "python -c 'import mmctl.quick'": ([sys.executable, "-c", "import mmctl.quick"], False),
         "python -c 'import mmctl.cli'": ([sys.executable, "-c", "import mmctl.cli"], False),
         # What any Python gRPC client pays before its first call: the floor under mmctl.
         "python -c 'import grpc'": (
@@ -905,6 +945,8 @@ def cli_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure
         wall("mmctl infer, one-shot", "-"),
         start_up("mmctl ps"),
         start_up("mmctl infer, one-shot"),
+        wall("mmctl models", "-"),
+        start_up("mmctl models", judged=False),
         Figure(
             "cli",
             f"mmctl infer --each-line, per prompt of {EACH_LINE_PROMPTS}",
@@ -916,6 +958,7 @@ def cli_latency(work: Path, runtime: Runtime, sizes: Sizes) -> tuple[list[Figure
             better="",
             floor_kind="one mmctl infer per prompt",
         ),
+        wall("python -c 'import mmctl.quick'", "-"),
         wall("python -c 'import mmctl.cli'", "-"),
         wall("python -c 'import grpc'", "-"),
         start_up("python -c 'import grpc'", judged=False),

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -252,6 +254,33 @@ def infer_via_stub(
             tokens = chunk.done.completion_tokens
         elif not first:
             first = time.perf_counter()
+    end = time.perf_counter()
+    return (end - start) * 1000, (first - start) * 1000 if first else 0.0, tokens
+
+
+def infer_via_lines(
+    lines_socket: Path, model_id: str, max_tokens: int, prompt: str = PROMPT
+) -> tuple[float, float, int]:
+    """(total ms, first-token ms, completion tokens) of one inference over mmd's JSON Lines
+    socket: a connection of its own, as the protocol has it (and as mmctl does)."""
+    request = {"call": "infer", "model": model_id, "prompt": prompt}
+    request |= {"max_tokens": max_tokens, "raw": True}
+    start = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(120)
+        conn.connect(str(lines_socket))
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        with conn.makefile("rb") as answer:
+            for line in answer:
+                message = json.loads(line)
+                if "done" in message:
+                    tokens = message["done"]["completion_tokens"]
+                elif "error" in message:
+                    raise RuntimeError(f"mmd answered: {message['error']}")
+                elif "text" in message and not first:
+                    first = time.perf_counter()
     end = time.perf_counter()
     return (end - start) * 1000, (first - start) * 1000 if first else 0.0, tokens
 

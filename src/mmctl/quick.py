@@ -73,7 +73,10 @@ def run(args: list[str]) -> int | None:
     command = parse(args)
     if command is None:
         return None
-    connection = _connect(command.socket)
+    try:
+        connection = _connect(command.socket)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     if connection is None:
         return None
     conn, sock = connection
@@ -266,17 +269,24 @@ def _infer(conn: socket.socket, sock: Path, command: _Command) -> int:
     echo = not command.json_out
     pieces: list[str] = []
     done: dict[str, Any] | None = None
+    # Shown once the answer begins, as the gRPC client shows its warning metadata: a
+    # request that fails instead says so in its one error line, and nothing else.
+    warning: str | None = None
     try:
         for message in _lines(conn, sock, request):
+            if "warning" in message:
+                warning = _one_line(str(message["warning"]))
+                continue
+            if warning is not None:
+                sys.stdout.flush()
+                sys.stderr.write(f"mmctl: warning: {warning}\n")
+                sys.stderr.flush()
+                warning = None
             if "text" in message:
                 pieces.append(str(message["text"]))
                 if echo:
                     sys.stdout.write(pieces[-1])
                     sys.stdout.flush()
-            elif "warning" in message:
-                sys.stdout.flush()
-                sys.stderr.write(f"mmctl: warning: {_one_line(str(message['warning']))}\n")
-                sys.stderr.flush()
             elif isinstance(message.get("done"), dict):
                 done = message["done"]
     finally:

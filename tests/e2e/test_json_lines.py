@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -20,8 +21,16 @@ from conftest import Daemon, wait_until
 from mmd.host import paths
 
 GREEDY = ("--max-tokens", "4", "--temperature", "0")  # the same answer every time
-# Keys whose values differ from one call to the next: timings, memory samples, clocks.
-MEASURED_ANEW = ("timings", "measured_bytes", "last_used_unix", "unloads_at_unix")
+# Keys whose values differ from one call to the next: timings, memory samples, and the
+# times the daemon keeps on its monotonic clock and converts to the wall clock at each call.
+MEASURED_ANEW = (
+    "timings",
+    "measured_bytes",
+    "runtime_bytes",
+    "last_used_unix",
+    "unloads_at_unix",
+    "ready_since_unix",
+)
 
 
 @pytest.fixture
@@ -51,6 +60,30 @@ def full_cli(daemon: Daemon, *args: str, input: bytes = b"") -> subprocess.Compl
         timeout=60,
         check=False,
     )
+
+
+def without_measured(value: Any) -> Any:
+    """``value`` without the keys of MEASURED_ANEW, at every depth."""
+    if isinstance(value, dict):
+        return {k: without_measured(v) for k, v in value.items() if k not in MEASURED_ANEW}
+    if isinstance(value, list):
+        return [without_measured(item) for item in value]
+    return value
+
+
+def differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Where two JSON values differ, as paths (for a failure's message)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            d for k in a.keys() | b.keys() for d in differences(a.get(k), b.get(k), f"{where}.{k}")
+        ]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in differences(x, y, f"{where}[{i}]")
+        ]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
 
 
 def lines_socket(daemon: Daemon) -> Path:
@@ -166,12 +199,8 @@ def test_mmctl_says_the_same_over_either_socket(daemon: Daemon) -> None:
         assert (quick.returncode, quick.stderr) == (full.returncode, full.stderr), args
         if "--json" in args and quick.returncode == 0:
             quick_out, full_out = json.loads(quick.stdout), json.loads(full.stdout)
-            for out in (quick_out if isinstance(quick_out, list) else [quick_out]) + (
-                full_out if isinstance(full_out, list) else [full_out]
-            ):
-                for key in MEASURED_ANEW:
-                    out.pop(key, None)
-            assert quick_out == full_out, args
+            quick_kept, full_kept = without_measured(quick_out), without_measured(full_out)
+            assert quick_kept == full_kept, (args, differences(quick_kept, full_kept))
         elif args[0] == "ps":
             # MEM MEASURED is sampled each second, LAST USED ("Ns ago") ticks.
             def columns(out: bytes) -> list[list[str]]:
@@ -269,3 +298,17 @@ def test_an_unreachable_daemon_is_the_full_clis_exit_3(tmp_path: Path) -> None:
         )
         assert result.returncode == 3
         assert result.stderr.decode().startswith(f"mmctl: no mmd daemon at {missing}")
+
+
+def test_ctrl_c_on_a_quick_infer_is_exit_130_and_stops_the_generation(daemon: Daemon) -> None:
+    argv = [sys.executable, "-m", "mmctl", "infer", "long", "go", "--max-tokens", "1800"]
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=daemon.env()
+    ) as mmctl:
+        assert mmctl.stdout is not None
+        assert mmctl.stdout.read(1)  # the answer has begun (1800 tokens take ~10 s)
+        mmctl.send_signal(signal.SIGINT)
+        assert mmctl.wait(timeout=10) == 130
+        assert mmctl.stderr is not None
+        assert b"Traceback" not in mmctl.stderr.read()
+    assert wait_until(lambda: daemon.health().active_inferences == 0, timeout=5)
