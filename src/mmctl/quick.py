@@ -213,9 +213,9 @@ def _connect(socket_arg: str | None) -> tuple[socket.socket, Path] | None:
 def _lines(conn: socket.socket, sock: Path, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Send ``request``; the daemon's answer, a JSON object a line. An error line becomes
     CliError, as the gRPC client's failures do; so does a daemon that goes away."""
+    received = False
     try:
         conn.sendall(json.dumps(request, ensure_ascii=False).encode() + b"\n")
-        received = False
         with conn.makefile("rb") as answer:
             for line in answer:
                 try:
