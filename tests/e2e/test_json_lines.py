@@ -33,9 +33,12 @@ MEASURED_ANEW = (
 )
 
 
-@pytest.fixture
-def daemon(make_daemon: Any, model_files: dict[str, Path]) -> Daemon:
-    config = f"""
+# A generation that runs ~20 s on 2 cores: long enough to hang up on, or to cut off.
+LONG_TOKENS = 4000
+
+
+def registry(model_files: dict[str, Path]) -> str:
+    return f"""
     [models.tiny]
     path = "{model_files["tiny"]}"
     ctx = 512
@@ -43,9 +46,13 @@ def daemon(make_daemon: Any, model_files: dict[str, Path]) -> Daemon:
 
     [models.long]
     path = "{model_files["m50"]}"
-    ctx = 2048
+    ctx = 4096
     """
-    d: Daemon = make_daemon(config)
+
+
+@pytest.fixture
+def daemon(make_daemon: Any, model_files: dict[str, Path]) -> Daemon:
+    d: Daemon = make_daemon(registry(model_files))
     return d
 
 
@@ -107,11 +114,12 @@ def hang_up(conn: socket.socket) -> None:
 
 
 @pytest.fixture
-def open_call(daemon: Daemon) -> Iterator[Any]:
-    """open_call(request) -> (connection, its answer's lines as they come); all closed after."""
+def open_call() -> Iterator[Any]:
+    """open_call(daemon, request) -> (connection, its answer's lines as they come); all
+    closed after the test."""
     opened: list[socket.socket] = []
 
-    def start(request: object) -> tuple[socket.socket, Iterator[bytes]]:
+    def start(daemon: Daemon, request: object) -> tuple[socket.socket, Iterator[bytes]]:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         opened.append(conn)
         conn.settimeout(60)
@@ -236,11 +244,11 @@ def test_the_quick_commands_load_neither_grpc_nor_protobuf_nor_typer(daemon: Dae
 def test_a_client_that_hangs_up_cancels_its_request_running_or_queued(
     daemon: Daemon, open_call: Any
 ) -> None:
-    request = {"call": "infer", "model": "long", "prompt": "go", "max_tokens": 1800}
-    running, running_lines = open_call(request)  # 1800 tokens take ~10 s
+    request = {"call": "infer", "model": "long", "prompt": "go", "max_tokens": LONG_TOKENS}
+    running, running_lines = open_call(daemon, request)
     first = [json.loads(next(running_lines)) for _ in range(3)]
     assert any("text" in line for line in first)
-    queued, _ = open_call(request)  # one slot: this one waits
+    queued, _ = open_call(daemon, request)  # one slot: this one waits
     assert wait_until(lambda: daemon.health().queued_requests == 1, timeout=10)
     hang_up(queued)
     assert wait_until(lambda: daemon.health().queued_requests == 0, timeout=5)
@@ -251,12 +259,15 @@ def test_a_client_that_hangs_up_cancels_its_request_running_or_queued(
     assert answer[-1]["done"]["completion_tokens"] == 3
 
 
-def test_a_request_cut_off_by_a_shutdown_is_told_so(daemon: Daemon, open_call: Any) -> None:
-    request = {"call": "infer", "model": "long", "prompt": "go", "max_tokens": 1800}
-    _, answer = open_call(request)
+def test_a_request_cut_off_by_a_shutdown_is_told_so(
+    make_daemon: Any, model_files: dict[str, Path], open_call: Any
+) -> None:
+    daemon: Daemon = make_daemon(registry(model_files), drain_timeout="0.5s")
+    request = {"call": "infer", "model": "long", "prompt": "go", "max_tokens": LONG_TOKENS}
+    _, answer = open_call(daemon, request)
     assert "text" in json.loads(next(answer)) or "text" in json.loads(next(answer))
     assert daemon.process is not None
-    daemon.process.terminate()  # drain_timeout 5 s: ~10 s of tokens do not fit
+    daemon.process.terminate()  # the drain (0.5 s) ends long before the answer would
     last = [json.loads(line) for line in answer][-1]
     assert last["error"]["status"] == "ABORTED"
     assert last["error"]["message"] == "mmd is shutting down"
@@ -301,12 +312,12 @@ def test_an_unreachable_daemon_is_the_full_clis_exit_3(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_on_a_quick_infer_is_exit_130_and_stops_the_generation(daemon: Daemon) -> None:
-    argv = [sys.executable, "-m", "mmctl", "infer", "long", "go", "--max-tokens", "1800"]
+    argv = [sys.executable, "-m", "mmctl", "infer", "long", "go", "--max-tokens", str(LONG_TOKENS)]
     with subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=daemon.env()
     ) as mmctl:
         assert mmctl.stdout is not None
-        assert mmctl.stdout.read(1)  # the answer has begun (1800 tokens take ~10 s)
+        assert mmctl.stdout.read(1)  # the answer has begun
         mmctl.send_signal(signal.SIGINT)
         assert mmctl.wait(timeout=10) == 130
         assert mmctl.stderr is not None
