@@ -18,7 +18,7 @@ from typing import Any, Literal
 import httpx
 import typer
 
-from mmctl import tables
+from mmctl import quick, tables
 from mmctl.client import MmdClient
 from mmctl.errors import CliError
 from mmctl.sockets import check_runtime_dir, locate_socket, permission_message
@@ -261,7 +261,20 @@ def _check_socket(socket: Path) -> tuple[list[Check], mmd_pb2.Health | None]:
         checks.append(Check("daemon", "fail", permission_message(socket), _GROUP_HINT))
         return checks, None
     daemon, health = _check_daemon(socket)
-    return [*checks, daemon], health
+    if health is None:
+        return [*checks, daemon], None
+    return [*checks, daemon, _check_quick(socket)], health
+
+
+def _check_quick(socket: Path) -> Check:
+    """The JSON Lines socket that `mmctl ps` and a one-shot `mmctl infer` use."""
+    path = paths.json_socket(socket)
+    why = quick.probe(socket, _HEALTH_TIMEOUT_S)
+    if why is None:
+        return Check("quick commands", "ok", f"{path} answers (mmctl ps, infer)")
+    detail = f"{path}: {why}; mmctl ps and infer use gRPC instead, ~3x slower to start"
+    hint = "restart mmd; its log says why it serves without that socket"
+    return Check("quick commands", "warn", detail, hint)
 
 
 def _check_daemon(socket: Path) -> tuple[Check, mmd_pb2.Health | None]:

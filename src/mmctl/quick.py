@@ -242,6 +242,25 @@ def _lines(conn: socket.socket, sock: Path, request: dict[str, Any]) -> Iterator
         ) from None
 
 
+def probe(sock: Path, timeout: float) -> str | None:
+    """Why the JSON Lines socket beside the daemon's ``sock`` cannot serve the quick
+    commands; None when it can (it answered a models call)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
+    try:
+        conn.connect(str(paths.json_socket(sock)))
+        for message in _lines(conn, sock, {"call": "models"}):
+            if isinstance(message.get("models"), list):
+                return None
+        return "it ended the answer without the models"
+    except OSError as err:
+        return err.strerror or str(err)
+    except CliError as err:
+        return err.message
+    finally:
+        conn.close()
+
+
 def _ps(conn: socket.socket, sock: Path, json_out: bool) -> int:
     conn.settimeout(_QUERY_TIMEOUT_S)
     models: list[dict[str, Any]] | None = None

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from conftest import Daemon
 
+from mmd.host import paths
+
 
 def checks_of(result: Any) -> dict[str, dict[str, str]]:
     payload = json.loads(result.stdout)
@@ -28,7 +30,8 @@ def test_doctor_on_a_good_setup(make_daemon: Any, model_files: dict[str, Path]) 
     assert result.returncode == 0, result.stdout + result.stderr
     checks = checks_of(result)
     assert all(c["status"] in ("ok", "warn") for c in checks.values())
-    for name in ("llama-server", "llama-server starts", "config", "model tiny", "daemon"):
+    names = ("llama-server", "llama-server starts", "config", "model tiny", "daemon")
+    for name in (*names, "quick commands"):
         assert checks[name]["status"] == "ok", checks[name]
     assert checks["socket"]["status"] == "ok"
     assert checks["llama-server starts"]["detail"].startswith("version")
@@ -40,6 +43,19 @@ def test_doctor_on_a_good_setup(make_daemon: Any, model_files: dict[str, Path]) 
     text = doctor(daemon)
     assert text.returncode == 0
     assert b"model tiny" in text.stdout
+
+
+def test_doctor_warns_when_the_quick_commands_have_no_socket(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    daemon: Daemon = make_daemon(f'[models.tiny]\npath = "{model_files["tiny"]}"\nctx = 256\n')
+    paths.json_socket(daemon.socket).unlink()
+    result = doctor(daemon, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr  # a warning, not a failure
+    check = checks_of(result)["quick commands"]
+    assert check["status"] == "warn"
+    assert "No such file" in check["detail"]
+    assert "restart mmd" in check["hint"]
 
 
 def test_doctor_names_a_missing_model_file(
