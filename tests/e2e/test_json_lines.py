@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,26 @@ def test_a_client_that_hangs_up_cancels_its_request_running_or_queued(
     assert wait_until(lambda: daemon.health().active_inferences == 0, timeout=5)
     answer = call(daemon, {"call": "infer", "model": "long", "prompt": "go", "max_tokens": 3})
     assert answer[-1]["done"]["completion_tokens"] == 3
+
+
+def test_a_client_that_only_stops_sending_still_gets_its_answer(
+    daemon: Daemon, open_call: Any
+) -> None:
+    """As socat and nc -N do at the end of their input: shut the sending side, read on."""
+    short = {"call": "infer", "model": "tiny", "prompt": "hi", "max_tokens": 5}
+    conn, lines = open_call(daemon, short)
+    conn.shutdown(socket.SHUT_WR)
+    answer = [json.loads(line) for line in lines]
+    assert answer[-1]["done"]["completion_tokens"] == 5
+    request = {"call": "infer", "model": "long", "prompt": "go", "max_tokens": LONG_TOKENS}
+    conn, lines = open_call(daemon, request)
+    conn.shutdown(socket.SHUT_WR)
+    pieces = [json.loads(next(lines)) for _ in range(3)]
+    assert any("text" in piece for piece in pieces)
+    time.sleep(0.5)  # five of the daemon's looks for a hang-up
+    assert daemon.health().active_inferences == 1
+    hang_up(conn)  # and now it goes: the generation stops
+    assert wait_until(lambda: daemon.health().active_inferences == 0, timeout=5)
 
 
 def test_a_request_cut_off_by_a_shutdown_is_told_so(

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ log = logging.getLogger("mmd.lines")
 CALLS = ("models", "infer")
 # The request line may be this much larger than max_prompt_bytes (escapes, other fields).
 _LINE_OVERHEAD = 64 * 1024
+# How often a connection whose client has sent all it will send is checked for a hang-up.
+_HANGUP_POLL_S = 0.1
 # How long stop() waits for the requests it cut off to tell their clients so.
 _INTERRUPT_WAIT_S = 5.0
 
@@ -109,7 +112,9 @@ class JsonLinesServer:
                 return
             if request is None:
                 return  # closed without asking anything
-            watcher = asyncio.get_running_loop().create_task(_cancel_on_hangup(reader, task))
+            watcher = asyncio.get_running_loop().create_task(
+                _cancel_on_hangup(reader, writer, task)
+            )
             await self._answer(request, writer)
         except _HungUp:
             pass
@@ -177,12 +182,26 @@ async def _read_request(reader: asyncio.StreamReader, limit: int) -> Any:
         raise InvalidRequest(f"the request is not valid JSON: {err}") from None
 
 
-async def _cancel_on_hangup(reader: asyncio.StreamReader, request: asyncio.Task[Any]) -> None:
+async def _cancel_on_hangup(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: asyncio.Task[Any]
+) -> None:
     """Cancel ``request`` once its client closes the connection. A client sends nothing
-    after its request line; anything it does send is read and ignored."""
+    after its request line; anything it does send is read and ignored.
+
+    The end of what the client sends is not always the end of the client: a tool such as
+    ``socat`` shuts its sending side down at the end of its input and goes on reading the
+    answer. A Unix socket tells the two apart: POLLHUP comes only once both directions are
+    shut, so after the end of the input the connection is watched for that.
+    """
     with contextlib.suppress(OSError):
         while await reader.read(4096):
             pass
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLHUP)
+        while not poller.poll(0):
+            await asyncio.sleep(_HANGUP_POLL_S)
     request.cancel()
 
 
