@@ -236,7 +236,7 @@ def models(ctx: typer.Context, json_out: JsonFlag = False) -> None:
         registry = client.registry()
     if json_out:
         tables.print_json([protojson.model_to_dict(model) for model in registry.models])
-        render.print_notes(registry.notes)
+        tables.print_notes(registry.notes)
     else:
         render.print_models(registry.models, registry.notes)
 

@@ -1,8 +1,10 @@
-"""mmctl's quick commands: `ps` and a one-shot `infer`, over the daemon's JSON Lines
-socket (``<socket>.json``, see mmd.api.lines) instead of gRPC.
+"""mmctl's quick commands: `ps`, a one-shot `infer`, `models --json` and `health --json`,
+over the daemon's JSON Lines socket (``<socket>.json``, see mmd.api.lines) instead of
+gRPC.
 
 Importing grpc, protobuf and Typer takes ~10 times as long as starting Python; a
-script that runs ``mmctl infer`` once per prompt, or polls ``mmctl ps``, would pay that
+script that runs ``mmctl infer`` once per prompt, or polls ``mmctl ps`` or
+``mmctl health --json``, would pay that
 on every call. This path needs only the standard library.
 
 It serves a command line only when it understands all of it, and does what the full
@@ -60,7 +62,7 @@ class _Command:
         request: dict[str, Any],
         prompt: str | None = None,
     ) -> None:
-        self.name = name  # "ps" or "infer"
+        self.name = name  # "ps", "infer", "models" or "health"
         self.socket = socket
         self.json_out = json_out
         self.request = request  # for infer: the request, less the prompt
@@ -82,9 +84,9 @@ def run(args: list[str]) -> int | None:
     conn, sock = connection
     try:
         with conn:
-            if command.name == "ps":
-                return _ps(conn, sock, command.json_out)
-            return _infer(conn, sock, command)
+            if command.name == "infer":
+                return _infer(conn, sock, command)
+            return _query(conn, sock, command)
     except CliError as err:
         _report(err.message)
         return err.exit_code
@@ -126,6 +128,11 @@ def parse(args: list[str]) -> _Command | None:
         if rest[1:] not in ([], ["--json"]):
             return None
         return _Command("ps", socket_arg, rest[1:] == ["--json"], {})
+    if rest[0] in ("models", "health"):
+        # Their JSON only: the text views draw protobuf messages (mmctl.render).
+        if rest[1:] != ["--json"]:
+            return None
+        return _Command(rest[0], socket_arg, True, {})
     if rest[0] == "infer":
         return _parse_infer(rest[1:], socket_arg)
     return None
@@ -261,17 +268,31 @@ def probe(sock: Path, timeout: float) -> str | None:
         conn.close()
 
 
-def _ps(conn: socket.socket, sock: Path, json_out: bool) -> int:
+def _query(conn: socket.socket, sock: Path, command: _Command) -> int:
+    """`ps`, `models --json`, `health --json`: one answer, printed as the full CLI does."""
     conn.settimeout(_QUERY_TIMEOUT_S)
-    models: list[dict[str, Any]] | None = None
-    for message in _lines(conn, sock, {"call": "models"}):
-        models = message.get("models")
-    if not isinstance(models, list):
-        raise _ended_early(sock)
-    loaded = [model for model in models if model.get("state") not in _NOT_LISTED]
+    call = "health" if command.name == "health" else "models"
+    answer: dict[str, Any] | None = None
+    for message in _lines(conn, sock, {"call": call}):
+        answer = message
     from mmctl import tables  # after the answer: nothing to draw sooner
 
-    if json_out:
+    if call == "health":
+        health = None if answer is None else answer.get("health")
+        if not isinstance(health, dict):
+            raise _ended_early(sock)
+        tables.print_json(health)
+        return 0
+    models = None if answer is None else answer.get("models")
+    if not isinstance(models, list):
+        raise _ended_early(sock)
+    if command.name == "models":
+        tables.print_json(models)
+        notes = answer.get("notes") if answer is not None else None
+        tables.print_notes([str(note) for note in notes or ()])
+        return 0
+    loaded = [model for model in models if model.get("state") not in _NOT_LISTED]
+    if command.json_out:
         tables.print_json(loaded)
     else:
         tables.print_ps(loaded)

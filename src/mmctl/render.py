@@ -7,7 +7,6 @@ shared, so each rule has one implementation.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 
@@ -77,13 +76,6 @@ def print_models(models: Sequence[mmd_pb2.Model], notes: Sequence[str] = ()) -> 
     out.table_or_note(table, "no models in the registry")
     for note in notes:
         out.note(f"note: {note}", "yellow")
-
-
-def print_notes(notes: Sequence[str]) -> None:
-    """Notes beside JSON output: on stderr, so that stdout holds the JSON alone."""
-    sys.stdout.flush()
-    for note in notes:
-        sys.stderr.write(f"mmctl: note: {note}\n")
 
 
 def print_health(health: mmd_pb2.Health, now: float | None = None) -> None:

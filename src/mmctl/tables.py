@@ -53,6 +53,13 @@ def print_json_line(obj: Any) -> None:
 # default, as protobuf reads a field missing from the wire.
 
 
+def print_notes(notes: Sequence[str]) -> None:
+    """Notes beside JSON output: on stderr, so that stdout holds the JSON alone."""
+    sys.stdout.flush()
+    for note in notes:
+        sys.stderr.write(f"mmctl: note: {note}\n")
+
+
 def relative_time(unix_seconds: float, now: float | None = None) -> str:
     """0 -> "never"; otherwise "3s ago", "5m ago", "2h ago", "4d ago"."""
     if unix_seconds <= 0:

@@ -48,6 +48,15 @@ def test_a_one_shot_infer_with_every_option_it_knows() -> None:
     }
 
 
+def test_models_and_health_as_json_only() -> None:
+    for name in ("models", "health"):
+        command = quick.parse([name, "--json"])
+        assert command is not None
+        assert command.name == name
+        assert quick.parse([name]) is None  # the text view draws protobuf messages
+        assert quick.parse([name, "--json", "--json"]) is None
+
+
 def test_the_prompt_from_stdin_when_omitted_or_dash() -> None:
     for args in (["infer", "m"], ["infer", "m", "-"], ["infer", "--raw", "m", "-"]):
         command = quick.parse(args)

@@ -31,6 +31,11 @@ MEASURED_ANEW = (
     "last_used_unix",
     "unloads_at_unix",
     "ready_since_unix",
+    "uptime_seconds",
+    "budget_bytes",
+    "mmd_bytes",
+    "other_bytes",
+    "free_bytes",
 )
 
 
@@ -148,6 +153,10 @@ def test_models_and_an_inference_in_lines(daemon: Daemon) -> None:
     (models,) = call(daemon, {"call": "models"})
     assert [m["id"] for m in models["models"]] == ["tiny", "long"]
     assert {m["state"] for m in models["models"]} == {"unloaded"}
+    assert models["notes"] == []
+    (health,) = call(daemon, {"call": "health"})
+    assert health["health"]["active_inferences"] == 0
+    assert health["health"]["models"] == []
     answer = call(daemon, {"call": "infer", "model": "tiny", "prompt": "hi", "max_tokens": 6})
     assert "warning" in answer[0]  # no chat template: the prompt goes as it is
     texts = [line["text"] for line in answer[1:-1]]
@@ -202,6 +211,8 @@ def test_mmctl_says_the_same_over_either_socket(daemon: Daemon) -> None:
         (("infer", "tiny"), b"\xff\xfe"),
         (("ps",), b""),
         (("ps", "--json"), b""),
+        (("models", "--json"), b""),
+        (("health", "--json"), b""),
     ]:
         quick = daemon.mmctl(*args, input=stdin)
         full = full_cli(daemon, *args, input=stdin)
@@ -230,7 +241,14 @@ def test_the_quick_commands_load_neither_grpc_nor_protobuf_nor_typer(daemon: Dae
         "heavy = ('grpc', 'google.protobuf', 'typer', 'rich', 'aiohttp', 'mmd.v1')\n"
         "sys.stderr.write(json.dumps([code, [m for m in heavy if m in sys.modules]]))\n"
     )
-    for args in (("ps",), ("ps", "--json"), ("infer", "tiny", "hi", "--max-tokens", "2")):
+    quick_lines = (
+        ("ps",),
+        ("ps", "--json"),
+        ("models", "--json"),
+        ("health", "--json"),
+        ("infer", "tiny", "hi", "--max-tokens", "2"),
+    )
+    for args in quick_lines:
         result = subprocess.run(
             [sys.executable, "-c", probe, "--socket", str(daemon.socket), *args],
             capture_output=True,

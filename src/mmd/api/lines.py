@@ -5,9 +5,11 @@ Python itself, more than the request it makes takes; a script that runs ``mmctl 
 once per prompt pays that every time. Over this socket a client needs only ``json`` and
 ``socket``. One request per connection:
 
-* the client sends one JSON object on one line: ``{"call": "models"}``, or
-  ``{"call": "infer", ...}`` with the body of the HTTP API's ``POST /infer``;
-* mmd answers with lines of JSON: ``{"models": [...]}``; or for an inference an optional
+* the client sends one JSON object on one line: ``{"call": "models"}``,
+  ``{"call": "health"}``, or ``{"call": "infer", ...}`` with the body of the HTTP API's
+  ``POST /infer``;
+* mmd answers with lines of JSON: ``{"models": [...], "notes": [...]}``,
+  ``{"health": {...}}``; or for an inference an optional
   ``{"warning": "..."}``, then ``{"text": "..."}`` pieces, then ``{"done": {...}}``;
   or, at any point, ``{"error": {"status", "kind", "message"}}`` as the last line, with
   the gRPC status and the error kind the other doors send;
@@ -31,9 +33,9 @@ from typing import Any
 
 from mmd.api import json_requests
 from mmd.api.coalesce import coalesce_text
-from mmd.api.protojson import model_to_dict
+from mmd.api.protojson import message_to_dict, model_to_dict
 from mmd.api.rpc.errors import SHUTDOWN_MESSAGE
-from mmd.api.rpc.protos import model_proto
+from mmd.api.rpc.protos import health_proto, model_proto
 from mmd.core.errors import InvalidRequest, MmdError, RequestAborted
 from mmd.engine.engine import Engine
 from mmd.host import rundir
@@ -41,7 +43,7 @@ from mmd.runtime.upstream import Final
 
 log = logging.getLogger("mmd.lines")
 
-CALLS = ("models", "infer")
+CALLS = ("models", "health", "infer")
 # The request line may be this much larger than max_prompt_bytes (escapes, other fields).
 _LINE_OVERHEAD = 64 * 1024
 # How often a connection whose client has sent all it will send is checked for a hang-up.
@@ -138,7 +140,9 @@ class JsonLinesServer:
             if call == "models":
                 entries = self.engine.model_entries()
                 models = [model_to_dict(model_proto(self.engine, e)) for e in entries]
-                await _send(writer, {"models": models})
+                await _send(writer, {"models": models, "notes": self.engine.config.notes})
+            elif call == "health":
+                await _send(writer, {"health": message_to_dict(health_proto(self.engine))})
             elif call == "infer":
                 await self._infer(request, writer)
             else:
