@@ -267,12 +267,13 @@ def _check_socket(socket: Path) -> tuple[list[Check], mmd_pb2.Health | None]:
 
 
 def _check_quick(socket: Path) -> Check:
-    """The JSON Lines socket that `mmctl ps` and a one-shot `mmctl infer` use."""
+    """The JSON Lines socket that mmctl's quick commands use (mmctl.quick)."""
     path = paths.json_socket(socket)
     why = quick.probe(socket, _HEALTH_TIMEOUT_S)
     if why is None:
-        return Check("quick commands", "ok", f"{path} answers (mmctl ps, infer)")
-    detail = f"{path}: {why}; mmctl ps and infer use gRPC instead, ~3x slower to start"
+        detail = f"{path} answers (mmctl ps, infer, models --json, health --json)"
+        return Check("quick commands", "ok", detail)
+    detail = f"{path}: {why}; the quick commands use gRPC instead, ~3x slower to start"
     hint = "restart mmd; its log says why it serves without that socket"
     return Check("quick commands", "warn", detail, hint)
 
