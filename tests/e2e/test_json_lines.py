@@ -362,3 +362,15 @@ def test_ctrl_c_on_a_quick_infer_is_exit_130_and_stops_the_generation(daemon: Da
         assert mmctl.stderr is not None
         assert b"Traceback" not in mmctl.stderr.read()
     assert wait_until(lambda: daemon.health().active_inferences == 0, timeout=5)
+
+
+def test_a_dead_socket_left_at_the_path_is_replaced(
+    make_daemon: Any, model_files: dict[str, Path]
+) -> None:
+    daemon: Daemon = make_daemon(f'[models.tiny]\npath = "{model_files["tiny"]}"\n', start=False)
+    daemon.socket.parent.mkdir(mode=0o750, parents=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(lines_socket(daemon)))  # bound, never listening, left behind
+    daemon.start()
+    (models,) = call(daemon, {"call": "models"})
+    assert [m["id"] for m in models["models"]] == ["tiny"]
