@@ -209,6 +209,7 @@ def test_mmctl_says_the_same_over_either_socket(daemon: Daemon) -> None:
         (("infer", "nope", "hi"), b""),
         (("infer", "tiny"), b"  \n"),
         (("infer", "tiny"), b"\xff\xfe"),
+        (("infer", "tiny"), b"x" * (3 * 1024 * 1024)),  # over max_prompt_bytes (1 MiB)
         (("ps",), b""),
         (("ps", "--json"), b""),
         (("models", "--json"), b""),

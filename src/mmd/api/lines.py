@@ -44,7 +44,11 @@ from mmd.runtime.upstream import Final
 log = logging.getLogger("mmd.lines")
 
 CALLS = ("models", "health", "infer")
-# The request line may be this much larger than max_prompt_bytes (escapes, other fields).
+# The longest request line read: what the gRPC server takes in one message (64 MiB), so that
+# a prompt over max_prompt_bytes is refused by the same check, in the same words, on either
+# socket; more where max_prompt_bytes is set so high that a prompt escaped in JSON (a control
+# character takes 6 bytes there) and the other fields need it.
+_GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _LINE_OVERHEAD = 64 * 1024
 # How often a connection whose client has sent all it will send is checked for a hang-up.
 _HANGUP_POLL_S = 0.1
@@ -65,7 +69,8 @@ class JsonLinesServer:
         self._server: asyncio.Server | None = None
         self._requests: set[asyncio.Task[Any]] = set()
         self._stopping = False
-        self._limit = engine.config.daemon.max_prompt_bytes * 2 + _LINE_OVERHEAD
+        prompt_limit = engine.config.daemon.max_prompt_bytes
+        self._limit = max(_GRPC_MAX_MESSAGE_BYTES, prompt_limit * 6 + _LINE_OVERHEAD)
 
     async def start(self) -> None:
         """Listen (call it holding the daemon's lock: a socket left there is a dead
