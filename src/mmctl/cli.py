@@ -22,6 +22,8 @@ from mmctl.errors import (
     EXIT_NO_ROOM,
     EXIT_USAGE,
     CliError,
+    finish,
+    report,
 )
 from mmctl.options import JsonFlag, ModelId, client_for, finite
 from mmd.api import protojson
@@ -52,39 +54,29 @@ Exit codes:
 """
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _report(message: str) -> None:
-    sys.stdout.flush()
-    sys.stderr.write(f"mmctl: {_one_line(message)}\n")
-    sys.stderr.flush()
-
-
 def run_guarded(call: Callable[[], Any]) -> int:
     """Run the command line, turning every expected failure into one stderr line and a code."""
     try:
         result = call()
     except CliError as err:
-        _report(err.message)
+        report(err.message)
         return err.exit_code
     except typer.TyperException as err:  # usage errors, bad parameters
         if type(err).__name__ == "NoArgsIsHelpError":  # help was already printed
             return EXIT_USAGE
         ctx = getattr(err, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        _report(err.format_message() + hint)
+        report(err.format_message() + hint)
         return int(getattr(err, "exit_code", EXIT_USAGE))
     except typer.Abort:
-        _report("aborted")
+        report("aborted")
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # nobody is left to read a message
         return EXIT_BROKEN_PIPE
     except grpc.RpcError as err:  # the client maps these; this is a safety net
-        _report(err.details() or "request failed")
+        report(err.details() or "request failed")
         return exit_code_for(err)
     return result if isinstance(result, int) else 0
 
@@ -372,22 +364,9 @@ app.command()(top.top)
 
 
 def main() -> None:
-    """Console-script entry point.
-
-    Ends with os._exit once the output is flushed: the interpreter's own teardown
-    (finalising grpc, protobuf and every module) took ~30 ms of each call, which a
-    script calling mmctl in a loop pays every time, for nothing the OS does not
-    clean up anyway.
-    """
+    """Console-script entry point of the full CLI (see mmctl.entry)."""
     code = app(standalone_mode=False)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BrokenPipeError:  # the reader went away before the last of the output
-            code = EXIT_BROKEN_PIPE
-        except OSError:  # nothing left to say it on
-            pass
-    os._exit(code if isinstance(code, int) else 0)
+    finish(code if isinstance(code, int) else 0)
 
 
 # Commands defined in their own modules, attached to the same app.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -12,7 +11,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from mmctl.errors import EXIT_UNREACHABLE, CliError, exit_code_for_status
+from mmctl.errors import EXIT_UNREACHABLE, CliError, exit_code_for_status, one_line, report
 from mmctl.sockets import choose_socket, unreachable_message
 from mmd.core.errors import ERROR_KIND_KEY, WARNING_KEY
 from mmd.host import paths
@@ -68,7 +67,7 @@ def cli_error_for(err: grpc.RpcError, socket_path: Path) -> CliError:
         return CliError(f"this mmd does not support the call ({details})", exit_code)
     if not details:
         details = f"request failed ({code.name if code else 'unknown status'})"
-    return CliError(" ".join(details.split()), exit_code)
+    return CliError(one_line(details), exit_code)
 
 
 def _safe_details(err: grpc.RpcError) -> str | None:
@@ -93,9 +92,7 @@ def _show_warnings(call: Any, shown: set[str] | None) -> None:
                 if text in shown:
                     continue
                 shown.add(text)
-            sys.stdout.flush()
-            sys.stderr.write(f"mmctl: warning: {' '.join(text.split())}\n")
-            sys.stderr.flush()
+            report(f"warning: {text}")
 
 
 class Stream(Generic[Response]):
@@ -143,7 +140,7 @@ class Stream(Generic[Response]):
             error = cli_error_for(err, self._socket_path)
             if received and error.exit_code == EXIT_UNREACHABLE:
                 # It answered, so it was there: "no mmd daemon at" would mislead.
-                details = " ".join((_safe_details(err) or "no reason given").split())
+                details = one_line(_safe_details(err) or "no reason given")
                 error.message = f"lost the connection to mmd at {self._socket_path} ({details})"
             raise error from None
         finally:

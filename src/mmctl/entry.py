@@ -15,10 +15,11 @@ import sys
 
 def main() -> None:
     from mmctl import quick
+    from mmctl.errors import finish
 
     code = quick.run(sys.argv[1:])
     if code is not None:
-        quick.finish(code)
+        finish(code)
     gc.disable()
     try:
         from mmctl.cli import main as run

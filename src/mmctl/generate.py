@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from mmctl import tables
+from mmctl.answers import StreamedText
 from mmctl.client import MmdClient
 from mmctl.errors import EXIT_INTERRUPTED, EXIT_UNREACHABLE, CliError
 from mmctl.options import ModelId, client_for, finite
@@ -152,27 +153,20 @@ def _answer(
     shown_warnings: set[str] | None = None,
 ) -> tuple[list[str], mmd_pb2.InferDone]:
     """The answer's pieces and totals; with ``echo``, each piece written to stdout at once."""
-    pieces: list[str] = []
+    text = StreamedText(echo)
     done: mmd_pb2.InferDone | None = None
     try:
         for chunk in client.infer(request, shown_warnings=shown_warnings):
             kind = chunk.WhichOneof("kind")
             if kind == "text":
-                pieces.append(chunk.text)
-                if echo:
-                    sys.stdout.write(chunk.text)
-                    sys.stdout.flush()
+                text.add(chunk.text)
             elif kind == "done":
                 done = chunk.done
     finally:
-        # Keep the shell prompt (or an error line) off the end of the text.
-        wrote = "".join(pieces)
-        if echo and (done is not None or wrote) and not wrote.endswith("\n"):
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+        text.end(complete=done is not None)
     if done is None:
         raise CliError(f"mmd ended the answer from {request.model_id!r} without its final totals")
-    return pieces, done
+    return text.pieces, done
 
 
 def _answer_json(model_id: str, pieces: list[str], done: mmd_pb2.InferDone) -> dict[str, object]:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mmctl.answers import StreamedText
 from mmctl.errors import (
     EXIT_BROKEN_PIPE,
     EXIT_ERROR,
@@ -32,6 +31,8 @@ from mmctl.errors import (
     EXIT_UNREACHABLE,
     CliError,
     exit_code_for_status,
+    one_line,
+    report,
 )
 from mmctl.prompts import read_input
 from mmctl.sockets import choose_socket, unreachable_message
@@ -88,7 +89,7 @@ def run(args: list[str]) -> int | None:
                 return _infer(conn, sock, command)
             return _query(conn, sock, command)
     except CliError as err:
-        _report(err.message)
+        report(err.message)
         return err.exit_code
     except KeyboardInterrupt:  # closing the connection cancels the request in mmd
         return EXIT_INTERRUPTED
@@ -228,13 +229,13 @@ def _lines(conn: socket.socket, sock: Path, request: dict[str, Any]) -> Iterator
                 try:
                     message = json.loads(line)
                 except ValueError:
-                    raise CliError("mmd sent an answer mmctl cannot read", EXIT_ERROR) from None
+                    message = None
                 if not isinstance(message, dict):
                     raise CliError("mmd sent an answer mmctl cannot read", EXIT_ERROR)
                 error = message.get("error")
                 if isinstance(error, dict):
                     raise CliError(
-                        _one_line(str(error.get("message") or "request failed")),
+                        one_line(str(error.get("message") or "request failed")),
                         exit_code_for_status(error.get("status"), error.get("kind")),
                     )
                 received = True
@@ -300,14 +301,13 @@ def _query(conn: socket.socket, sock: Path, command: _Command) -> int:
 
 
 def _infer(conn: socket.socket, sock: Path, command: _Command) -> int:
-    text = read_input(command.prompt, "prompt")
+    prompt = read_input(command.prompt, "prompt")
     request = dict(command.request)
     if "system" in request:
-        request["messages"] = [{"role": "user", "content": text}]
+        request["messages"] = [{"role": "user", "content": prompt}]
     else:
-        request["prompt"] = text
-    echo = not command.json_out
-    pieces: list[str] = []
+        request["prompt"] = prompt
+    text = StreamedText(echo=not command.json_out)
     done: dict[str, Any] | None = None
     # Shown once the answer begins, as the gRPC client shows its warning metadata: a
     # request that fails instead says so in its one error line, and nothing else.
@@ -315,32 +315,23 @@ def _infer(conn: socket.socket, sock: Path, command: _Command) -> int:
     try:
         for message in _lines(conn, sock, request):
             if "warning" in message:
-                warning = _one_line(str(message["warning"]))
+                warning = one_line(str(message["warning"]))
                 continue
             if warning is not None:
-                sys.stdout.flush()
-                sys.stderr.write(f"mmctl: warning: {warning}\n")
-                sys.stderr.flush()
+                report(f"warning: {warning}")
                 warning = None
             if "text" in message:
-                pieces.append(str(message["text"]))
-                if echo:
-                    sys.stdout.write(pieces[-1])
-                    sys.stdout.flush()
+                text.add(str(message["text"]))
             elif isinstance(message.get("done"), dict):
                 done = message["done"]
     finally:
-        # Keep the shell prompt (or an error line) off the end of the text.
-        wrote = "".join(pieces)
-        if echo and (done is not None or wrote) and not wrote.endswith("\n"):
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+        text.end(complete=done is not None)
     if done is None:
         raise _ended_early(sock)
     if command.json_out:
         from mmctl import tables
 
-        tables.print_json({"model": request["model"], "text": "".join(pieces), **done})
+        tables.print_json({"model": request["model"], "text": "".join(text.pieces), **done})
     return 0
 
 
@@ -349,26 +340,3 @@ def _ended_early(sock: Path) -> CliError:
     return CliError(
         f"lost the connection to mmd at {sock} (it closed the connection)", EXIT_UNREACHABLE
     )
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _report(message: str) -> None:
-    sys.stdout.flush()
-    sys.stderr.write(f"mmctl: {_one_line(message)}\n")
-    sys.stderr.flush()
-
-
-def finish(code: int) -> None:
-    """Flush what is left and exit without the interpreter's teardown (as the full CLI's
-    mmctl.cli.main): a reader gone before the last of the output is exit 141."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BrokenPipeError:
-            code = EXIT_BROKEN_PIPE
-        except OSError:
-            pass
-    os._exit(code)
