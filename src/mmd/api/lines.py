@@ -34,7 +34,7 @@ from typing import Any
 from mmd.api import json_requests
 from mmd.api.coalesce import coalesce_text
 from mmd.api.protojson import message_to_dict, model_to_dict
-from mmd.api.rpc.errors import SHUTDOWN_MESSAGE
+from mmd.api.rpc.errors import SHUTDOWN_MESSAGE, interrupt_calls
 from mmd.api.rpc.protos import health_proto, model_proto
 from mmd.core.errors import InvalidRequest, MmdError, RequestAborted
 from mmd.engine.engine import Engine
@@ -52,8 +52,6 @@ _GRPC_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _LINE_OVERHEAD = 64 * 1024
 # How often a connection whose client has sent all it will send is checked for a hang-up.
 _HANGUP_POLL_S = 0.1
-# How long stop() waits for the requests it cut off to tell their clients so.
-_INTERRUPT_WAIT_S = 5.0
 
 
 class _HungUp(Exception):
@@ -77,10 +75,11 @@ class JsonLinesServer:
         daemon's). Anything at the path that is not a socket of this user's is left alone
         and the daemon serves without this door (rundir.SocketInTheWay, OSError)."""
         rundir.remove_dead_socket(self.path)
-        limit = self._limit
         old_umask = os.umask(0o117)  # rw for owner and group, as the gRPC socket
         try:
-            self._server = await asyncio.start_unix_server(self._serve, str(self.path), limit=limit)
+            self._server = await asyncio.start_unix_server(
+                self._serve, str(self.path), limit=self._limit
+            )
         finally:
             os.umask(old_umask)
 
@@ -93,11 +92,7 @@ class JsonLinesServer:
         """End the requests still running once the drain is over: each tells its client
         ABORTED, "mmd is shutting down", as the gRPC door does."""
         self._stopping = True
-        doomed = [task for task in self._requests if not task.done()]
-        for task in doomed:
-            task.cancel()
-        if doomed:
-            await asyncio.wait(doomed, timeout=_INTERRUPT_WAIT_S)
+        await interrupt_calls(dict.fromkeys(self._requests, "json-lines"))
 
     def remove(self) -> None:
         self.stop_accepting()
@@ -154,8 +149,8 @@ class JsonLinesServer:
                 raise InvalidRequest(f"unknown call {call!r} (this mmd answers {', '.join(CALLS)})")
         except MmdError as err:
             await _send(writer, _error(err))
-        except (_HungUp, asyncio.CancelledError):
-            raise
+        except _HungUp:
+            raise  # nobody to tell (a cancellation is no Exception: it passes by itself)
         except Exception as err:
             log.exception("internal error")
             await _send(writer, _error(MmdError(f"internal error: {err}")))
@@ -224,5 +219,5 @@ async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
     writer.write(json.dumps(message, ensure_ascii=False).encode() + b"\n")
     try:
         await writer.drain()  # back-pressure: a slow reader slows its own generation
-    except (ConnectionError, BrokenPipeError):
+    except ConnectionError:  # a broken pipe, a reset
         raise _HungUp from None
