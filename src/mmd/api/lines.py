@@ -33,9 +33,9 @@ from typing import Any
 
 from mmd.api import json_requests
 from mmd.api.coalesce import coalesce_text
-from mmd.api.protojson import message_to_dict, model_to_dict
+from mmd.api.protojson import message_to_dict
 from mmd.api.rpc.errors import SHUTDOWN_MESSAGE, interrupt_calls
-from mmd.api.rpc.protos import health_proto, model_proto
+from mmd.api.rpc.protos import health_proto, registry_proto
 from mmd.core.errors import InvalidRequest, MmdError, RequestAborted
 from mmd.engine.engine import Engine
 from mmd.host import rundir
@@ -138,9 +138,8 @@ class JsonLinesServer:
                 raise InvalidRequest("the request must be a JSON object")
             call = request.get("call")
             if call == "models":
-                entries = self.engine.model_entries()
-                models = [model_to_dict(model_proto(self.engine, e)) for e in entries]
-                await _send(writer, {"models": models, "notes": self.engine.config.notes})
+                # {"models": [...], "notes": [...]}: ListModels' answer as JSON.
+                await _send(writer, message_to_dict(registry_proto(self.engine)))
             elif call == "health":
                 await _send(writer, {"health": message_to_dict(health_proto(self.engine))})
             elif call == "infer":

@@ -129,6 +129,13 @@ def cores_proto(spec: ModelSpec, cores: CoreShare | None, reason: str) -> pb.Cor
     return None
 
 
+def registry_proto(engine: Engine) -> pb.ListModelsResponse:
+    """Every registered model, and what model discovery skipped: ListModels, and the same
+    for the HTTP admin API and the JSON Lines socket."""
+    models = [model_proto(engine, entry) for entry in engine.model_entries()]
+    return pb.ListModelsResponse(models=models, notes=engine.config.notes)
+
+
 def health_proto(engine: Engine) -> pb.Health:
     """Devices, models that are not unloaded, request counts: GetHealth and Watch's snapshot."""
     notes = list(engine.snapshot.notes) if engine.snapshot else []

@@ -16,6 +16,7 @@ from mmd.api.rpc.protos import (
     health_proto,
     model_proto,
     placement_proto,
+    registry_proto,
 )
 from mmd.api.rpc.watch import WatchService
 from mmd.core import validate
@@ -66,11 +67,7 @@ class ModelManager(WatchService, AdminService, mmd_pb2_grpc.ModelManagerServicer
 
     @unary
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> Any:
-        entries = self.engine.model_entries()
-        return pb.ListModelsResponse(
-            models=[model_proto(self.engine, e) for e in entries],
-            notes=self.engine.config.notes,
-        )
+        return registry_proto(self.engine)
 
     @streaming
     async def LoadModel(self, request: pb.LoadModelRequest, context: Context) -> Any:

@@ -14,7 +14,7 @@ from mmd.api import json_requests
 from mmd.api.coalesce import coalesce_text
 from mmd.api.json_requests import field, infer_json
 from mmd.api.protojson import message_to_dict, model_to_dict
-from mmd.api.rpc.protos import health_proto, model_proto
+from mmd.api.rpc.protos import health_proto, model_proto, registry_proto
 from mmd.api.web.openai_api import WARNING_HEADER
 from mmd.api.web.server import read_json
 from mmd.core import validate
@@ -40,8 +40,8 @@ class AdminApi:
         return model_to_dict(model_proto(self.engine, self.engine.entry(model_id)))
 
     async def models(self, request: web.Request) -> web.Response:
-        entries = self.engine.model_entries()
-        return web.json_response([model_to_dict(model_proto(self.engine, e)) for e in entries])
+        registry = registry_proto(self.engine)
+        return web.json_response([model_to_dict(model) for model in registry.models])
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response(message_to_dict(health_proto(self.engine)))
