@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from mmd.runtime.synthetic import write_model
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-__all__ = ["CHATML", "Daemon", "llama_children", "wait_until"]
+__all__ = ["CHATML", "Daemon", "llama_children", "serving_through", "wait_until"]
 
 # A chat template (ChatML) for synthetic models that need one: the chat-mode tests.
 CHATML = (
@@ -83,3 +84,26 @@ def make_daemon(tmp_path: Path) -> Iterator[object]:
     for proc in leftovers:
         proc.kill()
     assert not leftovers, f"llama-server children survived their daemon: {leftovers}"
+
+
+def serving_through(
+    make_daemon: Callable[..., Daemon],
+    model: Path,
+    binary: Path,
+    tmp_path: Path,
+    *,
+    load_timeout: float,
+    timeout: float,
+) -> Daemon:
+    """A daemon whose llama-server is ``binary`` (a wrapper that runs it on an emulated
+    CPU), proven: a load and a 6-token answer work, and health names the binary with its
+    version (its verify-before-trust check passed)."""
+    daemon = make_daemon(
+        f'[models.tiny]\npath = "{model}"\nctx = 256\n',
+        daemon_extra=f'llama_server = "{binary}"\nload_timeout = "{load_timeout:g}s"\n',
+        extra_env={"XDG_DATA_HOME": str(tmp_path / "data")},
+    )
+    daemon.load_and_answer("tiny", tokens=6, timeout=timeout)
+    health = json.loads(daemon.mmctl("health", "--json").stdout)
+    assert health["llama_server"].startswith(f"{binary} (config daemon.llama_server), version")
+    return daemon

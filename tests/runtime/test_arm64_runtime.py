@@ -12,7 +12,6 @@ hwcaps), not assumed.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon
+from conftest import serving_through
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSROOT = Path("/usr/aarch64-linux-gnu")  # Debian's arm64 cross libc, libstdc++ and libgomp
@@ -143,15 +142,9 @@ def test_a_model_is_served_on_an_emulated_arm_cpu(
 ) -> None:
     variant = expected_variant(features(tmp_path / "probe", cpu))
     wrapper = emulated(tmp_path / "bin", cpu, BUILD)
-    daemon: Daemon = make_daemon(
-        f'[models.tiny]\npath = "{model_files["tiny"]}"\nctx = 256\n',
-        daemon_extra=f'llama_server = "{wrapper}"\nload_timeout = "300s"\n',
-        extra_env={"XDG_DATA_HOME": str(tmp_path / "data")},
+    daemon = serving_through(
+        make_daemon, model_files["tiny"], wrapper, tmp_path, load_timeout=300, timeout=400
     )
-    daemon.load_and_answer("tiny", tokens=6, timeout=400)
-    # The verify-before-trust check passed: health names the binary with its version.
-    health = json.loads(daemon.mmctl("health", "--json").stdout)
-    assert health["llama_server"].startswith(f"{wrapper} (config daemon.llama_server), version")
     (child,) = daemon.children()
     assert child.cmdline()[0] == QEMU
     # qemu-user maps the guest's libraries into its own address space, so the child's

@@ -7,7 +7,6 @@ with SIGILL. mmd serves a model through it here, exactly as on such a machine.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon
+from conftest import serving_through
 
 from mmd.runtime.server import resolve_llama_server
 
@@ -53,12 +52,7 @@ def test_a_model_is_served_on_a_haswell_cpu(
     make_daemon: Any, model_files: dict[str, Path], tmp_path: Path
 ) -> None:
     wrapper = haswell(tmp_path / "bin", resolve_llama_server(None).path)
-    daemon: Daemon = make_daemon(
-        f'[models.tiny]\npath = "{model_files["tiny"]}"\nctx = 256\n',
-        daemon_extra=f'llama_server = "{wrapper}"\nload_timeout = "120s"\n',
-        extra_env={"XDG_DATA_HOME": str(tmp_path / "data")},
+    daemon = serving_through(
+        make_daemon, model_files["tiny"], wrapper, tmp_path, load_timeout=120, timeout=180
     )
-    daemon.load_and_answer("tiny", tokens=6, timeout=180)
-    health = json.loads(daemon.mmctl("health", "--json").stdout)
-    assert health["llama_server"].startswith(f"{wrapper} (config daemon.llama_server), version")
     assert "qemu-x86_64" in " ".join(p.cmdline()[0] for p in daemon.children())
